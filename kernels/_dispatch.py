@@ -1,0 +1,87 @@
+"""The one place that decides whether an op runs its Triton kernel or its PyTorch reference.
+
+Every public op in ``kernels`` takes ``backend="auto" | "triton" | "torch"``:
+
+* ``"torch"``  - the plain-PyTorch reference (the spec), on any device.
+* ``"triton"`` - the Triton kernel. On CUDA tensors it is compiled for the GPU; on CPU tensors it
+  runs only under the Triton interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is first
+  imported), which is how the test-suite exercises the real kernel code on machines without a GPU.
+* ``"auto"``   - Triton for CUDA tensors when Triton imports, else the reference.
+
+The environment variable ``EFFDET_KERNEL_BACKEND`` (``auto`` / ``triton`` / ``torch``) replaces
+``"auto"`` everywhere, so a whole run can be forced onto one path without touching code; an explicit
+``backend=`` argument still wins. Each decision is logged once per (op, device, choice) at DEBUG level
+on the ``kernels`` logger (``logging.getLogger("kernels").setLevel("DEBUG")`` to see it).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+ENV_VAR = "EFFDET_KERNEL_BACKEND"
+BACKENDS = ("auto", "triton", "torch")
+log = logging.getLogger("kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``import triton`` works (it is Linux x86-64 only)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check(name: str, value: str) -> str:
+    value = value.lower().strip()
+    if value not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def default_backend() -> str:
+    """The backend ``"auto"`` stands for: the environment variable if set, else ``"auto"``."""
+    return _check(ENV_VAR, os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(op: str, device_type: str, choice: str, why: str) -> None:
+    log.debug("kernels.%s on %s: %s backend (%s)", op, device_type, choice, why)
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> str:
+    """Return ``"triton"`` or ``"torch"`` for ``op`` on ``device`` and log the choice.
+
+    Raises a clear error when Triton is asked for but cannot run (no Triton, or CPU tensors
+    without the interpreter).
+    """
+    backend = _check("backend", backend)
+    device_type = torch.device(device).type
+    why = "argument"
+    if backend == "auto":
+        backend, why = default_backend(), f"{ENV_VAR}"
+    if backend == "auto":
+        use_triton = device_type == "cuda" and triton_available()
+        choice = "triton" if use_triton else "torch"
+        why = "auto: CUDA tensors and Triton present" if use_triton else "auto: no CUDA tensors or no Triton"
+    else:
+        choice = backend
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"kernels.{op}: backend='triton' asked for, but Triton does not import here")
+        if device_type != "cuda" and not interpreter_enabled():
+            raise RuntimeError(
+                f"kernels.{op}: backend='triton' on {device_type} tensors needs the Triton interpreter; "
+                "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    _log_choice(op, device_type, choice, why)
+    return choice
