@@ -1,0 +1,90 @@
+"""Small building blocks shared by the backbone, BiFPN and heads.
+
+``tf_padding=True`` reproduces TensorFlow "same" padding: output = ceil(input / stride), the total padding
+split with the extra pixel at the bottom/right. For stride-1 convs that is ordinary symmetric padding, so only
+strided convs and max-pools need the dynamic pad below.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def same_pad_amount(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding of TF "same" for one spatial dimension."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    ph = same_pad_amount(x.shape[-2], kernel, stride)
+    pw = same_pad_amount(x.shape[-1], kernel, stride)
+    if any(ph) or any(pw):
+        x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=value)
+    return x
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` with symmetric padding ``(k-1)//2`` or, for strided TF convs, dynamic "same" padding."""
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, groups=1, bias=False, tf_padding=False):
+        self.dynamic_same = tf_padding and stride > 1
+        padding = 0 if self.dynamic_same else (kernel_size - 1) // 2
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_same:
+            x = pad_same(x, self.kernel_size[0], self.stride[0])
+        return super().forward(x)
+
+
+def max_pool_3x3_s2(x: torch.Tensor, tf_padding: bool) -> torch.Tensor:
+    """3x3 stride-2 max-pool: symmetric padding 1, or TF "same" padding with -inf."""
+    if tf_padding:
+        return F.max_pool2d(pad_same(x, 3, 2, value=float("-inf")), 3, 2)
+    return F.max_pool2d(x, 3, 2, padding=1)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BatchNorm2d followed by an optional SiLU (keeps effdet/timm state-dict keys ``bnX.weight`` etc.)."""
+
+    def __init__(self, channels, eps, momentum, act=True):
+        super().__init__(channels, eps=eps, momentum=momentum)
+        self.act = act
+
+    def forward(self, x):
+        x = super().forward(x)
+        return F.silu(x) if self.act else x
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def glorot_uniform_(w: torch.Tensor, groups: int = 1) -> None:
+    """TF's glorot-uniform (fan-average) init used for the BiFPN convs."""
+    fan_in, fan_out = _fans(w, groups)
+    limit = math.sqrt(3.0 / max(1.0, (fan_in + fan_out) / 2.0))
+    with torch.no_grad():
+        w.uniform_(-limit, limit)
+
+
+def variance_scaling_(w: torch.Tensor, groups: int = 1) -> None:
+    """TF's variance-scaling (fan-in, normal) init used for the heads."""
+    fan_in, _ = _fans(w, groups)
+    with torch.no_grad():
+        w.normal_(0.0, math.sqrt(1.0 / max(1.0, fan_in)))
+
+
+def _fans(w: torch.Tensor, groups: int) -> tuple[int, int]:
+    receptive = w[0][0].numel() if w.dim() > 2 else 1
+    return w.size(1) * receptive, w.size(0) * receptive // groups
