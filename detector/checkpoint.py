@@ -1,0 +1,174 @@
+"""Loading and saving weights: our checkpoints, effdet's state dicts and NVIDIA's training checkpoints.
+
+Always ``torch.load(..., weights_only=True)``: a file whose pickle would run code is refused.
+
+Accepted layouts (detected from the keys, converted where needed):
+* ours: ``{"model": state_dict, "ema": {...}, "config": {...}, ...}`` written by ``train.py`` / ``save``;
+* effdet: a plain state dict (its key layout is ours);
+* NVIDIA EfficientDet-PyTorch: ``{"state_dict": ..., "state_dict_ema": ...}`` with ``model.`` / ``module.``
+  prefixes, the backbone as ``input_conv`` + flat ``mbconv_blocks.{i}`` (SE as Linear layers), backbone BN
+  eps 1e-3, and class heads padded to a multiple of 8 classes (the padding is dropped).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+
+import torch
+from torch import nn
+
+from .backbone import EfficientNetFeatures
+from .model import EfficientDet
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def read(path: str) -> dict:
+    """``torch.load`` with ``weights_only=True`` and errors that name the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code "
+            f"(only tensors, numbers, strings and containers are allowed). Details: {e}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def save(obj: dict, path: str) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def extract_state_dict(obj: dict, use_ema: bool = False) -> tuple[dict, str]:
+    """The model's state dict inside a checkpoint, and which layout it came from."""
+    if "model" in obj and isinstance(obj["model"], dict):
+        if use_ema and isinstance(obj.get("ema"), dict):
+            return obj["ema"]["module"], "ours (EMA)"
+        return obj["model"], "ours"
+    for key in (("state_dict_ema", "state_dict") if use_ema else ("state_dict", "state_dict_ema")):
+        if isinstance(obj.get(key), dict):
+            return _strip_prefixes(obj[key]), f"NVIDIA/timm-style {key!r}"
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _strip_prefixes(obj), "plain state dict"
+    raise CheckpointError(f"no state dict found; top-level keys: {sorted(obj)[:10]}")
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(("module.", "model.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def _nvidia_backbone(sd: dict, backbone: EfficientNetFeatures) -> dict:
+    """Rename NVIDIA's ``backbone.input_conv`` / ``backbone.mbconv_blocks.{i}`` keys to ours."""
+    flat = []  # flat block index -> (stage, block, is_depthwise_separable)
+    for s, stage in enumerate(backbone.blocks):
+        for b, blk in enumerate(stage):
+            flat.append((s, b, not hasattr(blk, "conv_pwl")))
+    names_ir = {"expand_conv.0": "conv_pw", "expand_conv.1": "bn1", "depthwise_conv.0": "conv_dw",
+                "depthwise_conv.1": "bn2", "squeeze_and_excitation.squeeze": "se.conv_reduce",
+                "squeeze_and_excitation.expand": "se.conv_expand", "project_conv.0": "conv_pwl",
+                "project_conv.1": "bn3"}
+    names_ds = {"depthwise_conv.0": "conv_dw", "depthwise_conv.1": "bn1", "squeeze_and_excitation.squeeze":
+                "se.conv_reduce", "squeeze_and_excitation.expand": "se.conv_expand", "project_conv.0": "conv_pw",
+                "project_conv.1": "bn2"}
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"backbone\.mbconv_blocks\.(\d+)\.(.+)\.(\w+)$", k)
+        if k.startswith("backbone.input_conv."):
+            part, leaf = k.split(".")[2], k.split(".")[-1]
+            k = f"backbone.{'conv_stem' if part == '0' else 'bn1'}.{leaf}"
+        elif m:
+            i, inner, leaf = int(m.group(1)), m.group(2), m.group(3)
+            if i >= len(flat):
+                raise CheckpointError(f"NVIDIA checkpoint has block {i}, the model only {len(flat)} blocks")
+            s, b, ds = flat[i]
+            table = names_ds if ds else names_ir
+            if inner not in table:
+                raise CheckpointError(f"unknown NVIDIA backbone key {k!r}")
+            if inner.startswith("squeeze_and_excitation") and leaf == "weight" and v.dim() == 2:
+                v = v[:, :, None, None]
+            k = f"backbone.blocks.{s}.{b}.{table[inner]}.{leaf}"
+        elif k.startswith(("backbone.features_conv", "backbone.fc.")):
+            continue  # classifier parts of a full EfficientNet
+        out[k] = v
+    return out
+
+
+def _unpad_class_head(sd: dict, model: EfficientDet) -> dict:
+    """NVIDIA pads the class count to a multiple of 8: keep the first C classes of every anchor."""
+    a, c = model.config.num_anchors, model.config.num_classes
+    for leaf in ("weight", "bias"):
+        k = f"class_net.predict.conv_pw.{leaf}"
+        if k in sd and sd[k].shape[0] != a * c and sd[k].shape[0] % a == 0 and sd[k].shape[0] // a > c:
+            padded = sd[k].shape[0] // a
+            sd[k] = sd[k].reshape(a, padded, *sd[k].shape[1:])[:, :c].reshape(a * c, *sd[k].shape[1:])
+    return sd
+
+
+def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: bool = False) -> str:
+    """Load ``source`` (a path or an already read dict) into ``model`` and return a description.
+
+    ``reset_class_head=True`` (``--remove-weights``, or a class-count change) keeps the class head freshly
+    initialized on purpose. Any other difference raises :class:`CheckpointError` listing the missing,
+    unexpected and wrongly shaped keys.
+    """
+    obj = read(source) if isinstance(source, (str, os.PathLike)) else source
+    where = source if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    sd, layout = extract_state_dict(obj, use_ema)
+    if any(k.startswith("backbone.mbconv_blocks.") or k.startswith("backbone.input_conv.") for k in sd):
+        sd = _nvidia_backbone(sd, model.backbone)
+        layout += ", NVIDIA backbone names converted"
+        for m in model.backbone.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = 1e-3  # NVIDIA's backbone BN epsilon
+        model.config.backbone_bn_eps = 1e-3
+    sd = _unpad_class_head(dict(sd), model)
+    own = model.state_dict()
+    head_keys = {k for k in own if k.startswith("class_net.predict.")}
+    ckpt_head_mismatch = any(k in sd and sd[k].shape != own[k].shape for k in head_keys)
+    if reset_class_head:
+        sd = {k: v for k, v in sd.items() if k not in head_keys}
+    missing = sorted(set(own) - set(sd) - (head_keys if reset_class_head else set()))
+    unexpected = sorted(set(sd) - set(own))
+    shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or shape:
+        hint = ""
+        only_head = not missing and not unexpected and all(s.split(":")[0] in head_keys for s in shape)
+        if only_head and not reset_class_head:
+            hint = ("\nThe class head has another number of classes: pass --remove-weights (or "
+                    "reset_class_head=True) to re-initialize it on purpose.")
+        raise CheckpointError(
+            f"{where} ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes:\n"
+            f"  missing ({len(missing)}): {_short(missing)}\n  unexpected ({len(unexpected)}): {_short(unexpected)}\n"
+            f"  wrong shape ({len(shape)}): {_short(shape)}{hint}")
+    model.load_state_dict(sd, strict=not reset_class_head)
+    return f"{where}: {layout}" + (" (class head re-initialized)" if reset_class_head else "")
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "") if items else "none"

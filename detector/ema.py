@@ -1,0 +1,63 @@
+"""Exponential moving average of a model's weights and BN buffers, updated with ``kernels.ema_update``."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import kernels
+
+
+class ModelEma:
+    """``ema = decay * ema + (1 - decay) * model`` over every floating parameter and buffer (BN running
+    statistics included), all tensors of one dtype in one kernel launch; integer buffers are copied.
+
+    ``warmup=True`` uses ``min(decay, (1 + updates) / (10 + updates))`` so early averages are not dominated by
+    the random initialization.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = False, backend: str = "auto"):
+        self.module = copy.deepcopy(_unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.warmup, self.backend = decay, warmup, backend
+        self.updates = 0
+
+    def _pairs(self, model: nn.Module):
+        src = dict(_unwrap(model).state_dict(keep_vars=True))
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            yield t, src[name]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.decay
+        if self.warmup:
+            decay = min(decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        floats, sources = [], []
+        for e, m in self._pairs(model):
+            if e.is_floating_point():
+                floats.append(e.data)
+                sources.append(m.detach())
+            else:
+                e.copy_(m)
+        kernels.ema_update(floats, sources, decay, backend=self.backend)
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        for e, m in self._pairs(model):
+            e.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates,
+                "warmup": self.warmup}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.decay, self.updates = state.get("decay", self.decay), state.get("updates", 0)
+        self.warmup = state.get("warmup", self.warmup)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
