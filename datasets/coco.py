@@ -1,0 +1,321 @@
+"""COCO-format detection data read with pycocotools and pillow.
+
+Every sample is a plain dict (no torch types):
+
+* ``"image"``     uint8 ``(H, W, 3)`` RGB numpy array,
+* ``"boxes"``     float32 ``(M, 4)`` xyxy in pixels of that image (COCO stores xywh),
+* ``"labels"``    int64 ``(M,)`` contiguous class index ``0..C-1``; crowd annotations
+                  (``iscrowd=1``) are kept with label ``-2`` ("ignore"),
+* ``"image_id"``  int, the COCO image id,
+* ``"orig_size"`` ``(h, w)`` of the decoded image,
+* ``"scale"``     1.0 here; a transform replaces it with input pixels per original pixel.
+
+Bad input is either an error that names the file and the field, or a counted, logged fix:
+
+==========================================  ============================================
+annotation file is not COCO                 ``ValueError`` (file + missing field/entry)
+no images                                   ``ValueError``
+image path escapes the image folder         ``ValueError`` (file + image id)
+unknown category id / unknown image id      ``ValueError`` (file + annotation id)
+missing image file                          ``FileNotFoundError`` at construction, or with
+                                            ``skip_bad_images=True`` the image is DROPPED
+                                            FROM THE INDEX (``stats["image_missing"]``)
+corrupt image file (found when decoded)     ``OSError`` naming the file, or with
+                                            ``skip_bad_images=True`` the sample is REPLACED
+                                            BY THE NEXT GOOD ONE (``stats["image_corrupt"]``)
+box partly outside the image                clipped, ``stats["box_clipped"]``
+box < 1 px wide/high after clipping         dropped, ``stats["box_too_small"]``
+box with NaN/inf                            dropped, ``stats["box_nonfinite"]``
+image without annotations                   kept (a negative), ``stats["image_without_boxes"]``
+==========================================  ============================================
+
+Box fixes happen once, at construction, against the ``height``/``width`` of the image entry, so
+``stats`` is complete right after ``__init__``. Corrupt images are only found when decoded, which
+happens in DataLoader worker processes: their counts stay in the worker's copy of ``stats`` (each
+worker logs the first one of each kind).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import torch.utils.data
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CocoDetection", "coco2017_paths", "load_coco_json", "IGNORE_LABEL"]
+
+IGNORE_LABEL = -2
+_REQUIRED_TOP = ("images", "annotations", "categories")
+_REQUIRED_IMAGE = ("id", "file_name", "height", "width")
+_REQUIRED_ANN = ("id", "image_id", "category_id", "bbox")
+_REQUIRED_CAT = ("id", "name")
+
+
+def coco2017_paths(root, split: str) -> tuple[str, str]:
+    """``(ann_file, image_dir)`` of a COCO-2017 root laid out as
+    ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/``."""
+    if split not in ("train", "val"):
+        raise ValueError(f"COCO-2017 split must be 'train' or 'val', got {split!r}")
+    root = Path(root)
+    return str(root / "annotations" / f"instances_{split}2017.json"), str(root / f"{split}2017")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _entry_name(kind: str, entry, i: int) -> str:
+    if isinstance(entry, dict) and "id" in entry:
+        return f"{kind} id {entry['id']!r}"
+    return f"{kind} #{i}"
+
+
+def load_coco_json(ann_file) -> dict:
+    """Read and validate a COCO detection annotation file; returns the parsed dict.
+
+    Raises ``FileNotFoundError`` when absent and ``ValueError`` naming the file, the entry and the
+    field for anything that is not COCO detection format.
+    """
+    ann_file = str(ann_file)
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"{ann_file}: annotation file not found")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ann_file}: not a JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: not a COCO annotation file (top level is "
+                         f"{type(data).__name__}, expected an object with {list(_REQUIRED_TOP)})")
+    for key in _REQUIRED_TOP:
+        if key not in data:
+            raise ValueError(f"{ann_file}: not a COCO annotation file: missing field {key!r}")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: field {key!r} must be a list, got {type(data[key]).__name__}")
+    if not data["images"]:
+        raise ValueError(f"{ann_file}: the annotation file contains no images ('images' is empty)")
+    for kind, key, fields in (("image", "images", _REQUIRED_IMAGE), ("annotation", "annotations", _REQUIRED_ANN),
+                              ("category", "categories", _REQUIRED_CAT)):
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{ann_file}: {kind} #{i} in {key!r} is not an object")
+            for field in fields:
+                if field not in entry:
+                    raise ValueError(f"{ann_file}: {_entry_name(kind, entry, i)} (#{i} in {key!r}) "
+                                     f"is missing required field {field!r}")
+            for field in ("id",) + (("image_id", "category_id") if kind == "annotation" else ()) \
+                    + (("height", "width") if kind == "image" else ()):
+                if not _is_int(entry[field]):
+                    raise ValueError(f"{ann_file}: {_entry_name(kind, entry, i)}: field {field!r} must be "
+                                     f"an integer, got {entry[field]!r}")
+            if kind == "image" and not isinstance(entry["file_name"], str):
+                raise ValueError(f"{ann_file}: image id {entry['id']!r}: field 'file_name' must be a string")
+            if kind == "annotation":
+                bb = entry["bbox"]
+                if not (isinstance(bb, (list, tuple)) and len(bb) == 4
+                        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)):
+                    raise ValueError(f"{ann_file}: annotation id {entry['id']!r}: field 'bbox' must be "
+                                     f"4 numbers [x, y, w, h], got {bb!r}")
+    for kind, key in (("image", "images"), ("category", "categories"), ("annotation", "annotations")):
+        ids = Counter(e["id"] for e in data[key])
+        dup = [k for k, n in ids.items() if n > 1]
+        if dup:
+            raise ValueError(f"{ann_file}: duplicate {kind} id {dup[0]!r} in {key!r}")
+    return data
+
+
+def _check_relative(ann_file: str, image: dict) -> str:
+    name = image["file_name"]
+    posix, win = PurePosixPath(name), PureWindowsPath(name)
+    if (not name or posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts
+            or ".." in win.parts):
+        raise ValueError(f"{ann_file}: image id {image['id']!r}: file_name {name!r} escapes the image "
+                         f"folder (absolute paths and '..' are not allowed)")
+    return name
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO-format detection data set (see the module docstring for the sample and the checks).
+
+    ``transform`` is called as ``transform(sample, index=index, epoch=epoch)``; ``set_epoch``
+    sets the epoch used when ``__getitem__`` gets a plain index. ``__getitem__`` also takes an
+    ``(index, epoch)`` pair, which is what the sampler of ``datasets.loader.build_loader`` yields,
+    so persistent worker processes see the right epoch without being told.
+    """
+
+    def __init__(self, ann_file, image_dir, transform=None, skip_bad_images: bool = False):
+        self.ann_file = str(ann_file)
+        self.image_dir = str(image_dir)
+        self.transform = transform
+        self.skip_bad_images = bool(skip_bad_images)
+        self.epoch = 0
+        self.stats: Counter = Counter()
+        self._logged: set = set()
+        self._bad: set = set()
+
+        data = load_coco_json(self.ann_file)
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        self.coco = coco
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.cat_ids = [c["id"] for c in cats]
+        self.class_names = [str(c["name"]) for c in cats]
+        self.cat_id_to_label = {cid: i for i, cid in enumerate(self.cat_ids)}
+        self.label_to_cat_id = {i: cid for i, cid in enumerate(self.cat_ids)}
+        self.num_classes = len(self.cat_ids)
+
+        images = {im["id"]: im for im in data["images"]}
+        for im in images.values():
+            _check_relative(self.ann_file, im)
+        anns = data["annotations"]
+        for a in anns:
+            if a["image_id"] not in images:
+                raise ValueError(f"{self.ann_file}: annotation id {a['id']!r} refers to unknown image id "
+                                 f"{a['image_id']!r}")
+            if a["category_id"] not in self.cat_id_to_label:
+                raise ValueError(f"{self.ann_file}: annotation id {a['id']!r} has category_id "
+                                 f"{a['category_id']!r}, which is not in 'categories'")
+
+        # --- boxes: vectorized clip / drop, once, against the image entry's height and width
+        img_ids_sorted = sorted(images)
+        row_of = {iid: r for r, iid in enumerate(img_ids_sorted)}
+        n = len(anns)
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(n, 4)
+        ann_img = np.array([row_of[a["image_id"]] for a in anns], dtype=np.int64)
+        labels = np.array([IGNORE_LABEL if a.get("iscrowd", 0) else self.cat_id_to_label[a["category_id"]]
+                           for a in anns], dtype=np.int64)
+        ann_ids = [a["id"] for a in anns]
+        hw = np.array([[images[i]["height"], images[i]["width"]] for i in img_ids_sorted], dtype=np.float64)
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        finite = np.isfinite(xyxy).all(axis=1)
+        lim = np.stack([hw[ann_img, 1], hw[ann_img, 0]], axis=1)  # (n, 2) as (w, h)
+        lim = np.concatenate([lim, lim], axis=1)
+        clipped = np.clip(np.where(finite[:, None], xyxy, 0.0), 0.0, lim)
+        big = ((clipped[:, 2] - clipped[:, 0]) >= 1.0) & ((clipped[:, 3] - clipped[:, 1]) >= 1.0) & finite
+        was_clipped = finite & big & (np.abs(clipped - xyxy) > 0).any(axis=1)
+        self._count("box_nonfinite", int((~finite).sum()),
+                    lambda: f"annotation id {ann_ids[int(np.flatnonzero(~finite)[0])]!r}",
+                    "boxes with NaN/inf coordinates were dropped")
+        small = finite & ~big
+        self._count("box_too_small", int(small.sum()),
+                    lambda: f"annotation id {ann_ids[int(np.flatnonzero(small)[0])]!r}",
+                    "boxes narrower or lower than 1 px after clipping were dropped")
+        self._count("box_clipped", int(was_clipped.sum()),
+                    lambda: f"annotation id {ann_ids[int(np.flatnonzero(was_clipped)[0])]!r}",
+                    "boxes partly outside their image were clipped")
+
+        keep = big
+        order = np.argsort(ann_img[keep], kind="stable")
+        kb = clipped[keep][order].astype(np.float32)
+        kl = labels[keep][order]
+        counts = np.bincount(ann_img[keep], minlength=len(img_ids_sorted))
+        splits = np.cumsum(counts)[:-1]
+        boxes_per_img = np.split(kb, splits)
+        labels_per_img = np.split(kl, splits)
+        self._count("image_without_boxes", int((counts == 0).sum()), lambda: "", None)
+
+        # --- the index: sorted image ids; missing files are an error or dropped (skip_bad_images)
+        self._entries = []
+        for r, iid in enumerate(img_ids_sorted):
+            im = images[iid]
+            path = os.path.join(self.image_dir, im["file_name"])
+            if not os.path.isfile(path):
+                if not self.skip_bad_images:
+                    raise FileNotFoundError(f"{path}: image file not found (image id {iid!r} of {self.ann_file})")
+                self._count("image_missing", 1, lambda: path, "missing image files were dropped from the index")
+                continue
+            self._entries.append((iid, path, (int(im["height"]), int(im["width"])),
+                                  boxes_per_img[r].reshape(-1, 4), labels_per_img[r].reshape(-1)))
+        if not self._entries:
+            raise ValueError(f"{self.ann_file}: no usable images (all {len(images)} image files are missing "
+                             f"under {self.image_dir})")
+        self.image_ids = [e[0] for e in self._entries]
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _count(self, kind: str, n: int, example, what):
+        if n <= 0:
+            return
+        self.stats[kind] += n
+        if what is not None and kind not in self._logged:
+            self._logged.add(kind)
+            ex = example()
+            log.warning("%s: %s (%s: %d so far%s)", self.ann_file, what, kind, self.stats[kind],
+                        f"; first: {ex}" if ex else "")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ------------------------------------------------------------------ samples
+    def _decode(self, path: str, expect_hw) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                arr = np.asarray(im, dtype=np.uint8)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{path}: image file not found") from e
+        except Exception as e:  # PIL raises UnidentifiedImageError / OSError / SyntaxError / ValueError
+            raise OSError(f"{path}: cannot decode image file ({type(e).__name__}: {e})") from e
+        if tuple(arr.shape[:2]) != tuple(expect_hw):
+            raise OSError(f"{path}: decoded size {arr.shape[0]}x{arr.shape[1]} (h x w) differs from the "
+                          f"annotation's height/width {expect_hw[0]}x{expect_hw[1]} in {self.ann_file}")
+        return np.ascontiguousarray(arr)
+
+    def load(self, index: int) -> dict:
+        """The untransformed sample at ``index`` (raises on a bad image, whatever skip_bad_images)."""
+        iid, path, hw, boxes, labels = self._entries[index]
+        image = self._decode(path, hw)
+        return {"image": image, "boxes": boxes.copy(), "labels": labels.copy(), "image_id": int(iid),
+                "orig_size": (int(image.shape[0]), int(image.shape[1])), "scale": 1.0}
+
+    def __getitem__(self, key):
+        if isinstance(key, (tuple, list)):
+            index, epoch = int(key[0]), int(key[1])
+        else:
+            index, epoch = int(key), self.epoch
+        n = len(self._entries)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a data set of {n} images")
+        sample = None
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._bad:
+                continue
+            try:
+                sample = self.load(j)
+                break
+            except OSError as e:
+                if not self.skip_bad_images:
+                    raise
+                self._bad.add(j)
+                self._count("image_corrupt", 1, lambda e=e: str(e),
+                            "corrupt image files are replaced by the next good sample")
+        if sample is None:
+            raise RuntimeError(f"{self.ann_file}: every image in {self.image_dir} failed to decode")
+        if self.transform is not None:
+            sample = self.transform(sample, index=index, epoch=epoch)
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"CocoDetection({self.ann_file!r}, {self.image_dir!r}, images={len(self)}, "
+                f"classes={self.num_classes}, stats={dict(self.stats)})")
