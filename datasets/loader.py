@@ -66,9 +66,10 @@ class EpochSampler(Sampler):
     else ``0..n-1``; with ``shard=(rank, world)`` every ``world``-th of those from ``rank`` (no
     padding, no duplicates). ``skip`` drops the first ``skip`` indices (resume inside an epoch)."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int, base=None, shard=(0, 1)):
+    def __init__(self, n: int, shuffle: bool, seed: int, base=None, shard=(0, 1), block: int = 1):
         self.n, self.shuffle, self.seed, self.base = int(n), bool(shuffle), int(seed), base
         self.rank, self.world = int(shard[0]), int(shard[1])
+        self.block = int(block)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -83,6 +84,12 @@ class EpochSampler(Sampler):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
         else:
             order = list(range(self.n))
+        if self.block > 1:
+            # Training under DDP: global batch g is order[g*B*W:(g+1)*B*W] (B = block, W = world), exactly the
+            # batch one process with batch size B*W would see; rank r takes its r-th slice of B samples.
+            span = self.block * self.world
+            full = len(order) // span * span
+            return [i for g in range(0, full, span) for i in order[g + self.rank * self.block:g + (self.rank + 1) * self.block]]
         return order[self.rank::self.world]
 
     def __iter__(self):
@@ -90,7 +97,12 @@ class EpochSampler(Sampler):
             yield (int(i), self.epoch)
 
     def __len__(self):
-        full = len(self.base) if self.base is not None else len(range(self.rank, self.n, self.world))
+        if self.base is not None:
+            full = len(self.base)
+        elif self.block > 1:
+            full = self.n // (self.block * self.world) * self.block
+        else:
+            full = len(range(self.rank, self.n, self.world))
         return max(0, full - self.skip)
 
 
@@ -108,23 +120,25 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int,
                  drop_last=None, prefetch_factor: int = 2) -> EpochDataLoader:
     """A DataLoader over ``dataset`` (whose ``__getitem__`` takes ``(index, epoch)``, as
     ``CocoDetection`` does): shuffled per ``(seed, epoch)`` when ``train``; when ``distributed``,
-    sharded with a seeded ``DistributedSampler`` (train) or rank::world without padding (eval); ``workers`` worker processes (persistent when
+    each global batch split into per-rank slices (train) or rank::world without padding (eval); ``workers`` worker processes (persistent when
     > 0), pinned memory when CUDA is available. ``drop_last`` defaults to ``train``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     drop_last = bool(train) if drop_last is None else bool(drop_last)
-    base, shard = None, (0, 1)
+    base, shard, block = None, (0, 1), 1
     if distributed and train:
-        from torch.utils.data.distributed import DistributedSampler
+        # Each global batch is the one a single process with batch_size * world would draw, split into
+        # per-rank slices: the same (seed, epoch) permutation, so results do not depend on the worker count.
+        import torch.distributed as dist
 
-        base = DistributedSampler(dataset, shuffle=True, seed=int(seed), drop_last=drop_last)
+        shard, block = (dist.get_rank(), dist.get_world_size()), int(batch_size)
     elif distributed:
         # Eval: plain rank::world sharding, NOT DistributedSampler, whose padding repeats images and
         # would add duplicate detections; ranks may differ by one image, so gather with all_gather_object.
         import torch.distributed as dist
 
         shard = (dist.get_rank(), dist.get_world_size())
-    sampler = EpochSampler(len(dataset), shuffle=bool(train), seed=seed, base=base, shard=shard)
+    sampler = EpochSampler(len(dataset), shuffle=bool(train), seed=seed, base=base, shard=shard, block=block)
     workers = int(workers)
     kwargs = {}
     if workers > 0:
