@@ -83,5 +83,6 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
             raise RuntimeError(
                 f"kernels.{op}: backend='triton' on {device_type} tensors needs the Triton interpreter; "
                 "set TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
-    _log_choice(op, device_type, choice, why)
+    if not torch.compiler.is_compiling():  # logging is not traceable by torch.compile(fullgraph=True)
+        _log_choice(op, device_type, choice, why)
     return choice

@@ -1,0 +1,76 @@
+"""Benchmark the Triton kernels against their references and peers.
+
+    python bench/kernels.py [--quick] [--ops focal_loss,nms,...] [--device cuda|cpu] [--results-dir DIR]
+
+Every module in ``bench/cases/`` that defines ``cases(quick: bool, device) -> list[Case]`` contributes
+(missing or broken modules are skipped with a message). Full mode uses the real shapes (D0 training:
+batch 32 at 512 px = 49,104 anchors x 90 classes; inference: batch 8 at 512 px, k = 5000; D4: 1024 px
+= 196,416 anchors) and needs a GPU; ``--quick`` uses tiny shapes that run anywhere. Without CUDA the
+Triton providers run in the Triton interpreter (set up here before triton is imported): those rows
+are correctness smoke tests, not speed figures, and the table and JSON say so.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes (CPU-friendly smoke run)")
+    p.add_argument("--ops", default="", help="comma-separated case modules to run (default: all)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--results-dir", default=None, help="where kernels-<device>.jsonl is appended "
+                   "(default: bench/results)")
+    p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    import torch  # importing torch does not import triton
+
+    has_cuda = torch.cuda.is_available()
+    device = args.device or ("cuda" if has_cuda else "cpu")
+    if device == "cuda" and not has_cuda:
+        print("--device cuda asked for, but CUDA is not available", file=sys.stderr)
+        return 2
+    if device == "cpu" and not has_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+    from bench import cases as cases_pkg
+    from bench.harness import run_cases
+
+    available = sorted(m.name for m in pkgutil.iter_modules(cases_pkg.__path__) if not m.name.startswith("_"))
+    wanted = [o.strip() for o in args.ops.split(",") if o.strip()] or available
+    all_cases = []
+    for name in wanted:
+        if name not in available:
+            print(f"[bench] no case module bench/cases/{name}.py; skipped", file=sys.stderr)
+            continue
+        try:
+            mod = importlib.import_module(f"bench.cases.{name}")
+            made = mod.cases(args.quick, torch.device(device))
+        except Exception as err:
+            print(f"[bench] bench/cases/{name}.py failed to build its cases ({type(err).__name__}: {err}); "
+                  "skipped", file=sys.stderr)
+            continue
+        all_cases.extend(made)
+    if not all_cases:
+        print("[bench] nothing to run", file=sys.stderr)
+        return 1
+    run_cases(all_cases, device, results_dir=args.results_dir, reps=args.reps, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

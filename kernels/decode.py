@@ -1,0 +1,364 @@
+"""Box decoding (anchor + regression deltas -> xyxy pixels) and the fused top-k decode of post-processing.
+
+Channel order: the box head predicts ``(dy, dx, dh, dw)`` per anchor (effdet's order, kept so that
+published checkpoints keep their meaning); everything else in the project is xyxy pixels. Decoding::
+
+    cya, cxa, ha, wa from the xyxy anchor
+    cy = dy*ha + cya;  cx = dx*wa + cxa
+    h = exp(min(dh, BBOX_XFORM_CLIP))*ha;  w = exp(min(dw, BBOX_XFORM_CLIP))*wa,  BBOX_XFORM_CLIP = log(1000/16)
+    box = (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
+    optional clip: x into [0, W], y into [0, H]
+
+(effdet's ``decode_box_outputs`` is the same without the clamp of ``dh, dw`` and without the clip.)
+
+``decode_topk`` selects the ``k`` largest logits over all anchors x classes of each image with
+``torch.topk`` (sorted, both backends), then ONE Triton kernel turns each chosen flat index into
+(anchor, class), gathers that anchor's deltas and box, decodes, clips and writes ``sigmoid(logit)``
+computed in fp32. Inference ops: no autograd.
+
+Custom ops (torch.compile): ``effdet::decode_boxes`` and ``effdet::decode_topk_gather``; CPU =
+reference, CUDA = Triton, with fake implementations.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._dispatch import resolve, triton_available
+
+__all__ = ["decode_boxes", "decode_topk", "decode_boxes_reference", "decode_topk_reference",
+           "BBOX_XFORM_CLIP"]
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16.0)
+_BLOCK = 256
+_CLIP_NONE, _CLIP_SCALAR, _CLIP_TENSOR = 0, 1, 2
+
+# --------------------------------------------------------------------------------------------------
+# clip_to handling
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_clip(clip_to, batch_shape: tuple, device) -> tuple[int, Optional[torch.Tensor], float, float]:
+    """-> (mode, per-image (prod(batch), 2) fp32 tensor or None, H, W)."""
+    if clip_to is None:
+        return _CLIP_NONE, None, 0.0, 0.0
+    if isinstance(clip_to, torch.Tensor):
+        if clip_to.shape[-1:] != (2,):
+            raise ValueError(f"clip_to tensor must have shape (..., 2) = (height, width), got "
+                             f"{tuple(clip_to.shape)}")
+        try:
+            c = clip_to.to(device=device, dtype=torch.float32).expand(*batch_shape, 2)
+        except RuntimeError as err:
+            raise ValueError(f"clip_to shape {tuple(clip_to.shape)} does not broadcast to the batch "
+                             f"shape {batch_shape} + (2,)") from err
+        return _CLIP_TENSOR, c.reshape(-1, 2).contiguous(), 0.0, 0.0
+    try:
+        h, w = clip_to
+        return _CLIP_SCALAR, None, float(h), float(w)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"clip_to must be None, an (H, W) pair or a (..., 2) tensor, got {clip_to!r}") from err
+
+
+def _clip_reference(boxes: torch.Tensor, mode: int, clip: Optional[torch.Tensor], h: float, w: float):
+    if mode == _CLIP_NONE:
+        return boxes
+    if mode == _CLIP_SCALAR:
+        hw = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
+    else:  # clip: (prod(batch), 2) as (H, W); boxes: (*batch, M, 4)
+        hw = clip.flip(-1).repeat(1, 2).reshape(*boxes.shape[:-2], 1, 4)
+    return torch.minimum(boxes.clamp(min=0.0), hw)
+
+
+# --------------------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode_math(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    d = deltas if deltas.dtype == torch.float64 else deltas.float()     # float64 kept for gradcheck
+    a = anchors.to(d.dtype)
+    wa, ha = a[..., 2] - a[..., 0], a[..., 3] - a[..., 1]
+    cxa, cya = a[..., 0] + 0.5 * wa, a[..., 1] + 0.5 * ha
+    cy = d[..., 0] * ha + cya
+    cx = d[..., 1] * wa + cxa
+    h = torch.exp(d[..., 2].clamp(max=BBOX_XFORM_CLIP)) * ha
+    w = torch.exp(d[..., 3].clamp(max=BBOX_XFORM_CLIP)) * wa
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def decode_boxes_reference(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None) -> torch.Tensor:
+    """Plain-PyTorch decode (the spec): (..., N, 4) (dy, dx, dh, dw) + (N, 4) xyxy -> (..., N, 4) xyxy fp32."""
+    _check_decode(deltas, anchors)
+    mode, clip, h, w = _parse_clip(clip_to, tuple(deltas.shape[:-2]), deltas.device)
+    return _clip_reference(_decode_math(deltas, anchors), mode, clip, h, w)
+
+
+def _topk_select(class_logits: torch.Tensor, k: int):
+    B, N, C = class_logits.shape
+    k = max(0, min(int(k), N * C))
+    values, flat_index = torch.topk(class_logits.reshape(B, N * C), k, dim=1, largest=True, sorted=True)
+    return values, flat_index
+
+
+def _topk_gather_reference(values, flat_index, box_deltas, anchors, mode, clip, h, w, num_classes):
+    anchor_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+    classes = flat_index - anchor_index * num_classes
+    d = torch.gather(box_deltas, 1, anchor_index.unsqueeze(-1).expand(-1, -1, 4))
+    boxes = _clip_reference(_decode_math(d, anchors[anchor_index]), mode, clip, h, w)
+    return boxes, torch.sigmoid(values.float()), classes, anchor_index
+
+
+def decode_topk_reference(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor,
+                          k: int, clip_to=None):
+    """Plain-PyTorch top-k + gather + decode: -> (boxes (B,k,4), scores (B,k), classes, anchor_index)."""
+    _check_topk(class_logits, box_deltas, anchors)
+    mode, clip, h, w = _parse_clip(clip_to, (class_logits.shape[0],), class_logits.device)
+    values, flat_index = _topk_select(class_logits, k)
+    return _topk_gather_reference(values, flat_index, box_deltas, anchors, mode, clip, h, w,
+                                  class_logits.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_one(d_ptr, a_ptr, m, clip_ptr, clip_h, clip_w, img, out_ptr, XFORM_CLIP: tl.constexpr,
+                    CLIP_MODE: tl.constexpr):
+        """Decode boxes whose 4 deltas start at d_ptr and 4 anchor coords at a_ptr; store at out_ptr."""
+        dy = tl.load(d_ptr + 0, mask=m, other=0.0).to(tl.float32)
+        dx = tl.load(d_ptr + 1, mask=m, other=0.0).to(tl.float32)
+        dh = tl.load(d_ptr + 2, mask=m, other=0.0).to(tl.float32)
+        dw = tl.load(d_ptr + 3, mask=m, other=0.0).to(tl.float32)
+        x1a = tl.load(a_ptr + 0, mask=m, other=0.0).to(tl.float32)
+        y1a = tl.load(a_ptr + 1, mask=m, other=0.0).to(tl.float32)
+        x2a = tl.load(a_ptr + 2, mask=m, other=0.0).to(tl.float32)
+        y2a = tl.load(a_ptr + 3, mask=m, other=0.0).to(tl.float32)
+        wa = x2a - x1a
+        ha = y2a - y1a
+        cx = dx * wa + (x1a + 0.5 * wa)
+        cy = dy * ha + (y1a + 0.5 * ha)
+        hw = 0.5 * (tl.exp(tl.minimum(dw, XFORM_CLIP)) * wa)
+        hh = 0.5 * (tl.exp(tl.minimum(dh, XFORM_CLIP)) * ha)
+        x1 = cx - hw
+        y1 = cy - hh
+        x2 = cx + hw
+        y2 = cy + hh
+        if CLIP_MODE != 0:
+            if CLIP_MODE == 1:
+                H = clip_h
+                W = clip_w
+            else:
+                H = tl.load(clip_ptr + img * 2, mask=m, other=0.0)
+                W = tl.load(clip_ptr + img * 2 + 1, mask=m, other=0.0)
+            x1 = tl.minimum(tl.maximum(x1, 0.0), W)
+            x2 = tl.minimum(tl.maximum(x2, 0.0), W)
+            y1 = tl.minimum(tl.maximum(y1, 0.0), H)
+            y2 = tl.minimum(tl.maximum(y2, 0.0), H)
+        tl.store(out_ptr + 0, x1, mask=m)
+        tl.store(out_ptr + 1, y1, mask=m)
+        tl.store(out_ptr + 2, x2, mask=m)
+        tl.store(out_ptr + 3, y2, mask=m)
+
+    @triton.jit
+    def _decode_boxes_kernel(d_ptr, a_ptr, clip_ptr, out_ptr, n_boxes, N, clip_h, clip_w,
+                             XFORM_CLIP: tl.constexpr, CLIP_MODE: tl.constexpr, BLOCK: tl.constexpr):
+        box = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = box < n_boxes
+        img = box // N
+        anchor = box - img * N
+        _decode_one(d_ptr + box * 4, a_ptr + anchor * 4, m, clip_ptr, clip_h, clip_w, img,
+                    out_ptr + box * 4, XFORM_CLIP, CLIP_MODE)
+
+    @triton.jit
+    def _topk_gather_kernel(val_ptr, idx_ptr, d_ptr, a_ptr, clip_ptr, box_ptr, score_ptr, cls_ptr,
+                            aidx_ptr, n_sel, k, N, C, clip_h, clip_w,
+                            XFORM_CLIP: tl.constexpr, CLIP_MODE: tl.constexpr, BLOCK: tl.constexpr):
+        sel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = sel < n_sel
+        img = sel // k
+        flat = tl.load(idx_ptr + sel, mask=m, other=0).to(tl.int64)
+        anchor = flat // C
+        cls = flat - anchor * C
+        _decode_one(d_ptr + (img * N + anchor) * 4, a_ptr + anchor * 4, m, clip_ptr, clip_h, clip_w, img,
+                    box_ptr + sel * 4, XFORM_CLIP, CLIP_MODE)
+        v = tl.load(val_ptr + sel, mask=m, other=0.0).to(tl.float32)
+        e = tl.exp(-tl.abs(v))                       # stable sigmoid: no exp overflow
+        score = tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        tl.store(score_ptr + sel, score, mask=m)
+        tl.store(cls_ptr + sel, cls, mask=m)
+        tl.store(aidx_ptr + sel, anchor, mask=m)
+
+
+def _launch_decode(deltas, anchors, mode, clip, h, w):
+    d = deltas.contiguous()
+    a = anchors.contiguous()
+    out = torch.empty(d.shape, dtype=torch.float32, device=d.device)
+    n_boxes = d.numel() // 4
+    if n_boxes:
+        _decode_boxes_kernel[(triton.cdiv(n_boxes, _BLOCK),)](
+            d, a, clip if clip is not None else out, out, n_boxes, a.shape[0], float(h), float(w),
+            XFORM_CLIP=BBOX_XFORM_CLIP, CLIP_MODE=mode, BLOCK=_BLOCK, num_warps=4)
+    return out
+
+
+def _launch_topk_gather(values, flat_index, box_deltas, anchors, mode, clip, h, w, num_classes):
+    B, k = values.shape
+    dev = values.device
+    boxes = torch.empty((B, k, 4), dtype=torch.float32, device=dev)
+    scores = torch.empty((B, k), dtype=torch.float32, device=dev)
+    classes = torch.empty((B, k), dtype=torch.int64, device=dev)
+    anchor_index = torch.empty((B, k), dtype=torch.int64, device=dev)
+    n_sel = B * k
+    if n_sel:
+        d = box_deltas.contiguous()
+        _topk_gather_kernel[(triton.cdiv(n_sel, _BLOCK),)](
+            values.contiguous(), flat_index.contiguous(), d, anchors.contiguous(),
+            clip if clip is not None else scores, boxes, scores, classes, anchor_index,
+            n_sel, k, d.shape[1], num_classes, float(h), float(w),
+            XFORM_CLIP=BBOX_XFORM_CLIP, CLIP_MODE=mode, BLOCK=_BLOCK, num_warps=4)
+    return boxes, scores, classes, anchor_index
+
+
+# --------------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("effdet::decode_boxes", mutates_args=())
+def _decode_boxes_op(deltas: torch.Tensor, anchors: torch.Tensor, clip_mode: int,
+                     clip: Optional[torch.Tensor], clip_h: float, clip_w: float) -> torch.Tensor:
+    raise NotImplementedError("effdet::decode_boxes has CPU and CUDA implementations only")
+
+
+@_decode_boxes_op.register_kernel("cpu")
+def _decode_boxes_cpu(deltas, anchors, clip_mode, clip, clip_h, clip_w):
+    return _clip_reference(_decode_math(deltas, anchors), clip_mode, clip, clip_h, clip_w)
+
+
+@_decode_boxes_op.register_kernel("cuda")
+def _decode_boxes_cuda(deltas, anchors, clip_mode, clip, clip_h, clip_w):
+    return _launch_decode(deltas, anchors, clip_mode, clip, clip_h, clip_w)
+
+
+@_decode_boxes_op.register_fake
+def _decode_boxes_fake(deltas, anchors, clip_mode, clip, clip_h, clip_w):
+    return deltas.new_empty(deltas.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("effdet::decode_topk_gather", mutates_args=())
+def _topk_gather_op(values: torch.Tensor, flat_index: torch.Tensor, box_deltas: torch.Tensor,
+                    anchors: torch.Tensor, clip_mode: int, clip: Optional[torch.Tensor], clip_h: float,
+                    clip_w: float, num_classes: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise NotImplementedError("effdet::decode_topk_gather has CPU and CUDA implementations only")
+
+
+@_topk_gather_op.register_kernel("cpu")
+def _topk_gather_cpu(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w, num_classes):
+    return _topk_gather_reference(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w,
+                                  num_classes)
+
+
+@_topk_gather_op.register_kernel("cuda")
+def _topk_gather_cuda(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w, num_classes):
+    return _launch_topk_gather(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w,
+                               num_classes)
+
+
+@_topk_gather_op.register_fake
+def _topk_gather_fake(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w, num_classes):
+    B, k = values.shape
+    return (values.new_empty((B, k, 4), dtype=torch.float32), values.new_empty((B, k), dtype=torch.float32),
+            values.new_empty((B, k), dtype=torch.int64), values.new_empty((B, k), dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_decode(deltas: torch.Tensor, anchors: torch.Tensor) -> None:
+    if not deltas.is_floating_point() or not anchors.is_floating_point():
+        raise TypeError(f"decode_boxes: deltas and anchors must be floating point, got {deltas.dtype}, "
+                        f"{anchors.dtype}")
+    if deltas.dim() < 2 or deltas.shape[-1] != 4:
+        raise ValueError(f"decode_boxes: deltas must be (..., N, 4), got {tuple(deltas.shape)}")
+    if anchors.dim() != 2 or anchors.shape[-1] != 4 or anchors.shape[0] != deltas.shape[-2]:
+        raise ValueError(f"decode_boxes: anchors must be (N, 4) with N = {deltas.shape[-2]}, got "
+                         f"{tuple(anchors.shape)}")
+    if anchors.device != deltas.device:
+        raise ValueError(f"decode_boxes: anchors on {anchors.device}, deltas on {deltas.device}")
+
+
+def _check_topk(class_logits, box_deltas, anchors) -> None:
+    if class_logits.dim() != 3 or not class_logits.is_floating_point():
+        raise ValueError(f"decode_topk: class_logits must be a floating (B, N, C) tensor, got "
+                         f"{tuple(class_logits.shape)} {class_logits.dtype}")
+    B, N, _ = class_logits.shape
+    if tuple(box_deltas.shape) != (B, N, 4):
+        raise ValueError(f"decode_topk: box_deltas must be (B, N, 4) = {(B, N, 4)}, got "
+                         f"{tuple(box_deltas.shape)}")
+    _check_decode(box_deltas, anchors)
+    if class_logits.device != box_deltas.device:
+        raise ValueError(f"decode_topk: class_logits on {class_logits.device}, box_deltas on "
+                         f"{box_deltas.device}")
+
+
+def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None, backend: str = "auto"
+                 ) -> torch.Tensor:
+    """Decode regression deltas into xyxy pixel boxes.
+
+    Args:
+        deltas: ``(..., N, 4)`` in the box head's channel order **(dy, dx, dh, dw)** (effdet's), any
+            float dtype.
+        anchors: ``(N, 4)`` xyxy pixels.
+        clip_to: ``None``, an ``(H, W)`` pair, or a ``(..., 2)`` tensor of per-image ``(height, width)``
+            (broadcast over the leading dims of ``deltas``): x is clamped to ``[0, W]``, y to ``[0, H]``.
+        backend: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``(..., N, 4)`` float32 xyxy boxes; ``dh, dw`` are clamped to ``log(1000/16)`` before ``exp``.
+    """
+    _check_decode(deltas, anchors)
+    choice = resolve("decode_boxes", backend, deltas.device)
+    mode, clip, h, w = _parse_clip(clip_to, tuple(deltas.shape[:-2]), deltas.device)
+    if choice == "torch":
+        return _clip_reference(_decode_math(deltas, anchors), mode, clip, h, w)
+    if deltas.device.type == "cuda":
+        return _decode_boxes_op(deltas, anchors, mode, clip, h, w)
+    return _launch_decode(deltas, anchors, mode, clip, h, w)
+
+
+def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor, k: int,
+                clip_to=None, backend: str = "auto"):
+    """Top-k candidates over all anchors x classes of each image, decoded.
+
+    Args:
+        class_logits: ``(B, N, C)`` logits (any float dtype).
+        box_deltas: ``(B, N, 4)`` in **(dy, dx, dh, dw)** order.
+        anchors: ``(N, 4)`` xyxy pixels.
+        k: candidates per image (clipped to ``N*C``); chosen by ``torch.topk``, sorted descending.
+        clip_to: ``None``, an ``(H, W)`` pair or a ``(B, 2)`` tensor of per-image ``(height, width)``.
+        backend: ``"auto" | "triton" | "torch"``.
+
+    Returns:
+        ``boxes (B, k, 4) float32 xyxy, scores (B, k) float32 sigmoid(logit), classes (B, k) int64,
+        anchor_index (B, k) int64``.
+    """
+    _check_topk(class_logits, box_deltas, anchors)
+    choice = resolve("decode_topk", backend, class_logits.device)
+    mode, clip, h, w = _parse_clip(clip_to, (class_logits.shape[0],), class_logits.device)
+    values, flat_index = _topk_select(class_logits, k)
+    C = class_logits.shape[-1]
+    if choice == "torch":
+        return _topk_gather_reference(values, flat_index, box_deltas, anchors, mode, clip, h, w, C)
+    if class_logits.device.type == "cuda":
+        return _topk_gather_op(values, flat_index, box_deltas, anchors, mode, clip, h, w, C)
+    return _launch_topk_gather(values, flat_index, box_deltas, anchors, mode, clip, h, w, C)

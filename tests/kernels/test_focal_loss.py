@@ -1,0 +1,348 @@
+"""kernels.focal_loss: Triton kernel (interpreter on CPU, compiled on CUDA) against the reference."""
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.focal_loss import focal_loss, focal_loss_reference
+
+# ``kernels.focal_loss`` the attribute is the function (re-exported by kernels/__init__), so fetch the module
+fl = importlib.import_module("kernels.focal_loss")
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
+    bad |= actual.isnan() != expected.isnan()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        lines = [f"  at {i}: got {actual[tuple(i)].item():.9g}, expected {expected[tuple(i)].item():.9g}"
+                 for i in idx]
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
+                             f"(rtol {rtol}, atol {atol}); first:\n" + "\n".join(lines))
+
+
+def make_targets(shape, num_classes, gen, p_pos=0.2, p_ignore=0.1):
+    u = torch.rand(shape, generator=gen)
+    t = torch.full(shape, -1, dtype=torch.int64)
+    pos = u < p_pos
+    t[pos] = torch.randint(0, max(num_classes, 1), (int(pos.sum()),), generator=gen)
+    t[(u >= p_pos) & (u < p_pos + p_ignore)] = -2
+    return t
+
+
+def run_both(x, t, norm, device="cpu", **kw):
+    """-> (loss, grad) of the Triton path and of the reference (autograd)."""
+    xt = x.detach().clone().to(device).requires_grad_(True)
+    xr = x.detach().clone().to(device).requires_grad_(True)
+    t = t.to(device)
+    norm = norm.to(device) if isinstance(norm, torch.Tensor) else norm
+    lt = focal_loss(xt, t, norm, backend="triton", **kw)
+    lt.backward()
+    lr = focal_loss_reference(xr, t, norm, **kw)
+    lr.backward()
+    return lt, xt.grad, lr, xr.grad
+
+
+def check(x, t, norm, device="cpu", **kw):
+    lt, gt, lr, gr = run_both(x, t, norm, device, **kw)
+    rtol, atol = TOL[x.dtype]
+    n = max(x.numel(), 1)
+    nv = float(norm)
+    assert lt.dtype == torch.float32 and lt.dim() == 0
+    # the loss is a sum of n terms: tolerance scaled by the reduction length
+    assert_close(lt, lr, rtol * math.sqrt(n) if x.dtype == torch.float32 else rtol, atol * n / nv, "loss")
+    assert gt.dtype == x.dtype
+    assert torch.isfinite(gt).all() and torch.isfinite(lt)
+    assert_close(gt, gr.to(x.dtype), rtol, atol / nv if x.dtype == torch.float32 else atol, "grad")
+    return lt, gt
+
+
+# --------------------------------------------------------------------------------------------------
+# reference
+
+
+def test_reference_matches_effdet():
+    effdet_loss = pytest.importorskip("effdet.loss")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 50, 9, generator=g) * 4
+    t = make_targets((2, 50), 9, g)
+    norm = torch.tensor(7.0)
+    for s in (0.0, 0.1):
+        onehot = effdet_loss.one_hot(t.clamp(min=-1), 9)        # effdet: -1 -> no hot
+        per = effdet_loss.new_focal_loss(x, onehot, 0.25, 1.5, norm, label_smoothing=s)
+        expected = (per * (t != -2).unsqueeze(-1)).sum()
+        assert_close(focal_loss_reference(x, t, norm, label_smoothing=s), expected, 1e-5, 1e-6, f"s={s}")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("gamma", [0.0, 1.5])
+def test_reference_gradcheck(smoothing, gamma):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 4, generator=g) * 3).double().requires_grad_(True)
+    t = torch.tensor([1, -1, -2])
+    norm = torch.tensor(2.0, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda v: focal_loss_reference(v, t, norm, 0.25, gamma, smoothing), (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_analytic_grad_matches_autograd(smoothing):
+    """The custom op's CPU gradient (analytic) equals autograd of the reference."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 30, 6, generator=g) * 8).requires_grad_(True)
+    x.data[0, 0] = torch.tensor([30.0, -30.0, 1e4, -1e4, 0.0, 0.0])
+    t = make_targets((2, 30), 6, g)
+    t[0, 0] = 3
+    focal_loss_reference(x, t, 1.0, 0.25, 1.5, smoothing).backward()
+    analytic = fl._focal_grad_reference(x.detach(), t, 0.25, 1.5, smoothing, -2)
+    assert_close(analytic, x.grad, 1e-5, 1e-7, "analytic grad")
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU)
+
+
+@settings(max_examples=20)
+@given(batch=st.integers(1, 3), anchors=st.integers(1, 45), classes=st.integers(1, 13),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       scale=st.sampled_from([1.0, 6.0, 40.0]), smoothing=st.sampled_from([0.0, 0.1]),
+       gamma=st.sampled_from([0.0, 1.5, 2.0]), alpha=st.sampled_from([0.25, 0.5]),
+       seed=st.integers(0, 2**16))
+def test_matches_reference(batch, anchors, classes, dtype, scale, smoothing, gamma, alpha, seed):
+    # bf16 *reads* are exact in the interpreter and all math/outputs are fp32 (the gradient's cast
+    # to bf16 happens in torch), so bf16 inputs are exercised here too.
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, anchors, classes, generator=g) * scale).to(dtype)
+    t = make_targets((batch, anchors), classes, g)
+    norm = (t >= 0).sum().float() + 1.0
+    check(x, t, norm, alpha=alpha, gamma=gamma, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_logits_and_ties(smoothing, dtype):
+    vals = torch.tensor([0.0, 0.0, 30.0, -30.0, 1e4, -1e4, 88.0, -88.0, 17.0, -17.0, 1e-3, -1e-3])
+    if dtype == torch.float16:
+        vals = vals.clamp(-6e4, 6e4)
+    x = vals.repeat(5, 1).to(dtype)                     # 5 anchors x 12 classes; col 4 = +1e4, col 5 = -1e4
+    t = torch.tensor([0, 3, -1, 5, 4])                  # positive at x=0, x=-30, background, x=-1e4, x=+1e4
+    rtol = TOL[dtype][0]
+    lt, gt = check(x, t, torch.tensor(3.0), label_smoothing=smoothing)
+    assert gt[2].abs().sum() > 0                        # background anchor still has gradient
+    assert gt[4, 4].item() == 0.0                       # confident, correct positive: mod = 0
+    assert gt[0, 5].item() == 0.0                       # confident, correct negative: mod = 0
+    # confident, wrong negative (x = +1e4, p = 1): d/dx = (1-alpha) * (p - 0.5*s) / normalizer
+    assert gt[2, 4].float().item() == pytest.approx(0.75 * (1 - 0.5 * smoothing) / 3.0, rel=rtol)
+    # confident, wrong positive (x = -1e4, p = 0): d/dx = alpha * (p - (1 - 0.5*s)) / normalizer
+    assert gt[3, 5].float().item() == pytest.approx(-0.25 * (1 - 0.5 * smoothing) / 3.0, rel=rtol)
+
+
+def test_ignored_anchors_give_no_loss_and_no_gradient():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 20, 5, generator=g) * 3
+    t = make_targets((1, 20), 5, g, p_ignore=0.0)
+    t[0, ::3] = -2
+    lt, gt = check(x, t, torch.tensor(4.0))
+    assert (gt[0, ::3] == 0).all()
+    # flipping the logits of ignored anchors changes nothing
+    x2 = x.clone()
+    x2[0, ::3] = -x2[0, ::3] * 5
+    lt2, _, _, _ = run_both(x2, t, torch.tensor(4.0))
+    assert lt2.item() == pytest.approx(lt.item(), rel=1e-6)
+    # all ignored -> exactly zero
+    lt3, gt3, _, _ = run_both(x, torch.full((1, 20), -2), torch.tensor(4.0))
+    assert lt3.item() == 0.0 and (gt3 == 0).all()
+
+
+def test_custom_ignore_index_and_out_of_range_class():
+    x = torch.randn(1, 6, 4)
+    t = torch.tensor([[0, -1, 7, -5, 3, 2]])           # 7 is no class column: treated as all-negative
+    check(x, t, torch.tensor(1.0), ignore_index=-5)
+    check(x, t, torch.tensor(1.0), ignore_index=-1)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (3, 4, 0)])
+def test_empty(shape):
+    x = torch.randn(shape, requires_grad=True)
+    t = torch.full(shape[:-1], -1, dtype=torch.int64)
+    loss = focal_loss(x, t, torch.tensor(1.0), backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == x.shape
+
+
+def test_normalizer_forms_and_scaling():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 10, 3, generator=g)
+    t = make_targets((2, 10), 3, g)
+    base = focal_loss(x, t, 1.0, backend="triton")
+    for norm in (5, 5.0, torch.tensor(5), torch.tensor([5.0]), torch.tensor(5.0, dtype=torch.float64)):
+        out = focal_loss(x, t, norm, backend="triton")
+        assert out.item() == pytest.approx(base.item() / 5.0, rel=1e-6), norm
+    # the gradient is divided by the normalizer and scaled by grad_output
+    xr = x.clone().requires_grad_(True)
+    (focal_loss(xr, t, torch.tensor(2.0), backend="triton") * 3.0).backward()
+    assert_close(xr.grad, fl._focal_grad_reference(x, t, 0.25, 1.5, 0.0, -2) * 1.5, 1e-5, 1e-7, "scaled")
+
+
+def test_multi_tile_programs_and_determinism(monkeypatch):
+    """Force several tiles per program (the large-batch path) and check the result is bitwise stable."""
+    monkeypatch.setattr(fl, "_BLOCK", 64)
+    monkeypatch.setattr(fl, "_MAX_PROGRAMS", 3)
+    monkeypatch.setattr(fl, "_REDUCE_BLOCK", 2)       # reduce kernel loops too
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 41, 7, generator=g) * 4          # 861 elements = 14 tiles of 64 -> 5 per program
+    t = make_targets((3, 41), 7, g)
+    lt, gt = check(x, t, torch.tensor(9.0))
+    lt2, gt2, _, _ = run_both(x, t, torch.tensor(9.0))
+    assert torch.equal(lt, lt2) and torch.equal(gt, gt2)
+
+
+def test_no_grad_path_skips_gradient():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, 3, generator=g)
+    t = make_targets((2, 7), 3, g)
+    with torch.no_grad():
+        out = focal_loss(x, t, torch.tensor(2.0), backend="triton")
+    assert_close(out, focal_loss_reference(x, t, torch.tensor(2.0)), 1e-5, 1e-6, "no-grad loss")
+
+
+def test_input_validation():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="targets shape"):
+        focal_loss(x, torch.zeros(2, 4, dtype=torch.int64), 1.0)
+    with pytest.raises(TypeError, match="integer"):
+        focal_loss(x, torch.zeros(2, 3), 1.0)
+    with pytest.raises(TypeError, match="floating"):
+        focal_loss(x.long(), torch.zeros(2, 3, dtype=torch.int64), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile through the custom op / the reference
+
+
+def test_torch_compile_fullgraph_cpu():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 9, 4, generator=g)
+    t = make_targets((2, 9), 4, g)
+    norm = torch.tensor(3.0)
+    expected_x = x.clone().requires_grad_(True)
+    expected = focal_loss_reference(expected_x, t, norm)
+    expected.backward()
+
+    # public function, backend="torch": traced as plain torch ops
+    f = torch.compile(lambda v: focal_loss(v, t, norm, backend="torch"), fullgraph=True, backend="eager")
+    xa = x.clone().requires_grad_(True)
+    out = f(xa)
+    out.backward()
+    assert_close(out, expected, 1e-5, 1e-6, "compiled public fn")
+    assert_close(xa.grad, expected_x.grad, 1e-5, 1e-7, "compiled public fn grad")
+
+    # the custom op (what CUDA + triton uses): fake impl + register_autograd traced by aot_eager
+    op = torch.compile(lambda v: torch.ops.effdet.focal_loss_fwd(v, t, norm, 0.25, 1.5, 0.0, -2, True)[0],
+                       fullgraph=True, backend="aot_eager")
+    xb = x.clone().requires_grad_(True)
+    out = op(xb)
+    out.backward()
+    assert_close(out, expected, 1e-5, 1e-6, "compiled custom op")
+    assert_close(xb.grad, expected_x.grad, 1e-5, 1e-7, "compiled custom op grad")
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA (real compilation)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 37, 7), (3, 1111, 90)])
+def test_cuda_matches_reference(cuda_device, dtype, smoothing, shape):
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=g) * 6).to(dtype)
+    x.view(-1)[:4] = torch.tensor([1e4, -1e4, 30.0, -30.0])[: x.numel()].to(dtype)
+    t = make_targets(shape[:-1], shape[-1], g)
+    check(x, t, (t >= 0).sum().float() + 1.0, device=cuda_device, label_smoothing=smoothing)
+
+
+@pytest.mark.cuda
+def test_cuda_large_grid_and_determinism(cuda_device):
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(4, 49104, 90, generator=g) * 4).half()      # > _MAX_PROGRAMS tiles
+    t = make_targets((4, 49104), 90, g, p_pos=0.002, p_ignore=0.01)
+    norm = (t >= 0).sum().float() + 1.0
+    lt, gt = check(x, t, norm, device=cuda_device)
+    lt2, gt2, _, _ = run_both(x, t, norm, device=cuda_device)
+    assert torch.equal(lt, lt2) and torch.equal(gt, gt2)
+
+
+@pytest.mark.cuda
+def test_cuda_torch_compile_inductor(cuda_device):
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 300, 90, generator=g).to(cuda_device)
+    t = make_targets((2, 300), 90, g).to(cuda_device)
+    norm = (t >= 0).sum().float() + 1.0
+    f = torch.compile(lambda v: focal_loss(v, t, norm, backend="triton"), fullgraph=True)
+    xa = x.clone().requires_grad_(True)
+    out = f(xa)
+    out.backward()
+    xr = x.clone().requires_grad_(True)
+    ref = focal_loss_reference(xr, t, norm)
+    ref.backward()
+    assert_close(out, ref, 1e-5 * math.sqrt(x.numel()), 1e-6 * x.numel(), "inductor loss")
+    assert_close(xa.grad, xr.grad, 1e-5, 1e-6, "inductor grad")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: compile the kernels for sm_90 with the real Triton compiler
+
+
+AOT_SCRIPT = r"""
+import importlib, sys
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+mod = importlib.import_module(sys.argv[1])
+for name, sig, const in eval(sys.argv[2]):
+    fn = getattr(mod, name)
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    const = {k: (getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v) for k, v in const.items()}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+print("AOT-OK")
+"""
+
+
+def aot_compile(module, specs):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("real CUDA present: the cuda-marked tests compile and run the kernels")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, module, repr(specs)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and ("ASTSource" in out and "TypeError" in out or "ptxas" in out.lower()
+                                 and "not found" in out.lower()):
+        pytest.skip("this Triton cannot compile ahead of time here: " + out[-300:])
+    assert "AOT-OK" in proc.stdout, out[-3000:]
+
+
+def test_kernels_compile_for_cuda_without_gpu():
+    sig = {"x_ptr": "*fp16", "tgt_ptr": "*i64", "grad_ptr": "*fp32", "partial_ptr": "*fp32", "n_elem": "i64",
+           "C": "i32", "alpha": "fp32", "gamma": "fp32", "smoothing": "fp32", "ignore_index": "i32",
+           "tiles": "i32"}
+    aot_compile("kernels.focal_loss", [
+        ("_focal_fwd_kernel", sig, {"BLOCK": 1024, "SMOOTH": False, "WRITE_GRAD": True}),
+        ("_focal_fwd_kernel", dict(sig, x_ptr="*bf16"), {"BLOCK": 1024, "SMOOTH": True, "WRITE_GRAD": False}),
+        ("_focal_reduce_kernel", {"partial_ptr": "*fp32", "n_partial": "i32", "norm_ptr": "*fp32",
+                                  "out_ptr": "*fp32", "iters": "i32"}, {"BLOCK": 1024})])
