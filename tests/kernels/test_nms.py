@@ -1,0 +1,313 @@
+"""kernels.batched_nms: Triton (interpreter / CUDA) == reference == torchvision, exactly."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.nms import (_pair_iou, _columns, _threshold_f32, batched_nms, batched_nms_reference,
+                         batched_nms_triton)
+
+try:
+    import torchvision
+    from torchvision.ops import boxes as tv_boxes
+except Exception:  # pragma: no cover
+    torchvision = None
+
+needs_tv = pytest.mark.skipif(torchvision is None, reason="torchvision not importable")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _show(name, a, b):
+    a, b = a.tolist(), b.tolist()
+    first = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    return (f"{name}: lengths {len(a)} vs {len(b)}, first difference at {first}: "
+            f"{a[first:first + 5]} vs {b[first:first + 5]}")
+
+
+def assert_same(a, b, name="kept"):
+    assert a.dtype == torch.int64 and b.dtype == torch.int64, (a.dtype, b.dtype)
+    assert torch.equal(a.cpu(), b.cpu()), _show(name, a, b)
+
+
+def tv_oracle(boxes, scores, classes, t, batch_index=None):
+    """torchvision's exact per-group NMS (the path batched_nms takes for large inputs) on float32
+    boxes, re-ordered by (score desc, index asc): torchvision's final sort is not stable, so ties
+    are put in our documented order before comparing (the kept SET is compared unchanged)."""
+    idx = classes.long() if batch_index is None else batch_index.long() * (int(classes.max()) + 1) + classes.long()
+    keep = tv_boxes._batched_nms_vanilla(boxes.float(), scores.float(), idx, t)
+    keep = keep.sort().values
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def rand_boxes(n, gen, spread=60.0, size=30.0, dtype=torch.float32):
+    xy = torch.rand(n, 2, generator=gen) * spread
+    wh = torch.rand(n, 2, generator=gen) * size
+    return torch.cat([xy, xy + wh], 1).to(dtype)
+
+
+def cluster_boxes(n, gen, centers=3):
+    """Many strongly overlapping boxes: jittered copies of a few boxes."""
+    base = torch.tensor([[10., 10, 50, 40], [30, 20, 70, 60], [100, 100, 120, 140]])[:centers]
+    pick = torch.randint(0, centers, (n,), generator=gen)
+    return base[pick] + torch.randn(n, 4, generator=gen) * 2.0
+
+
+def run_all(boxes, scores, classes, t, batch_index=None, block=None, tv=True):
+    ref = batched_nms_reference(boxes, scores, classes, t, batch_index)
+    tri = batched_nms_triton(boxes, scores, classes, t, batch_index, block=block)
+    assert_same(tri, ref, "triton vs reference")
+    if tv and torchvision is not None and boxes.numel():
+        assert_same(ref, tv_oracle(boxes, scores, classes, t, batch_index), "reference vs torchvision")
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter) vs reference vs torchvision
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,images,classes,block", [
+    (1, 1, 1, None), (2, 1, 1, 4), (7, 2, 3, 4), (33, 3, 2, 8), (130, 2, 3, 16), (97, 1, 1, 16)])
+def test_random_matches(dtype, n, images, classes, block):
+    gen = torch.Generator().manual_seed(n * 7 + images)
+    boxes = rand_boxes(n, gen, dtype=dtype)
+    scores = torch.rand(n, generator=gen).to(dtype)
+    cls = torch.randint(0, classes, (n,), generator=gen)
+    bi = torch.randint(0, images, (n,), generator=gen, dtype=torch.int32)
+    for t in ((0.3, 0.7) if n < 100 else (0.5,)):
+        run_all(boxes, scores, cls, t, bi, block=block)
+    run_all(boxes, scores, cls, 0.5, None, block=block)
+
+
+@pytest.mark.parametrize("block", [4, 16])
+def test_clusters_many_classes_images(block):
+    gen = torch.Generator().manual_seed(1)
+    n = 300
+    boxes = cluster_boxes(n, gen)
+    scores = torch.rand(n, generator=gen)
+    cls = torch.randint(0, 5, (n,), generator=gen)
+    bi = torch.randint(0, 3, (n,), generator=gen)
+    keep = run_all(boxes, scores, cls, 0.5, bi, block=block)
+    assert 0 < keep.numel() < n // 4  # the case really suppresses
+
+
+def test_identical_boxes_equal_scores_keep_lowest_index():
+    boxes = torch.tensor([[0., 0, 10, 10]] * 6)
+    scores = torch.tensor([0.5, 0.9, 0.9, 0.5, 0.9, 0.1])
+    cls = torch.tensor([0, 0, 0, 1, 1, 1])
+    keep = run_all(boxes, scores, cls, 0.5, block=4)
+    assert keep.tolist() == [1, 4], keep  # one per class, the earliest of the top score
+
+
+def test_equal_scores_order_by_index():
+    boxes = torch.tensor([[0., 0, 1, 1], [5, 5, 6, 6], [9, 9, 10, 10], [20, 20, 21, 21]])
+    scores = torch.tensor([0.3, 0.7, 0.3, 0.7])
+    keep = run_all(boxes, scores, torch.zeros(4, dtype=torch.long), 0.5, block=4)
+    assert keep.tolist() == [1, 3, 0, 2]
+
+
+def test_degenerate_boxes():
+    boxes = torch.tensor([
+        [5., 5, 5, 5], [5, 5, 5, 5],          # zero area, identical: IoU = 0/0 = NaN never suppresses
+        [0, 0, 0, 10], [0, 0, 0, 10],         # zero width
+        [10, 10, 2, 2], [10, 10, 2, 2],       # inverted
+        [0, 0, 10, 10], [1, 1, 9, 9],         # normal, IoU 0.64
+        [2, 2, 8, 8], [10, 10, 0, 0]])        # inside, inverted twin of a normal box
+    scores = torch.linspace(1.0, 0.1, len(boxes))
+    cls = torch.zeros(len(boxes), dtype=torch.long)
+    keep = run_all(boxes, scores, cls, 0.5, block=4)
+    assert set(range(6)) <= set(keep.tolist()) and 7 not in keep.tolist()
+    run_all(boxes, scores, cls, 0.0, block=4)
+    run_all(boxes, scores.flip(0), cls, 0.3, block=4)
+
+
+def test_iou_exactly_at_threshold_does_not_suppress():
+    boxes = torch.tensor([[0., 0, 2, 1], [1, 0, 3, 1], [0, 0, 2, 1], [0, 0, 2, 2]])  # IoU 1/3 and 1/2
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.05])
+    cls = torch.tensor([0, 0, 1, 1])
+    assert run_all(boxes, scores, cls, 0.5, block=4).tolist() == [0, 1, 2, 3]
+    assert run_all(boxes, scores, cls, 0.49, block=4).tolist() == [0, 1, 2]
+    # 1/3 is not a float32: the float32 IoU 0.33333334 > 1/3 (in double) suppresses, as in torchvision
+    assert run_all(boxes, scores, cls, 1 / 3, block=4).tolist() == [0, 2]
+    assert _threshold_f32(1 / 3) < 1 / 3 and _threshold_f32(0.5) == 0.5
+
+
+def test_chain_needs_propagation_across_blocks():
+    """Each box overlaps only its neighbours: greedy keeps every other one (tests the fixed point
+    over a long chain and the cross-block propagation in the kernel)."""
+    n = 41
+    x = torch.arange(n, dtype=torch.float32) * 4.0
+    boxes = torch.stack([x, torch.zeros(n), x + 10, torch.ones(n)], 1)  # IoU(k,k+1)=0.43, (k,k+2)=0.11
+    scores = torch.linspace(1.0, 0.5, n)
+    keep = run_all(boxes, scores, torch.zeros(n, dtype=torch.long), 0.4, block=4)
+    assert keep.tolist() == list(range(0, n, 2))
+
+
+def test_one_box_and_empty():
+    b = torch.tensor([[1., 2, 3, 4]])
+    assert run_all(b, torch.tensor([0.2]), torch.tensor([3]), 0.5).tolist() == [0]
+    e = torch.zeros(0, 4)
+    for be in ("torch", "triton"):
+        out = batched_nms(e, torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5, backend=be)
+        assert out.dtype == torch.int64 and out.shape == (0,)
+    out = batched_nms(e, torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5,
+                      batch_index=torch.zeros(0, dtype=torch.long), backend="triton")
+    assert out.shape == (0,)
+
+
+def test_different_images_never_suppress():
+    boxes = torch.tensor([[0., 0, 10, 10]] * 4)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    cls = torch.zeros(4, dtype=torch.long)
+    bi = torch.tensor([0, 1, 1, 2])
+    assert run_all(boxes, scores, cls, 0.5, bi).tolist() == [0, 1, 3]
+
+
+def test_public_backends_agree():
+    gen = torch.Generator().manual_seed(3)
+    boxes, scores = cluster_boxes(80, gen), torch.rand(80, generator=gen)
+    cls, bi = torch.randint(0, 4, (80,), generator=gen), torch.randint(0, 2, (80,), generator=gen)
+    a = batched_nms(boxes, scores, cls, 0.5, bi, backend="torch")
+    b = batched_nms(boxes, scores, cls, 0.5, bi, backend="triton")
+    c = batched_nms(boxes, scores, cls, 0.5, bi)  # auto: reference on CPU
+    assert_same(a, b)
+    assert_same(a, c)
+
+
+@needs_tv
+def test_public_torchvision_batched_nms_integer_boxes():
+    """The public torchvision.ops.batched_nms (coordinate-offset trick for small N) on boxes whose
+    offset coordinates stay exact: same kept indices."""
+    gen = torch.Generator().manual_seed(5)
+    n = 200
+    boxes = rand_boxes(n, gen).round()
+    scores = torch.randperm(n, generator=gen).float() / n  # distinct: torchvision's sort is unstable
+    cls, bi = torch.randint(0, 6, (n,), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    ours = batched_nms_reference(boxes, scores, cls, 0.5, bi)
+    assert_same(ours, torchvision.ops.batched_nms(boxes, scores, bi * 6 + cls, 0.5))
+
+
+def test_reference_chunking_is_exact(monkeypatch):
+    import kernels.nms as nms_mod
+
+    gen = torch.Generator().manual_seed(9)
+    boxes, scores = cluster_boxes(150, gen), torch.rand(150, generator=gen)
+    cls = torch.randint(0, 2, (150,), generator=gen)
+    full = batched_nms_reference(boxes, scores, cls, 0.5)
+    monkeypatch.setattr(nms_mod, "_PAIR_CHUNK", 97)
+    assert_same(batched_nms_reference(boxes, scores, cls, 0.5), full)
+
+
+def test_compile_fullgraph_through_custom_op():
+    boxes = torch.tensor([[0., 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]])
+    scores, cls = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 0])
+    fn = torch.compile(lambda b, s, c: batched_nms(b, s, c, 0.5, backend="torch"), fullgraph=True, backend="eager")
+    assert fn(boxes, scores, cls).tolist() == [0, 2]
+    torch.library.opcheck(torch.ops.effdet.batched_nms.default, (boxes, scores, cls, None, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis properties of the reference (and agreement with the kernel)
+# ---------------------------------------------------------------------------------------------
+
+@st.composite
+def nms_inputs(draw):
+    n = draw(st.integers(0, 40))
+    coord = st.integers(0, 20).map(float)
+    rows = draw(st.lists(st.tuples(coord, coord, coord, coord), min_size=n, max_size=n))
+    boxes = torch.tensor(rows, dtype=torch.float32).reshape(n, 4)
+    if draw(st.booleans()):  # mostly proper boxes, sometimes raw (inverted / degenerate) ones
+        boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
+    scores = torch.tensor(draw(st.lists(st.sampled_from([0.1, 0.2, 0.5, 0.9]), min_size=n, max_size=n)))
+    cls = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), dtype=torch.long)
+    bi = torch.tensor(draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)), dtype=torch.long)
+    t = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]))
+    return boxes, scores.reshape(n), cls.reshape(n), bi.reshape(n), t
+
+
+def _iou_matrix(boxes):
+    n = boxes.shape[0]
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    return _pair_iou(_columns(boxes), i.flatten(), j.flatten()).reshape(n, n)
+
+
+@given(nms_inputs())
+def test_reference_properties(case):
+    boxes, scores, cls, bi, t = case
+    keep = batched_nms_reference(boxes, scores, cls, t, bi)
+    n = boxes.shape[0]
+    assert keep.dtype == torch.int64
+    kl = keep.tolist()
+    assert len(set(kl)) == len(kl) and all(0 <= k < n for k in kl)  # a subset
+    for a, b in zip(kl, kl[1:]):  # score descending, ties by index
+        assert scores[a] > scores[b] or (scores[a] == scores[b] and a < b)
+    if n == 0:
+        return
+    iou = _iou_matrix(boxes)
+    same = (cls[:, None] == cls[None, :]) & (bi[:, None] == bi[None, :])
+    rank = torch.empty(n, dtype=torch.long)
+    rank[torch.sort(scores, descending=True, stable=True).indices] = torch.arange(n)
+    kept = torch.zeros(n, dtype=torch.bool)
+    kept[keep] = True
+    for a in kl:
+        for b in kl:
+            if a != b and same[a, b]:
+                hi, lo = (a, b) if rank[a] < rank[b] else (b, a)
+                assert not (iou[hi, lo] > t), f"kept {hi} and {lo} overlap {iou[hi, lo]} > {t}"
+    for j in range(n):
+        if not kept[j]:
+            assert any(same[i, j] and rank[i] < rank[j] and iou[i, j] > t for i in kl), f"{j} suppressed by nobody"
+    if torchvision is not None:
+        assert_same(keep, tv_oracle(boxes, scores, cls, t, bi), "reference vs torchvision")
+
+
+@settings(max_examples=10)
+@given(nms_inputs())
+def test_triton_matches_reference_property(case):
+    boxes, scores, cls, bi, t = case
+    assert_same(batched_nms_triton(boxes, scores, cls, t, bi, block=8),
+                batched_nms_reference(boxes, scores, cls, t, bi))
+
+
+def test_gradcheck_not_applicable():
+    """NMS returns integer indices: there is no gradient to check; the IoU helper is the only float
+    math, checked here in float64 against a direct formula."""
+    b = torch.tensor([[0., 0, 4, 3], [1, 1, 5, 5], [6, 6, 5, 5]], dtype=torch.float64)
+    iou = _pair_iou(_columns(b), torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]))
+    assert math.isclose(iou[0].item(), 6 / (12 + 16 - 6))
+    assert iou[1].item() == 0.0 and iou[2].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: real compilation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,images,classes", [(1, 1, 1), (300, 3, 5), (5000, 4, 90), (4000, 2, 1)])
+def test_cuda_matches_reference(dtype, n, images, classes):
+    gen = torch.Generator().manual_seed(n)
+    boxes = torch.cat([rand_boxes(n // 2, gen, spread=200.0), cluster_boxes(n - n // 2, gen)]).to(dtype)
+    scores = torch.rand(n, generator=gen).to(dtype)
+    cls = torch.randint(0, classes, (n,), generator=gen)
+    bi = torch.randint(0, images, (n,), generator=gen)
+    ref = batched_nms_reference(boxes, scores, cls, 0.5, bi)
+    dev = [x.cuda() for x in (boxes, scores, cls, bi)]
+    out = batched_nms(dev[0], dev[1], dev[2], 0.5, dev[3], backend="triton")
+    assert_same(out.cpu(), ref, "cuda triton vs cpu reference")
+    ref_cuda = batched_nms(dev[0], dev[1], dev[2], 0.5, dev[3], backend="torch")
+    assert_same(ref_cuda.cpu(), ref, "cuda reference vs cpu reference")
+
+
+@pytest.mark.cuda
+def test_cuda_compile_through_custom_op():
+    boxes = torch.tensor([[0., 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], device="cuda")
+    scores, cls = torch.tensor([0.9, 0.8, 0.7], device="cuda"), torch.tensor([0, 0, 0], device="cuda")
+    fn = torch.compile(lambda b, s, c: batched_nms(b, s, c, 0.5, backend="triton"), fullgraph=True)
+    assert fn(boxes, scores, cls).tolist() == [0, 2]
