@@ -88,3 +88,41 @@ def variance_scaling_(w: torch.Tensor, groups: int = 1) -> None:
 def _fans(w: torch.Tensor, groups: int) -> tuple[int, int]:
     receptive = w[0][0].numel() if w.dim() > 2 else 1
     return w.size(1) * receptive, w.size(0) * receptive // groups
+
+
+class _SyncBatchNormMixin:
+    """Batch statistics summed over all workers (gloo on the CPU or NCCL on GPUs) in training mode.
+
+    ``torch.nn.SyncBatchNorm`` needs CUDA and drops the activation of ``BatchNormAct``; this works on any
+    device and keeps it. Sums of x and x^2 are all-reduced with a differentiable all-reduce.
+    """
+
+    def forward(self, x):
+        if not self.training:
+            y = nn.BatchNorm2d.forward(self, x)
+        else:
+            from torch.distributed.nn.functional import all_reduce
+
+            xf = x.float()
+            count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
+            stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+            c = x.shape[1]
+            n = stats[-1]
+            mean = stats[:c] / n
+            var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach() * m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp(min=1)) * m)
+            y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+            y = (y * self.weight[None, :, None, None] + self.bias[None, :, None, None]).to(x.dtype)
+        return F.silu(y) if getattr(self, "act", False) else y
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d (and BatchNormAct) of ``module`` synchronize its statistics across workers."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d) and not isinstance(m, _SyncBatchNormMixin):
+            m.__class__ = type(f"Sync{type(m).__name__}", (_SyncBatchNormMixin, type(m)), {})
+    return module

@@ -37,10 +37,11 @@ def compute_loss(model: EfficientDet, images: torch.Tensor, gt_boxes: torch.Tens
                  normalizer_fn=None, backend: str = "auto") -> dict:
     """Forward + targets + loss. ``normalizer_fn(num_pos_sum) -> tensor`` lets DDP sum positives over workers.
 
+    ``model`` may be wrapped in DistributedDataParallel (its forward is what synchronizes gradients).
     Returns ``{"loss", "cls_loss", "box_loss", "num_pos"}`` (tensors, no host sync).
     """
-    cfg = model.config
-    cls, box = model.flatten(*model(images))
+    cfg = getattr(model, "module", model).config
+    cls, box = EfficientDet.flatten(*model(images))
     anchors = anchors_for(cfg, images.shape[-2:], device=images.device)
     targets = assign_targets(gt_boxes, gt_labels, anchors)
     num_pos = targets.num_pos.sum()

@@ -1,0 +1,99 @@
+"""Process-group set-up that works the same under ``--nproc N``, ``torchrun`` (one or many nodes) and SLURM.
+
+Rank and world size come from the environment: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (torchrun, or set by
+``spawn``), else ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; with neither, one process. NCCL on
+GPUs, gloo on the CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names, default=None):
+    for n in names:
+        if os.environ.get(n) not in (None, ""):
+            return int(os.environ[n])
+    return default
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Read the environment, pick the device and join the process group when there is more than one."""
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, dev)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(local_rank: int, nproc: int, port: int, fn, args):
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    fn(args)
+
+
+def spawn(nproc: int, fn, args) -> None:
+    """Run ``fn(args)`` in ``nproc`` local worker processes (what ``--nproc N`` does)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_spawned, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_objects(obj) -> list:
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,474 @@
+"""Training and evaluation loops behind ``train.py`` and ``evaluate.py``.
+
+The scripts only parse flags; everything here takes an ``argparse.Namespace`` with the flag values.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+
+import datasets as D
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .configs import get_config
+from .ema import ModelEma
+from .model import EfficientDet
+from .pipeline import compute_loss, predict
+from .layers import convert_sync_batchnorm
+from .visualize import draw_detections, plot_curve
+
+log = logging.getLogger("detector")
+console = Console()
+
+
+# ---------------------------------------------------------------- data
+def data_paths(args) -> dict:
+    """(ann_file, image_dir) for train and val from the flags; the built-in synthetic set when none given."""
+    if getattr(args, "waymo", False):
+        root = args.data or "."
+        return {"train": (os.path.join(root, args.waymo_train_annotation), os.path.join(root, args.waymo_train)),
+                "val": (os.path.join(root, args.waymo_val_annotation), os.path.join(root, args.waymo_val))}
+    if args.train_ann or args.val_ann:
+        out = {}
+        if args.train_ann:
+            out["train"] = (args.train_ann, args.train_images or os.path.dirname(args.train_ann))
+        if args.val_ann:
+            out["val"] = (args.val_ann, args.val_images or os.path.dirname(args.val_ann))
+        return out
+    if args.data:
+        return {s: D.coco2017_paths(args.data, s) for s in ("train", "val")}
+    syn = D.ensure_synthetic()
+    return {"train": (syn["train"]["ann_file"], syn["train"]["image_dir"]),
+            "val": (syn["val"]["ann_file"], syn["val"]["image_dir"])}
+
+
+# ---------------------------------------------------------------- model
+def build_model(args, num_classes: int, device) -> EfficientDet:
+    overrides = {}
+    if getattr(args, "redundant_bias", None) is not None:
+        overrides["redundant_bias"] = args.redundant_bias
+    if getattr(args, "smoothing", None):
+        overrides["label_smoothing"] = args.smoothing
+    if getattr(args, "drop_path", None) is not None:
+        overrides["drop_path_rate"] = args.drop_path
+    if getattr(args, "bn_momentum", None):
+        overrides["bn_momentum"] = args.bn_momentum
+    size = args.input_size or get_config(args.model).image_size
+    model = EfficientDet(get_config(args.model, num_classes=num_classes, image_size=size, **overrides))
+    model.set_backend(args.kernel_backend)
+    return model.to(device)
+
+
+def _load_backbone(model: EfficientDet, path: str) -> None:
+    sd, layout = ckpt.extract_state_dict(ckpt.read(path))
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+    own = model.backbone.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if len(usable) < len(own):
+        missing = sorted(set(own) - set(usable))
+        raise ckpt.CheckpointError(f"{path} ({layout}): backbone weights missing or mis-shaped for "
+                                   f"{len(missing)} keys, e.g. {missing[:5]}")
+    model.backbone.load_state_dict(usable)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on conv / linear weights (ndim > 1), not on biases, BN or fusion weights."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(args, model) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.weight_decay)
+    opt = args.opt.lower()
+    if opt in ("momentum", "sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=opt in ("nesterov", "sgd"))
+    if opt == "adam":
+        return torch.optim.Adam(groups, lr=args.lr, eps=args.opt_eps)
+    if opt == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
+    raise ValueError(f"--opt {args.opt!r}: choose momentum, sgd, nesterov, adam or adamw")
+
+
+def lr_lambda(args, steps_per_epoch: int):
+    """Per-step LR factor: linear warm-up from warmup_lr, then cosine to min_lr (or step decay)."""
+    warm = int(args.warmup_epochs * steps_per_epoch)
+    total = max(1, args.epochs * steps_per_epoch)
+    base = args.lr
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (args.warmup_lr + (base - args.warmup_lr) * step / warm) / base
+        if args.sched == "step":
+            return args.decay_rate ** ((step // steps_per_epoch) // max(1, args.decay_epochs))
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return (args.min_lr + 0.5 * (base - args.min_lr) * (1 + math.cos(math.pi * t))) / base
+
+    return f
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+             "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(eval(state["python"], {"__builtins__": {}}))  # a tuple of ints written by repr
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- logging
+class JsonLog:
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, **event) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event, default=float) + "\n")
+
+
+def stats_table(stats: dict, title: str) -> Table:
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in D.STAT_NAMES:
+        if k in stats:
+            t.add_row(k, f"{stats[k]:.4f}")
+    for name, ap in stats.get("per_class", {}).items():
+        t.add_row(f"AP {name}", f"{ap:.4f}")
+    for name, ap in stats.get("per_class_iou", {}).items():
+        t.add_row(f"AP@class-IoU {name}", f"{ap:.4f}")
+    return t
+
+
+# ---------------------------------------------------------------- evaluation
+def autocast(device: torch.device, amp: str | None):
+    if not amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" or device.type == "cpu" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=False, score_threshold=0.001,
+                  backend="auto", progress=True, keep_images=0):
+    """Detections of every image in ``loader`` as COCO results (original pixels), plus timing."""
+    model.eval()
+    dataset = loader.dataset
+    results, pictures, n_images, t_model = [], [], 0, 0.0
+    prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)
+    bar = _progress(progress)
+    with bar:
+        task = bar.add_task("eval", total=len(loader), info="")
+        for batch in prefetch:
+            t0 = time.perf_counter()
+            with autocast(device, amp):
+                dets = predict(model, batch["images"], image_scale=batch["scale"],
+                               clip_size=batch["orig_size"].to(device) * batch["scale"][:, None],
+                               soft_nms=soft_nms, score_threshold=score_threshold, backend=backend)
+            dets = dets.float().cpu()
+            t_model += time.perf_counter() - t0
+            n_images += dets.shape[0]
+            results += D.to_coco_results(dets[..., :4], dets[..., 4], dets[..., 5].long(), batch["image_id"],
+                                         torch.ones(dets.shape[0]), dataset.label_to_cat_id,
+                                         orig_sizes=batch["orig_size"])
+            if len(pictures) < keep_images:
+                for i in range(min(keep_images - len(pictures), dets.shape[0])):
+                    pictures.append((int(batch["image_id"][i]), dets[i].numpy()))
+            bar.update(task, advance=1, info=f"{n_images / max(t_model, 1e-9):.1f} img/s")
+    return results, {"images": n_images, "seconds": t_model, "img_per_s": n_images / max(t_model, 1e-9)}, pictures
+
+
+def evaluate_model(model, loader, info: dist.DistInfo, args, iou_by_class=None, keep_images=0):
+    """Inference on every worker's shard, gathered on all ranks, scored once."""
+    results, timing, pictures = run_inference(
+        model, loader, info.device, amp=args.amp, soft_nms=getattr(args, "use_soft_nms", None),
+        channels_last=args.memory_format == "nhwc", backend=args.kernel_backend, progress=info.is_main,
+        keep_images=keep_images)
+    gathered = dist.all_gather_objects(results)
+    seen, merged = set(), []
+    for part in gathered:  # a distributed sampler may repeat a few images to even out the shards
+        for r in part:
+            key = (r["image_id"], r["category_id"], tuple(round(v, 3) for v in r["bbox"]), round(r["score"], 6))
+            if key not in seen:
+                seen.add(key)
+                merged.append(r)
+    stats = D.evaluate_detections(loader.dataset.coco.dataset, merged, iou_by_class=iou_by_class)
+    return stats, merged, timing, pictures
+
+
+def save_pictures(dataset, pictures, folder: str, class_names=None) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    index = {iid: i for i, iid in enumerate(dataset.image_ids)}
+    paths = []
+    for iid, dets in pictures:
+        sample = dataset.load(index[iid])
+        im = draw_detections(sample["image"], dets, gt_boxes=sample["boxes"], class_names=class_names)
+        path = os.path.join(folder, f"detections_{iid}.png")
+        im.save(path)
+        paths.append(path)
+    return paths
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                    disable=not enabled, transient=False)
+
+
+# ---------------------------------------------------------------- training
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(args) -> dict | None:
+    """One worker's whole training run. Returns the last evaluation stats on rank 0."""
+    info = dist.init(args.device)
+    try:
+        return _train(args, info)
+    finally:
+        dist.cleanup()
+
+
+def _train(args, info: dist.DistInfo):
+    seed_everything(args.seed + info.rank)
+    paths = data_paths(args)
+    if "train" not in paths:
+        raise ValueError("no training data: give --data, --train-ann, or nothing for the built-in synthetic set")
+    train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
+    val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
+    if val_set is not None and len(val_set) == 0:
+        raise ValueError(f"{paths['val'][0]}: the validation set is empty")
+    apply_small_data_recipe(args, len(train_set))
+    num_classes = args.num_classes or train_set.num_classes
+    model = build_model(args, num_classes, info.device)
+    size = model.config.image_size
+    train_set.transform = D.TrainTransform(size, seed=args.seed, scale_range=tuple(args.scale_range))
+    if val_set is not None:
+        val_set.transform = D.EvalTransform(size)
+    out = args.output
+    os.makedirs(out, exist_ok=True)
+    jlog = JsonLog(os.path.join(out, "log.jsonl") if info.is_main else None)
+    if info.is_main:
+        jlog.write(event="start", step=0, epoch=0, args=vars(args), config=model.config.to_dict(),
+                   world_size=info.world_size, device=str(info.device), train_images=len(train_set),
+                   val_images=len(val_set) if val_set else 0, data_stats=dict(train_set.stats))
+
+    if args.pretrained_backbone_path:
+        _load_backbone(model, args.pretrained_backbone_path)
+    if args.initial_checkpoint:
+        msg = ckpt.load(model, args.initial_checkpoint, reset_class_head=args.remove_weights is not None)
+        console.print(f"initial checkpoint: {msg}") if info.is_main else None
+    for prefix in args.freeze_layers or []:
+        hits = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+        if not hits:
+            raise ValueError(f"--freeze-layers {prefix!r} matches no parameter")
+        for p in hits:
+            p.requires_grad_(False)
+    if args.memory_format == "nhwc":
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_bn and info.distributed:
+        model = convert_sync_batchnorm(model)
+    ema = ModelEma(model, decay=args.model_ema_decay, warmup=args.ema_warmup,
+                   backend=args.kernel_backend) if args.model_ema else None
+    net = model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    train_loader = D.build_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed,
+                                  distributed=info.distributed)
+    val_loader = (D.build_loader(val_set, args.batch_size * args.validation_batch_size_multiplier, train=False,
+                                 workers=args.workers, seed=args.seed, distributed=info.distributed)
+                  if val_set is not None else None)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size}")
+    optimizer = build_optimizer(args, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
+    use_scaler = bool(args.amp) and args.amp != "bf16" and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    start_epoch, step, best = args.start_epoch or 0, 0, -1.0
+    if args.resume:
+        path = os.path.join(out, "last.pth") if args.resume == "auto" else args.resume
+        state = ckpt.read(path)
+        ckpt.load(model, state)
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+        start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
+        set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+        console.print(f"resumed from {path} at epoch {start_epoch}") if info.is_main else None
+
+    history, stats, nonfinite_total, nonfinite_run = [], None, 0, 0
+    world = info.world_size
+    normalizer_fn = dist.all_reduce_sum if info.distributed else None
+    last_epoch = args.epochs if not args.stop_after else min(args.epochs, start_epoch + args.stop_after)
+    bench_times = []
+    for epoch in range(start_epoch, last_epoch):
+        net.train()
+        train_loader.set_epoch(epoch)
+        prefetch = D.DevicePrefetcher(train_loader, info.device, channels_last=args.memory_format == "nhwc")
+        bar = _progress(info.is_main)
+        t_epoch, seen = time.perf_counter(), 0
+        with bar:
+            task = bar.add_task(f"epoch {epoch}", total=steps_per_epoch, info="")
+            for i, batch in enumerate(prefetch):
+                t0 = time.perf_counter()
+                with autocast(info.device, args.amp):
+                    res = compute_loss(net, batch["images"], batch["boxes"], batch["labels"],
+                                       normalizer_fn=normalizer_fn, backend=args.kernel_backend)
+                loss = res["loss"]
+                total_loss = dist.all_reduce_sum(loss.detach().float())
+                if not torch.isfinite(total_loss):
+                    nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+                    optimizer.zero_grad(set_to_none=True)
+                    jlog.write(event="nonfinite_loss", step=step, epoch=epoch, skipped_total=nonfinite_total)
+                    if nonfinite_run >= args.max_nonfinite_steps:
+                        raise NonFiniteLoss(
+                            f"the loss was NaN/inf in {nonfinite_run} steps in a row (epoch {epoch}, step {step}); "
+                            f"stopping. Lower --lr, raise --warmup-epochs, or check the data.")
+                    continue
+                nonfinite_run = 0
+                scaler.scale(loss * world).backward()  # DDP averages gradients; the loss is already global
+                scaler.unscale_(optimizer)
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+                seen += batch["images"].shape[0] * world
+                dt = time.perf_counter() - t0
+                if args.benchmark:
+                    bench_times.append((dt, batch["images"].shape[0] * world))
+                if info.is_main and (step % args.log_interval == 0 or i == steps_per_epoch - 1):
+                    lr = optimizer.param_groups[0]["lr"]
+                    ips = seen / (time.perf_counter() - t_epoch)
+                    event = dict(event="train", step=step, epoch=epoch, loss=total_loss.item(),
+                                 cls_loss=res["cls_loss"].item(), box_loss=res["box_loss"].item(),
+                                 lr=lr, img_per_s=ips, data_time=batch["data_time"], step_time=dt)
+                    jlog.write(**event)
+                    history.append(event)
+                    bar.update(task, info=f"loss {event['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s")
+                bar.update(task, advance=1)
+                if args.benchmark and len(bench_times) >= args.benchmark_steps:
+                    break
+        if args.benchmark:
+            return _report_benchmark(bench_times, args, jlog, info)
+        eval_now = val_loader is not None and epoch + 1 >= args.eval_after and (
+            (epoch + 1) % args.eval_interval == 0 or epoch + 1 == last_epoch)
+        if eval_now:
+            eval_model = ema.module if ema is not None else model
+            stats, _, timing, _ = evaluate_model(eval_model, val_loader, info, args)
+            if info.is_main:
+                console.print(stats_table(stats, f"epoch {epoch} ({'EMA' if ema else 'model'}) on "
+                                                 f"{len(val_set)} val images"))
+                jlog.write(event="eval", step=step, epoch=epoch, **{k: v for k, v in stats.items()},
+                           eval_img_per_s=timing["img_per_s"], minutes=(time.perf_counter() - args._t0) / 60)
+        if info.is_main:
+            state = {"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best": best,
+                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                     "config": model.config.to_dict(), "class_names": train_set.class_names,
+                     "label_to_cat_id": train_set.label_to_cat_id}
+        rngs = dist.all_gather_objects(rng_state())
+        if info.is_main:
+            state["rng"] = rngs if info.distributed else rngs[0]
+            ckpt.save(state, os.path.join(out, "last.pth"))
+            if stats is not None and eval_now and stats["AP"] > best:
+                best = stats["AP"]
+                state["best"] = best
+                ckpt.save(state, os.path.join(out, "best.pth"))
+            if args.save_checkpoint_interval and (epoch + 1) % args.save_checkpoint_interval == 0:
+                ckpt.save(state, os.path.join(out, f"checkpoint_{epoch:03d}.pth"))
+        dist.barrier()
+    if nonfinite_total and info.is_main:
+        console.print(f"[yellow]{nonfinite_total} steps with a NaN/inf loss were skipped[/]")
+    if info.is_main and history:
+        plot_curve([e["step"] for e in history], {"loss": [e["loss"] for e in history],
+                                                  "cls": [e["cls_loss"] for e in history],
+                                                  "50*box": [50 * e["box_loss"] for e in history]},
+                   os.path.join(out, "loss_curve.png"), title="training loss")
+    if info.is_main and val_loader is not None and args.pictures and stats is not None:
+        eval_model = ema.module if ema is not None else model
+        _, _, pics = run_inference(eval_model, D.build_loader(val_set, args.batch_size, False, 0, args.seed),
+                                      info.device, amp=args.amp, backend=args.kernel_backend, progress=False,
+                                      keep_images=args.pictures)
+        save_pictures(val_set, pics, os.path.join(out, "pictures"), train_set.class_names)
+    return stats
+
+
+def _report_benchmark(times, args, jlog, info):
+    warm = min(len(times) - 1, max(1, len(times) // 5))
+    dt = sum(t for t, _ in times[warm:])
+    n = sum(b for _, b in times[warm:])
+    ips = n / max(dt, 1e-9)
+    if info.is_main:
+        console.print(f"training throughput: {ips:.2f} img/s over {len(times) - warm} steps after {warm} warm-up "
+                      f"steps ({args.model}, batch {args.batch_size} x {info.world_size}, {info.device})")
+        jlog.write(event="benchmark", step=len(times), epoch=0, train_img_per_s=ips, measured_steps=len(times) - warm)
+    return {"train_img_per_s": ips}
+
+
+SMALL_DATA_IMAGES = 5000
+
+
+def apply_small_data_recipe(args, num_train: int) -> None:
+    """Defaults for flags the user did not set: NVIDIA's COCO recipe, or a small-data recipe that learns
+    from scratch in minutes when the training set has fewer than ``SMALL_DATA_IMAGES`` images."""
+    small = num_train < SMALL_DATA_IMAGES
+    args.small_data_recipe = small
+    recipe = SMALL_RECIPE if small else COCO_RECIPE
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=1.0, weight_decay=4e-5,
+                   model_ema=False, model_ema_decay=0.9998, ema_warmup=False, scale_range=[0.1, 2.0],
+                   input_size=None, bn_momentum=None, eval_interval=1, pictures=0)
+# Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
+# reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
+# make the averaged model usable after a few hundred steps.
+SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=12, warmup_epochs=0.5, weight_decay=1e-2,
+                    model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=[0.6, 1.4],
+                    input_size=[128, 128], bn_momentum=0.1, eval_interval=4, pictures=4)

@@ -1,0 +1,167 @@
+"""train.py and evaluate.py end to end on a tiny generated set (CPU, short)."""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import train
+from datasets.synthetic import generate_synthetic
+
+TINY = dict(seed=5, num_train=8, num_val=4, image_size=64, num_classes=3, min_object=12, max_object=40, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("syn") / "tiny", **TINY)
+
+
+def base_args(tiny, out, *extra):
+    return ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+            "--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
+            "--output", str(out), "--input_size", "128", "-b", "2", "--workers", "0", "--log-interval", "1",
+            "--device", "cpu", "--pictures", "0", "--kernel-backend", "torch", *extra]
+
+
+def events(out, kind):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [e for e in map(json.loads, f) if e["event"] == kind]
+
+
+def test_train_then_evaluate(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--epochs", "1", "--pictures", "2")) == 0
+    tr = events(out, "train")
+    assert len(tr) == 4 and all(torch.isfinite(torch.tensor(e["loss"])) for e in tr)
+    assert {"step", "epoch", "loss", "cls_loss", "box_loss", "lr", "img_per_s", "data_time"} <= set(tr[0])
+    ev = events(out, "eval")
+    assert len(ev) == 1 and 0.0 <= ev[0]["AP"] <= 1.0 and "per_class" in ev[0]
+    for f in ("last.pth", "best.pth", "loss_curve.png", "log.jsonl"):
+        assert (out / f).stat().st_size > 0, f
+    assert len(list((out / "pictures").glob("*.png"))) == 2
+    # evaluate.py on the checkpoint: detections file, table, json line, pictures
+    assert evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
+                          "--checkpoint", str(out / "last.pth"), "--use-ema", "--output", str(out),
+                          "--workers", "0", "--device", "cpu", "--visualize", "1"]) == 0
+    dets = json.load(open(out / "detections.json"))
+    assert dets and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+    line = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
+    assert "AP" in line and line["img_per_s"] > 0
+    # --detections scores that file without a model, with the same numbers
+    assert evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--detections", str(out / "detections.json"),
+                          "--output", str(out)]) == 0
+    again = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
+    assert again["AP"] == line["AP"] and again["AP50"] == line["AP50"]
+
+
+def test_evaluate_stats_equal_pycocotools(tiny, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = json.load(open(tiny["val"]["ann_file"]))
+    g = torch.Generator().manual_seed(0)
+    dets = []
+    for a in gt["annotations"]:  # jittered true boxes plus some junk
+        x, y, w, h = a["bbox"]
+        j = (torch.rand(4, generator=g) - 0.5) * 6
+        dets.append({"image_id": a["image_id"], "category_id": a["category_id"],
+                     "bbox": [x + j[0].item(), y + j[1].item(), w + j[2].item(), h + j[3].item()],
+                     "score": float(torch.rand(1, generator=g))})
+        dets.append({"image_id": a["image_id"], "category_id": gt["categories"][0]["id"],
+                     "bbox": [1.0, 2.0, 10.0, 12.0], "score": 0.3})
+    path = tmp_path / "dets.json"
+    json.dump(dets, open(path, "w"))
+    assert evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--detections", str(path),
+                          "--output", str(tmp_path)]) == 0
+    ours = [json.loads(l) for l in open(tmp_path / "eval.jsonl")][-1]
+    coco = COCO(tiny["val"]["ann_file"])
+    e = COCOeval(coco, coco.loadRes(str(path)), "bbox")
+    e.evaluate(), e.accumulate(), e.summarize()
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    assert [round(ours[n], 10) for n in names] == [round(float(v), 10) for v in e.stats]
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(base_args(tiny, a, *common))
+    train.main(base_args(tiny, b, *common, "--stop-after", "1"))
+    first = torch.load(b / "last.pth", weights_only=True)
+    assert first["epoch"] == 0
+    train.main(base_args(tiny, b, *common, "--resume"))
+    sa = torch.load(a / "last.pth", weights_only=True)
+    sb = torch.load(b / "last.pth", weights_only=True)
+    assert sa["epoch"] == sb["epoch"] == 1 and sa["step"] == sb["step"]
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    for k, v in sa["ema"]["module"].items():
+        assert torch.equal(v, sb["ema"]["module"][k]), k
+
+
+def test_nproc2_gives_the_loss_of_one_process(tiny, tmp_path):
+    common = ["--epochs", "1", "--drop-path", "0", "--eval-interval", "9", "--sync-bn", "--no-model-ema"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(base_args(tiny, one, *common, "-b", "4"))
+    train.main(base_args(tiny, two, *common, "-b", "2", "--nproc", "2"))
+    l1 = [e["loss"] for e in events(one, "train")]
+    l2 = [e["loss"] for e in events(two, "train")]
+    assert len(l1) == len(l2) == 2
+    assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+
+
+def test_nan_losses_are_skipped_then_stop(tiny, tmp_path, monkeypatch):
+    from detector import engine
+
+    real = engine.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        res = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:
+            res["loss"] = res["loss"] * float("nan")
+        return res
+
+    monkeypatch.setattr(engine, "compute_loss", flaky)
+    out = tmp_path / "nan"
+    with pytest.raises(engine.NonFiniteLoss, match="3 steps in a row"):
+        train.main(base_args(tiny, out, "--epochs", "3", "--max-nonfinite-steps", "3"))
+    skipped = events(out, "nonfinite_loss")
+    assert [e["skipped_total"] for e in skipped] == [1, 2, 3, 4]
+    assert len(events(out, "train")) == 2  # steps 1 and 3 trained
+
+
+def test_effdet_checkpoint_loads_into_evaluate(tiny, tmp_path):
+    effdet = pytest.importorskip("effdet", reason="effdet (optional peer) not installed")
+    m = effdet.create_model("efficientdet_d0", pretrained=False, pretrained_backbone=False,
+                            image_size=(128, 128), num_classes=3)
+    path = tmp_path / "effdet_d0.pth"
+    torch.save(m.state_dict(), path)
+    assert evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
+                          "--checkpoint", str(path), "--model", "efficientdet_d0", "--input_size", "128",
+                          "--output", str(tmp_path), "--workers", "0", "--device", "cpu", "--inference"]) == 0
+    assert os.path.exists(tmp_path / "detections.json")
+
+
+def test_evaluate_refuses_checkpoint_of_another_model(tiny, tmp_path):
+    from detector import create_model
+    from detector.checkpoint import CheckpointError
+
+    path = tmp_path / "d1.pth"
+    torch.save(create_model("efficientdet_d1", num_classes=3, image_size=128).state_dict(), path)
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
+                       "--checkpoint", str(path), "--model", "efficientdet_d0", "--input_size", "128",
+                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu"])
+
+
+def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
+    ann = json.load(open(tiny["val"]["ann_file"]))
+    ann["images"], ann["annotations"] = [], []
+    path = tmp_path / "empty.json"
+    json.dump(ann, open(path, "w"))
+    args = base_args(tiny, tmp_path / "o", "--epochs", "1")
+    args[args.index("--val-ann") + 1] = str(path)
+    with pytest.raises(ValueError, match="empty.json"):
+        train.main(args)
