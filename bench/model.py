@@ -1,0 +1,426 @@
+"""Whole-model benchmark: our EfficientDet against effdet's on the same machine, in the same run.
+
+    python bench/model.py [--model efficientdet_d0] [--device cpu|cuda] [--precision fp32|fp16|bf16]
+                          [--memory-format nchw|nhwc] [--peer-memory-format same|nchw|nhwc]
+                          [--backend auto|torch|triton] [--infer-batch 1,8] [--infer-size 512]
+                          [--train-batch 8] [--train-size 256] [--warmup N] [--iters N] [--threads N]
+                          [--no-peer] [--no-train] [--no-infer] [--quick] [--results-dir bench/results]
+
+Workloads, each for ours and for the peer (effdet 0.4.1, when it imports; ``--no-peer`` skips it):
+
+* ``predict``    - model forward + batched post-processing (``detector.predict`` against
+  ``effdet.DetBenchPredict``) under ``torch.inference_mode``, one row per ``--infer-batch`` entry;
+* ``train_step`` - forward, target assignment, loss, backward and an SGD step (``detector.compute_loss``
+  against ``effdet.DetBenchTrain``).
+
+Random normalized images and 1-5 random ground-truth boxes per image (padded with -1 labels). fp16/bf16
+run under AMP autocast (CUDA fp16 training adds a GradScaler; on the CPU only bf16 autocast exists
+here); ``nhwc`` puts models and images in channels-last. Timing: warm-up, then the median, 20th and
+80th percentile of ``--iters`` ``time.perf_counter`` samples (``torch.cuda.synchronize`` around each on
+CUDA), plus the process CPU time of each call (``time.process_time``, summed over threads; on a shared
+machine it is the steadier figure, and the table shows it with its own speedup). Ours and the peer are timed
+*interleaved* (one iteration of each in turn) so that load from
+other processes on a shared machine hits both alike.
+
+Prints a rich table and appends one JSON line per row to ``<results-dir>/model-<device-slug>.jsonl``.
+Defaults reproduce the issue's numbers: D0 on the CPU, inference at batch 1 and 8 at 512 px, one train
+step at 256 px, batch 8. ``--quick`` = tiny shapes (128 px, batch 1 / 2, 1 warm-up, 2 iterations) for
+the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from bench.harness import device_name, device_slug, git_commit, triton_version  # noqa: E402
+
+OURS, PEER = "ours", "effdet"
+QUICK = dict(infer_batch="1", infer_size=128, train_batch=2, train_size=128, warmup=1, iters=2)
+FULL = dict(infer_batch="1,8", infer_size=512, train_batch=8, train_size=256, warmup=2, iters=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="efficientdet_d0")
+    p.add_argument("--num-classes", type=int, default=90)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--memory-format", choices=("nchw", "nhwc"), default="nchw", help="for ours")
+    p.add_argument("--peer-memory-format", choices=("same", "nchw", "nhwc"), default="same",
+                   help="for effdet (default: the same as ours)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="kernel backend of our model (auto: Triton on CUDA, reference on the CPU)")
+    p.add_argument("--infer-batch", default=None, help="comma-separated inference batch sizes (default 1,8)")
+    p.add_argument("--infer-size", type=int, default=None, help="inference image size (default 512)")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch size (default 8)")
+    p.add_argument("--train-size", type=int, default=None, help="training image size (default 256)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-peer", action="store_true", help="skip effdet")
+    p.add_argument("--no-infer", action="store_true", help="skip the predict workload")
+    p.add_argument("--no-train", action="store_true", help="skip the train-step workload")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and 2 iterations (smoke test)")
+    p.add_argument("--results-dir", default=str(REPO_ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.infer_batches = [int(b) for b in str(args.infer_batch).split(",") if b.strip()]
+    if args.peer_memory_format == "same":
+        args.peer_memory_format = args.memory_format
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs, precision, timing
+# --------------------------------------------------------------------------------------------------
+
+
+def memory_format(name: str) -> torch.memory_format:
+    return torch.channels_last if name == "nhwc" else torch.contiguous_format
+
+
+def autocast_context(device: torch.device, precision: str):
+    """AMP autocast for fp16/bf16, a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def random_images(batch: int, size: int, device, fmt: torch.memory_format, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt)
+
+
+def random_targets(batch: int, size: int, num_classes: int, max_boxes: int = 5, seed: int = 0):
+    """``(boxes (B, M, 4) xyxy px, labels (B, M))``: 1..max_boxes real boxes per image, the rest -1 padding."""
+    g = torch.Generator().manual_seed(seed + 1)
+    xy = torch.rand(batch, max_boxes, 2, generator=g) * 0.7 * size
+    wh = (0.08 + 0.3 * torch.rand(batch, max_boxes, 2, generator=g)) * size
+    boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=-1)
+    labels = torch.randint(0, num_classes, (batch, max_boxes), generator=g)
+    count = torch.randint(1, max_boxes + 1, (batch, 1), generator=g)
+    pad = torch.arange(max_boxes)[None] >= count
+    labels[pad] = -1
+    boxes[pad] = 0.0
+    return boxes, labels
+
+
+def effdet_target(boxes: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Our xyxy boxes / 0-based labels -> effdet's ``{"bbox": yxyx, "cls": 1-based, -1 padding}``."""
+    return {"bbox": boxes[..., [1, 0, 3, 2]].contiguous(),
+            "cls": torch.where(labels >= 0, labels + 1, labels).float()}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(times_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of a list of milliseconds."""
+    return statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int,
+                     cpu_times: Optional[dict] = None) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Warm every function up, then time them in turn, ``iters`` rounds. Returns (wall ms lists, errors).
+
+    ``cpu_times``, when given, receives the process CPU milliseconds (``time.process_time``, all threads) of
+    each timed call: unlike wall time it hardly moves when other processes load the machine."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, str] = {}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in fns})
+
+    def guarded(name, fn, record):
+        if name in errors:
+            return
+        try:
+            sync()
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            sync()
+            if record:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                if cpu_times is not None:
+                    cpu_times[name].append((time.process_time() - c0) * 1e3)
+        except Exception as err:  # one failing side is a row with an error, not a crash
+            errors[name] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            traceback.print_exc(limit=4, file=sys.stderr)
+
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            guarded(name, fn, record=False)
+    for _ in range(max(1, iters)):
+        for name, fn in fns.items():
+            guarded(name, fn, record=True)
+    return times, errors
+
+
+# --------------------------------------------------------------------------------------------------
+# models and workloads
+# --------------------------------------------------------------------------------------------------
+
+
+def build_ours(args, size: int, device: torch.device):
+    import detector
+
+    torch.manual_seed(args.seed)
+    model = detector.create_model(args.model, num_classes=args.num_classes, image_size=(size, size),
+                                  backend=args.backend)
+    return model.to(device).to(memory_format=memory_format(args.memory_format))
+
+
+def effdet_available() -> Optional[str]:
+    """None when effdet imports, else the reason it does not."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import effdet  # noqa: F401
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def build_peer(args, size: int, device: torch.device):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import effdet
+
+        torch.manual_seed(args.seed)
+        model = effdet.create_model(args.model, pretrained=False, pretrained_backbone=False,
+                                    image_size=(size, size), num_classes=args.num_classes)
+    return model.to(device).to(memory_format=memory_format(args.peer_memory_format))
+
+
+def predict_fns(args, batch: int, size: int, device: torch.device, ours, peer) -> dict:
+    import detector
+
+    fns = {}
+    amp = lambda: autocast_context(device, args.precision)  # noqa: E731
+    if ours is not None:
+        x = random_images(batch, size, device, memory_format(args.memory_format), args.seed)
+        ours.eval()
+
+        def run_ours():
+            with torch.inference_mode(), amp():
+                return detector.predict(ours, x, backend=args.backend)
+        fns[OURS] = run_ours
+    if peer is not None:
+        xp = random_images(batch, size, device, memory_format(args.peer_memory_format), args.seed)
+        peer.eval()
+
+        def run_peer():
+            with torch.inference_mode(), amp():
+                return peer(xp)
+        fns[PEER] = run_peer
+    return fns
+
+
+def _train_step(model_loss: Callable[[], torch.Tensor], opt, scaler) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = model_loss()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
+def train_fns(args, batch: int, size: int, device: torch.device, ours_model, peer_model) -> dict:
+    import detector
+
+    fns = {}
+    amp = lambda: autocast_context(device, args.precision)  # noqa: E731
+    use_scaler = device.type == "cuda" and args.precision == "fp16"
+    boxes, labels = random_targets(batch, size, args.num_classes, seed=args.seed)
+    boxes, labels = boxes.to(device), labels.to(device)
+    if ours_model is not None:
+        x = random_images(batch, size, device, memory_format(args.memory_format), args.seed)
+        ours_model.train()
+        opt = torch.optim.SGD(ours_model.parameters(), lr=1e-3, momentum=0.9)
+        scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+        def loss_ours():
+            with amp():
+                return detector.compute_loss(ours_model, x, boxes, labels, backend=args.backend)["loss"]
+        fns[OURS] = lambda: _train_step(loss_ours, opt, scaler)
+    if peer_model is not None:
+        import effdet
+
+        bench = effdet.DetBenchTrain(peer_model).to(device).train()
+        xp = random_images(batch, size, device, memory_format(args.peer_memory_format), args.seed)
+        target = {k: v.to(device) for k, v in effdet_target(boxes, labels).items()}
+        opt_p = torch.optim.SGD(peer_model.parameters(), lr=1e-3, momentum=0.9)
+        scaler_p = torch.amp.GradScaler("cuda") if use_scaler else None
+
+        def loss_peer():
+            with amp():
+                return bench(xp, target)["loss"]
+        fns[PEER] = lambda: _train_step(loss_peer, opt_p, scaler_p)
+    return fns
+
+
+# --------------------------------------------------------------------------------------------------
+# rows, table, results
+# --------------------------------------------------------------------------------------------------
+
+
+def make_rows(workload: str, batch: int, size: int, times: dict, errors: dict, impls: list[str],
+              cpu_times: Optional[dict] = None) -> list[dict]:
+    rows = []
+    for impl in impls:
+        row = {"workload": workload, "impl": impl, "batch": batch, "size": size, "median_ms": None,
+               "p20_ms": None, "p80_ms": None, "img_per_s": None, "speedup_vs_peer": None, "cpu_median_ms": None,
+               "cpu_speedup_vs_peer": None, "samples": len(times.get(impl, [])), "error": errors.get(impl)}
+        if times.get(impl) and impl not in errors:
+            med, p20, p80 = summarize(times[impl])
+            row.update(median_ms=med, p20_ms=p20, p80_ms=p80, img_per_s=batch / (med * 1e-3))
+            if cpu_times and cpu_times.get(impl):
+                row["cpu_median_ms"] = statistics.median(cpu_times[impl])
+        rows.append(row)
+    by = {r["impl"]: r for r in rows}
+    if OURS in by and PEER in by and by[OURS]["median_ms"] and by[PEER]["median_ms"]:
+        by[OURS]["speedup_vs_peer"] = by[PEER]["median_ms"] / by[OURS]["median_ms"]
+        by[PEER]["speedup_vs_peer"] = 1.0
+        if by[OURS]["cpu_median_ms"] and by[PEER]["cpu_median_ms"]:
+            by[OURS]["cpu_speedup_vs_peer"] = by[PEER]["cpu_median_ms"] / by[OURS]["cpu_median_ms"]
+            by[PEER]["cpu_speedup_vs_peer"] = 1.0
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def header_line(meta: dict) -> str:
+    return (f"{meta['model']} on {meta['device']} | CPU threads {meta['cpu_threads']} | torch {meta['torch']} | "
+            f"triton {meta['triton'] or '-'} | git {meta['git_commit'][:12]} | precision {meta['precision']} | "
+            f"memory format ours {meta['memory_format']} / effdet {meta['peer_memory_format']} | "
+            f"backend {meta['backend']}")
+
+
+def print_table(rows: list[dict], meta: dict, console=None) -> None:
+    title = header_line(meta)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a requirement
+        print(title)
+        for r in rows:
+            print(r)
+        return
+    console = console or Console(width=160)
+    table = Table(title=title, title_justify="left")
+    for col in ("workload", "impl", "batch", "size", "median ms", "p20 ms", "p80 ms", "img/s",
+                "x effdet", "CPU ms", "x effdet (CPU)", "error"):
+        table.add_column(col, justify="left" if col in ("workload", "impl", "error") else "right",
+                         overflow="fold")
+    for r in rows:
+        table.add_row(r["workload"], r["impl"], str(r["batch"]), str(r["size"]), _fmt(r["median_ms"], ".1f"),
+                      _fmt(r["p20_ms"], ".1f"), _fmt(r["p80_ms"], ".1f"), _fmt(r["img_per_s"], ".2f"),
+                      _fmt(r["speedup_vs_peer"], ".2f"), _fmt(r["cpu_median_ms"], ".0f"),
+                      _fmt(r["cpu_speedup_vs_peer"], ".2f"), r["error"] or "")
+    console.print(table)
+
+
+def write_results(rows: list[dict], meta: dict, results_dir) -> Path:
+    out_dir = Path(results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"model-{meta['device_slug']}.jsonl"
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**meta, **r}, default=str) + "\n")
+    return path
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    if device.type == "cpu" and args.precision == "fp16":
+        raise SystemExit("--precision fp16 needs CUDA; on the CPU use bf16 (autocast) or fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peer_reason = "--no-peer" if args.no_peer else effdet_available()
+    with_peer = peer_reason is None
+    if not with_peer:
+        print(f"[bench/model] effdet not measured: {peer_reason}", file=sys.stderr)
+    impls = [OURS] + ([PEER] if with_peer else [])
+
+    meta = {"bench": "model", "model": args.model, "num_classes": args.num_classes, "device": device_name(device),
+            "device_type": device.type, "device_slug": device_slug(device), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "triton": triton_version(), "git_commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "precision": args.precision, "memory_format": args.memory_format,
+            "peer_memory_format": args.peer_memory_format if with_peer else None, "backend": args.backend,
+            "peer": "effdet" if with_peer else None, "warmup": args.warmup, "iters": args.iters,
+            "quick": bool(args.quick), "peer_skipped_reason": None if with_peer else peer_reason}
+    rows: list[dict] = []
+    models: dict[int, tuple] = {}
+
+    def models_for(size):
+        if size not in models:
+            models[size] = (build_ours(args, size, device), build_peer(args, size, device) if with_peer else None)
+        return models[size]
+
+    if not args.no_infer:
+        for batch in args.infer_batches:
+            ours, peer = models_for(args.infer_size)
+            fns = predict_fns(args, batch, args.infer_size, device, ours, peer)
+            cpu = {}
+            times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
+            rows += make_rows("predict", batch, args.infer_size, times, errors, impls, cpu)
+    if not args.no_train:
+        ours, peer = models_for(args.train_size)
+        fns = train_fns(args, args.train_batch, args.train_size, device, ours, peer)
+        cpu = {}
+        times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
+        rows += make_rows("train_step", args.train_batch, args.train_size, times, errors, impls, cpu)
+
+    print_table(rows, meta)
+    path = write_results(rows, meta, args.results_dir)
+    print(f"results appended to {path}")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    return 1 if any(r["impl"] == OURS and r["error"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

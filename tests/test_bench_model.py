@@ -1,0 +1,113 @@
+"""``bench/model.py``: the quick whole-model benchmark end to end (subprocess), and its cheap helpers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import model as bm
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _effdet_importable() -> bool:
+    return bm.effdet_available() is None
+
+
+def test_parse_args_quick_and_defaults():
+    full = bm.parse_args([])
+    assert (full.model, full.device, full.precision, full.backend) == ("efficientdet_d0", "cpu", "fp32", "auto")
+    assert (full.infer_batches, full.infer_size, full.train_batch, full.train_size) == ([1, 8], 512, 8, 256)
+    assert full.peer_memory_format == full.memory_format
+    quick = bm.parse_args(["--quick", "--infer-batch", "1,2", "--memory-format", "nhwc",
+                           "--peer-memory-format", "nchw"])
+    assert quick.infer_batches == [1, 2] and quick.infer_size == 128 and quick.iters == 2  # explicit flag wins
+    assert (quick.memory_format, quick.peer_memory_format) == ("nhwc", "nchw")
+
+
+def test_random_targets_and_effdet_format():
+    boxes, labels = bm.random_targets(4, 256, 90, max_boxes=5, seed=3)
+    assert boxes.shape == (4, 5, 4) and labels.shape == (4, 5)
+    real = labels >= 0
+    assert real.any(1).all() and (labels[~real] == -1).all()
+    assert (boxes[real][:, 2:] > boxes[real][:, :2]).all() and boxes.max() <= 256 and boxes.min() >= 0
+    assert (labels[real] < 90).all()
+    t = bm.effdet_target(boxes, labels)
+    torch.testing.assert_close(t["bbox"][..., 0], boxes[..., 1])  # yxyx
+    torch.testing.assert_close(t["bbox"][..., 3], boxes[..., 2])
+    assert (t["cls"][real] == (labels[real] + 1).float()).all() and (t["cls"][~real] == -1).all()
+
+
+def test_summarize_and_rows():
+    med, p20, p80 = bm.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (med, p20, p80) == (3.0, 1.8, 4.2)
+    rows = bm.make_rows("predict", 8, 512, {"ours": [100.0, 100.0], "effdet": [300.0]}, {}, ["ours", "effdet"])
+    ours = rows[0]
+    assert ours["impl"] == "ours" and ours["img_per_s"] == pytest.approx(80.0)
+    assert ours["speedup_vs_peer"] == pytest.approx(3.0) and rows[1]["speedup_vs_peer"] == 1.0
+    rows = bm.make_rows("predict", 1, 64, {"ours": [], "effdet": [2.0]}, {"ours": "RuntimeError: x"},
+                        ["ours", "effdet"])
+    assert rows[0]["median_ms"] is None and rows[0]["error"] == "RuntimeError: x"
+    assert rows[0]["speedup_vs_peer"] is None
+
+
+def test_time_interleaved_alternates_and_records_errors():
+    order = []
+
+    def bad():
+        order.append("b")
+        raise RuntimeError("boom")
+    times, errors = bm.time_interleaved({"a": lambda: order.append("a"), "b": bad, "c": lambda: order.append("c")},
+                                        torch.device("cpu"), warmup=1, iters=3)
+    assert order == ["a", "b", "c", "a", "c", "a", "c", "a", "c"]  # warm-ups, then a/c alternate; b stops
+    assert len(times["a"]) == 3 and times["b"] == [] and errors["b"].startswith("RuntimeError: boom")
+
+
+def test_model_quick_subprocess(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the benchmark measures real paths; on the CPU "auto" = the reference
+    env["EFFDET_KERNEL_BACKEND"] = "auto"
+    env["COLUMNS"] = "200"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "model.py"), "--quick", "--results-dir", str(tmp_path)],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    with_peer = _effdet_importable()
+    assert "efficientdet_d0 on" in out and "precision fp32" in out and "backend auto" in out
+    for col in ("workload", "median ms", "p20 ms", "p80 ms", "img/s", "x effdet"):
+        assert col in out, col
+    assert "predict" in out and "train_step" in out and "ours" in out
+    files = list(tmp_path.glob("model-*.jsonl"))
+    assert len(files) == 1 and files[0].name == "model-cpu.jsonl"
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert len(rows) == (4 if with_peer else 2)
+    for r in rows:
+        for key in ("device", "cpu_threads", "torch", "triton", "git_commit", "precision", "memory_format",
+                    "backend", "workload", "impl", "batch", "size", "median_ms", "p20_ms", "p80_ms", "img_per_s"):
+            assert key in r, key
+        assert r["error"] is None, r["error"]
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["img_per_s"] > 0
+        assert r["memory_format"] == "nchw" and r["quick"] is True and r["samples"] == 2
+    assert {(r["workload"], r["batch"], r["size"]) for r in rows} == {("predict", 1, 128), ("train_step", 2, 128)}
+    if with_peer:
+        assert "effdet" in out
+        ours = [r for r in rows if r["impl"] == "ours"]
+        assert all(r["speedup_vs_peer"] > 0 for r in ours)
+
+
+def test_write_results_appends(tmp_path):
+    meta = {"device_slug": "cpu", "device": "CPU x", "git_commit": "abc"}
+    rows = bm.make_rows("predict", 2, 64, {"ours": [10.0]}, {}, ["ours"])
+    p1 = bm.write_results(rows, meta, tmp_path)
+    p2 = bm.write_results(rows, meta, tmp_path)
+    assert p1 == p2 == tmp_path / "model-cpu.jsonl"
+    lines = [json.loads(x) for x in p1.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["device"] == "CPU x" and lines[1]["median_ms"] == 10.0
+    assert lines[0]["img_per_s"] == pytest.approx(200.0)
