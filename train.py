@@ -36,7 +36,7 @@ def parse_args(argv=None):
     m.add_argument("--remove-weights", nargs="*", default=None, help="re-initialize the class head")
     m.add_argument("--freeze-layers", nargs="*", default=None, help="parameter name prefixes to freeze")
     m.add_argument("--drop-path", type=float, default=None, help="backbone stochastic-depth rate (default: config)")
-    m.add_argument("--memory-format", choices=["nchw", "nhwc"], default="nchw")
+    m.add_argument("--memory-format", choices=["nchw", "nhwc"], default=None, help="default: per recipe")
     m.add_argument("--fused-focal-loss", dest="kernel_backend", action="store_const", const="triton",
                    default="auto", help="force the Triton kernels (default: auto = Triton on CUDA)")
     m.add_argument("--kernel-backend", dest="kernel_backend", choices=["auto", "triton", "torch"])

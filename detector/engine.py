@@ -465,10 +465,10 @@ def apply_small_data_recipe(args, num_train: int) -> None:
 
 COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=1.0, weight_decay=4e-5,
                    model_ema=False, model_ema_decay=0.9998, ema_warmup=False, scale_range=[0.1, 2.0],
-                   input_size=None, bn_momentum=None, eval_interval=1, pictures=0)
+                   input_size=None, bn_momentum=None, eval_interval=1, pictures=0, memory_format="nchw")
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
 # reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
 # make the averaged model usable after a few hundred steps.
-SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=12, warmup_epochs=0.5, weight_decay=1e-2,
+SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=[0.6, 1.4],
-                    input_size=[128, 128], bn_momentum=0.1, eval_interval=4, pictures=4)
+                    input_size=[128, 128], bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc")
