@@ -237,12 +237,14 @@ def predict_fns(args, batch: int, size: int, device: torch.device, ours, peer) -
                 return detector.predict(ours, x, backend=args.backend)
         fns[OURS] = run_ours
     if peer is not None:
+        import effdet
+
         xp = random_images(batch, size, device, memory_format(args.peer_memory_format), args.seed)
-        peer.eval()
+        peer_bench = effdet.DetBenchPredict(peer.eval()).eval()  # model + effdet's post-processing
 
         def run_peer():
             with torch.inference_mode(), amp():
-                return peer(xp)
+                return peer_bench(xp)
         fns[PEER] = run_peer
     return fns
 
