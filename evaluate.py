@@ -49,11 +49,14 @@ def main(argv=None):
 
     import datasets as D
     from detector import checkpoint as ckpt
-    from detector import distributed, engine
+    from detector import engine
     from detector.configs import get_config
     from detector.model import EfficientDet
 
     if args.waymo:
+        for flag in ("waymo_val_annotation", "waymo_val"):
+            if not getattr(args, flag):
+                raise SystemExit(f"--waymo needs --{flag.replace('_', '-')} (a path relative to the data root)")
         ann = os.path.join(args.data or ".", args.waymo_val_annotation)
         images = os.path.join(args.data or ".", args.waymo_val)
     elif args.val_ann:
@@ -78,7 +81,8 @@ def main(argv=None):
         jlog.write(event="eval", step=0, epoch=0, detections=args.detections, **stats)
         return 0
 
-    info = distributed.init(args.device)
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    device = torch.device("cuda" if use_cuda else "cpu")
     dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
     path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
                                     if os.path.exists(os.path.join(args.output, f))), None)
@@ -90,21 +94,22 @@ def main(argv=None):
     name = args.model or (cfg or {}).get("name")
     if name is None:
         raise SystemExit(f"{path} does not record its model: pass --model (e.g. tf_efficientdet_d0)")
-    num_classes = args.num_classes or (cfg or {}).get("num_classes") or dataset.num_classes
+    sd, _ = ckpt.extract_state_dict(state)
+    num_classes = args.num_classes or (cfg or {}).get("num_classes") or infer_num_classes(sd, dataset)
     size = args.input_size or (cfg or {}).get("image_size") or get_config(name).image_size
-    overrides = {k: cfg[k] for k in ("bn_momentum", "label_smoothing", "redundant_bias")} if cfg else {}
+    # rebuild exactly what was trained: every recorded config field (BN eps included), size from the flag
+    overrides = {k: v for k, v in (cfg or {}).items() if k not in ("name", "num_classes", "image_size", "extra")}
     model = EfficientDet(get_config(name, num_classes=num_classes, image_size=size, **overrides))
     model.set_backend(args.kernel_backend)
     engine.console.print(f"loaded {ckpt.load(model, state, use_ema=args.use_ema)}")
-    model = model.to(info.device)
+    model = model.to(device)
     if args.memory_format == "nhwc":
         model = model.to(memory_format=torch.channels_last)
     dataset.transform = D.EvalTransform(model.config.image_size)
-    if "label_to_cat_id" in state:  # map our class indices back through the training set's categories
-        dataset.label_to_cat_id = {int(k): v for k, v in state["label_to_cat_id"].items()}
+    dataset.label_to_cat_id = class_to_category(state, num_classes, dataset)
     loader = D.build_loader(dataset, args.batch_size, train=False, workers=args.workers, seed=0)
     results, timing, pictures = engine.run_inference(
-        model, loader, info.device, amp=args.amp, soft_nms=args.use_soft_nms,
+        model, loader, device, amp=args.amp, soft_nms=args.use_soft_nms,
         channels_last=args.memory_format == "nhwc", backend=args.kernel_backend, keep_images=args.visualize)
     out_json = os.path.join(args.output, "detections.json")
     with open(out_json, "w") as f:
@@ -114,13 +119,43 @@ def main(argv=None):
     if args.visualize:
         paths = engine.save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         engine.console.print(f"{len(paths)} pictures in {os.path.join(args.output, 'pictures')}")
-    event = dict(event="eval", step=0, epoch=0, checkpoint=path, detections=out_json, **timing)
+    event = dict(event="eval", step=0, epoch=0, checkpoint=path, detections=out_json,
+                 **{k: v for k, v in timing.items() if k != "image_ids"})
     if not args.inference:
-        stats = D.evaluate_detections(gt, results, iou_by_class=iou_by_class)
+        stats = D.evaluate_detections(gt, results, iou_by_class=iou_by_class, image_ids=timing["image_ids"])
         engine.console.print(engine.stats_table(stats, f"{os.path.basename(path)} on {len(dataset)} images"))
         event.update(stats)
     jlog.write(**event)
     return 0
+
+
+def infer_num_classes(sd: dict, dataset) -> int:
+    """Class count of a checkpoint that does not record it (effdet's, NVIDIA's): from its class head."""
+    from detector import checkpoint as ckpt
+
+    head = ckpt.head_classes(sd)
+    if head is None:
+        return dataset.num_classes
+    if ckpt.is_nvidia(sd):  # NVIDIA pads to a multiple of 8: the real count is the data's, if it fits
+        for c in (max(dataset.cat_ids), dataset.num_classes):
+            if ckpt.nvidia_padded(c) == head:
+                return c
+        raise SystemExit(f"the NVIDIA checkpoint's class head has {head} (padded) classes; pass --num_classes")
+    return head
+
+
+def class_to_category(state: dict, num_classes: int, dataset) -> dict:
+    """Class index -> category id. Ours record it; for others: contiguous over the data's categories when
+    the counts agree, else the TF/effdet COCO convention (class i is category id i + 1)."""
+    if "label_to_cat_id" in state:
+        return {int(k): v for k, v in state["label_to_cat_id"].items()}
+    if num_classes == dataset.num_classes:
+        return dict(dataset.label_to_cat_id)
+    if num_classes >= max(dataset.cat_ids):
+        known = set(dataset.cat_ids)
+        return {i: i + 1 for i in range(num_classes) if i + 1 in known}
+    raise SystemExit(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
+                     f"with ids up to {max(dataset.cat_ids)}: no mapping between them is known")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def load_coco_json(ann_file) -> dict:
             raise ValueError(f"{ann_file}: field {key!r} must be a list, got {type(data[key]).__name__}")
     if not data["images"]:
         raise ValueError(f"{ann_file}: the annotation file contains no images ('images' is empty)")
+    if not data["categories"]:
+        raise ValueError(f"{ann_file}: the annotation file defines no categories ('categories' is empty)")
     for kind, key, fields in (("image", "images", _REQUIRED_IMAGE), ("annotation", "annotations", _REQUIRED_ANN),
                               ("category", "categories", _REQUIRED_CAT)):
         for i, entry in enumerate(data[key]):

@@ -125,14 +125,21 @@ def to_coco_results(boxes, scores, labels, image_ids, scales, label_to_cat_id, o
     if orig_sizes is not None:
         hw = np_(orig_sizes).astype(np.float64).reshape(b, 2)
         boxes = np.clip(boxes, 0, np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)[:, None, :])
-    lut = label_to_cat_id
+    lut = label_to_cat_id if isinstance(label_to_cat_id, dict) else dict(enumerate(label_to_cat_id))
     bi, ki = np.nonzero(labels.reshape(b, -1) >= 0)
-    out = []
+    out, unmapped = [], 0
     for i, k in zip(bi.tolist(), ki.tolist()):
+        cat = lut.get(int(labels[i, k]))
+        if cat is None:  # a class the ground truth has no category for: it cannot match anything
+            unmapped += 1
+            continue
         x1, y1, x2, y2 = boxes[i, k].tolist()
-        out.append({"image_id": int(image_ids[i]), "category_id": int(lut[int(labels[i, k])]),
+        out.append({"image_id": int(image_ids[i]), "category_id": int(cat),
                     "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
                     "score": round(float(scores[i, k]), 5)})
+    if unmapped:
+        log.warning("to_coco_results: %d detections of classes without a category id were left out "
+                    "(classes known: %d)", unmapped, len(lut))
     return out
 
 

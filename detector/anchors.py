@@ -35,22 +35,19 @@ def _anchors(image_size, min_level, max_level, num_scales, aspect_ratios, anchor
 
 
 def anchors_for(cfg: ModelConfig, image_size=None, device=None) -> torch.Tensor:
-    """``(N, 4)`` xyxy anchors for ``cfg`` at ``image_size`` (default ``cfg.image_size``); cached per size."""
-    size = tuple(image_size or cfg.image_size)
-    a = _anchors(size, cfg.min_level, cfg.max_level, cfg.num_scales, tuple(cfg.aspect_ratios), cfg.anchor_scale)
-    return a if device is None else _on_device(a, torch.device(device))
-
-
-_device_cache: dict = {}
-
-
-def _on_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
+    """``(N, 4)`` xyxy anchors for ``cfg`` at ``image_size`` (default ``cfg.image_size``); cached per size
+    and device."""
+    size = tuple(int(v) for v in (image_size or cfg.image_size))
+    key = (size, cfg.min_level, cfg.max_level, cfg.num_scales, tuple(cfg.aspect_ratios), cfg.anchor_scale)
+    a = _anchors(*key)
+    if device is None or torch.device(device).type == "cpu":
         return a
-    key = (id(a), str(device))
-    if key not in _device_cache:
-        _device_cache[key] = a.to(device)
-    return _device_cache[key]
+    return _on_device(key, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _on_device(key, device: str) -> torch.Tensor:
+    return _anchors(*key).to(device)
 
 
 def anchors_per_level(cfg: ModelConfig, image_size=None) -> list[int]:

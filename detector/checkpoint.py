@@ -118,18 +118,33 @@ def _nvidia_backbone(sd: dict, backbone: EfficientNetFeatures) -> dict:
     return out
 
 
+def head_classes(sd: dict, num_anchors: int = 9) -> int | None:
+    """Number of classes the class head of a state dict predicts (padding included)."""
+    b = sd.get("class_net.predict.conv_pw.bias")
+    return None if b is None else b.shape[0] // num_anchors
+
+
+def is_nvidia(sd: dict) -> bool:
+    return any(k.startswith(("backbone.mbconv_blocks.", "backbone.input_conv.")) for k in sd)
+
+
+def nvidia_padded(num_classes: int) -> int:
+    return (num_classes + 7) // 8 * 8
+
+
 def _unpad_class_head(sd: dict, model: EfficientDet) -> dict:
     """NVIDIA pads the class count to a multiple of 8: keep the first C classes of every anchor."""
     a, c = model.config.num_anchors, model.config.num_classes
     for leaf in ("weight", "bias"):
         k = f"class_net.predict.conv_pw.{leaf}"
-        if k in sd and sd[k].shape[0] != a * c and sd[k].shape[0] % a == 0 and sd[k].shape[0] // a > c:
+        if k in sd and sd[k].shape[0] == a * nvidia_padded(c) != a * c:
             padded = sd[k].shape[0] // a
             sd[k] = sd[k].reshape(a, padded, *sd[k].shape[1:])[:, :c].reshape(a * c, *sd[k].shape[1:])
     return sd
 
 
-def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: bool = False) -> str:
+def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: bool = False,
+         remove: list[str] | None = None) -> str:
     """Load ``source`` (a path or an already read dict) into ``model`` and return a description.
 
     ``reset_class_head=True`` (``--remove-weights``, or a class-count change) keeps the class head freshly
@@ -139,16 +154,23 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
     obj = read(source) if isinstance(source, (str, os.PathLike)) else source
     where = source if isinstance(source, (str, os.PathLike)) else "checkpoint"
     sd, layout = extract_state_dict(obj, use_ema)
-    if any(k.startswith("backbone.mbconv_blocks.") or k.startswith("backbone.input_conv.") for k in sd):
-        sd = _nvidia_backbone(sd, model.backbone)
-        layout += ", NVIDIA backbone names converted"
+    if use_ema and "EMA" not in layout and "ema" not in layout:
+        raise CheckpointError(f"{where} holds no EMA weights ({layout}); drop --use-ema to load the model weights")
+    if is_nvidia(sd):
+        sd = _unpad_class_head(_nvidia_backbone(sd, model.backbone), model)
+        layout += ", NVIDIA backbone names and class padding converted"
         for m in model.backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eps = 1e-3  # NVIDIA's backbone BN epsilon
         model.config.backbone_bn_eps = 1e-3
-    sd = _unpad_class_head(dict(sd), model)
     own = model.state_dict()
     head_keys = {k for k in own if k.startswith("class_net.predict.")}
+    if remove:  # --remove-weights PREFIX ...: those layers keep their fresh initialization
+        removed = {k for k in own if k.startswith(tuple(remove))}
+        if not removed:
+            raise CheckpointError(f"--remove-weights {remove} matches no parameter of {model.config.name}")
+        head_keys |= removed
+        reset_class_head = True
     ckpt_head_mismatch = any(k in sd and sd[k].shape != own[k].shape for k in head_keys)
     if reset_class_head:
         sd = {k: v for k, v in sd.items() if k not in head_keys}

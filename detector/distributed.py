@@ -39,12 +39,19 @@ def _env_int(*names, default=None):
 
 def init(device: str = "auto") -> DistInfo:
     """Read the environment, pick the device and join the process group when there is more than one."""
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if os.environ.get("WORLD_SIZE"):  # torchrun, or our own --nproc spawn
+        world, rank, local = _env_int("WORLD_SIZE"), _env_int("RANK", default=0), _env_int("LOCAL_RANK", default=0)
+    elif os.environ.get("SLURM_STEP_NUM_TASKS"):  # a task of `srun` (not a plain command in an salloc shell)
+        world = _env_int("SLURM_STEP_NUM_TASKS")
+        rank, local = _env_int("SLURM_PROCID", default=0), _env_int("SLURM_LOCALID", default=0)
+    else:
+        world, rank, local = 1, 0, 0
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
-        dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "
+                               "start at most that many processes per node (--nproc / --nproc-per-node)")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

@@ -38,6 +38,9 @@ console = Console()
 def data_paths(args) -> dict:
     """(ann_file, image_dir) for train and val from the flags; the built-in synthetic set when none given."""
     if getattr(args, "waymo", False):
+        for flag in ("waymo_train_annotation", "waymo_train", "waymo_val_annotation", "waymo_val"):
+            if not getattr(args, flag):
+                raise ValueError(f"--waymo needs --{flag.replace('_', '-')} (a path relative to the data root)")
         root = args.data or "."
         return {"train": (os.path.join(root, args.waymo_train_annotation), os.path.join(root, args.waymo_train)),
                 "val": (os.path.join(root, args.waymo_val_annotation), os.path.join(root, args.waymo_val))}
@@ -74,6 +77,10 @@ def build_model(args, num_classes: int, device) -> EfficientDet:
 
 def _load_backbone(model: EfficientDet, path: str) -> None:
     sd, layout = ckpt.extract_state_dict(ckpt.read(path))
+    sd = {k if k.startswith("backbone.") else f"backbone.{k}": v for k, v in sd.items()}
+    if ckpt.is_nvidia(sd):
+        sd = ckpt._nvidia_backbone(sd, model.backbone)
+        layout += ", NVIDIA names converted"
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
     own = model.backbone.state_dict()
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
@@ -123,8 +130,10 @@ def lr_lambda(args, steps_per_epoch: int):
 
 
 def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+             "numpy_pos": int(np.random.get_state()[2]),
+             "python": {"version": version, "internal": list(internal), "gauss": gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -133,7 +142,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate(eval(state["python"], {"__builtins__": {}}))  # a tuple of ints written by repr
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -182,10 +192,14 @@ def autocast(device: torch.device, amp: str | None):
 @torch.no_grad()
 def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=False, score_threshold=0.001,
                   backend="auto", progress=True, keep_images=0):
-    """Detections of every image in ``loader`` as COCO results (original pixels), plus timing."""
+    """Detections of every image in ``loader`` as COCO results (original pixels), plus timing.
+
+    ``timing["image_ids"]`` lists the images really processed: with ``--skip-bad-images`` a corrupt image is
+    replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
+    """
     model.eval()
     dataset = loader.dataset
-    results, pictures, n_images, t_model = [], [], 0, 0.0
+    results, pictures, n_images, t_model, done = [], [], 0, 0.0, set()
     prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)
     bar = _progress(progress)
     with bar:
@@ -199,14 +213,17 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
             dets = dets.float().cpu()
             t_model += time.perf_counter() - t0
             n_images += dets.shape[0]
-            results += D.to_coco_results(dets[..., :4], dets[..., 4], dets[..., 5].long(), batch["image_id"],
-                                         torch.ones(dets.shape[0]), dataset.label_to_cat_id,
-                                         orig_sizes=batch["orig_size"])
+            ids = batch["image_id"].tolist()
+            fresh = torch.tensor([i not in done and not done.add(i) for i in ids], dtype=torch.bool)
+            results += D.to_coco_results(dets[fresh, :, :4], dets[fresh, :, 4], dets[fresh, :, 5].long(),
+                                         batch["image_id"][fresh], torch.ones(int(fresh.sum())),
+                                         dataset.label_to_cat_id, orig_sizes=batch["orig_size"][fresh])
             if len(pictures) < keep_images:
                 for i in range(min(keep_images - len(pictures), dets.shape[0])):
                     pictures.append((int(batch["image_id"][i]), dets[i].numpy()))
             bar.update(task, advance=1, info=f"{n_images / max(t_model, 1e-9):.1f} img/s")
-    return results, {"images": n_images, "seconds": t_model, "img_per_s": n_images / max(t_model, 1e-9)}, pictures
+    return results, {"images": n_images, "seconds": t_model, "img_per_s": n_images / max(t_model, 1e-9),
+                     "image_ids": sorted(done)}, pictures
 
 
 def evaluate_model(model, loader, info: dist.DistInfo, args, iou_by_class=None, keep_images=0):
@@ -216,6 +233,7 @@ def evaluate_model(model, loader, info: dist.DistInfo, args, iou_by_class=None, 
         channels_last=args.memory_format == "nhwc", backend=args.kernel_backend, progress=info.is_main,
         keep_images=keep_images)
     gathered = dist.all_gather_objects(results)
+    image_ids = sorted({i for part in dist.all_gather_objects(timing["image_ids"]) for i in part})
     seen, merged = set(), []
     for part in gathered:  # a distributed sampler may repeat a few images to even out the shards
         for r in part:
@@ -223,7 +241,7 @@ def evaluate_model(model, loader, info: dist.DistInfo, args, iou_by_class=None, 
             if key not in seen:
                 seen.add(key)
                 merged.append(r)
-    stats = D.evaluate_detections(loader.dataset.coco.dataset, merged, iou_by_class=iou_by_class)
+    stats = D.evaluate_detections(loader.dataset.coco.dataset, merged, iou_by_class=iou_by_class, image_ids=image_ids)
     return stats, merged, timing, pictures
 
 
@@ -261,7 +279,9 @@ def train(args) -> dict | None:
 
 
 def _train(args, info: dist.DistInfo):
-    seed_everything(args.seed + info.rank)
+    if args.log_interval < 1:
+        raise ValueError(f"--log-interval must be >= 1, got {args.log_interval}")
+    seed_everything(args.seed)  # identical initial weights on every rank; per-rank streams below
     paths = data_paths(args)
     if "train" not in paths:
         raise ValueError("no training data: give --data, --train-ann, or nothing for the built-in synthetic set")
@@ -269,8 +289,13 @@ def _train(args, info: dist.DistInfo):
     val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
     if val_set is not None and len(val_set) == 0:
         raise ValueError(f"{paths['val'][0]}: the validation set is empty")
-    apply_small_data_recipe(args, len(train_set))
+    recipe = apply_small_data_recipe(args, len(train_set))
+    if info.is_main:
+        console.print(f"recipe: {recipe} ({len(train_set)} training images); flags you gave take precedence")
     num_classes = args.num_classes or train_set.num_classes
+    if num_classes < train_set.num_classes:
+        raise ValueError(f"--num_classes {num_classes} is smaller than the {train_set.num_classes} categories of "
+                         f"{paths['train'][0]}; every class index must have a logit")
     model = build_model(args, num_classes, info.device)
     size = model.config.image_size
     train_set.transform = D.TrainTransform(size, seed=args.seed, scale_range=tuple(args.scale_range))
@@ -287,7 +312,8 @@ def _train(args, info: dist.DistInfo):
     if args.pretrained_backbone_path:
         _load_backbone(model, args.pretrained_backbone_path)
     if args.initial_checkpoint:
-        msg = ckpt.load(model, args.initial_checkpoint, reset_class_head=args.remove_weights is not None)
+        msg = ckpt.load(model, args.initial_checkpoint, reset_class_head=args.remove_weights is not None,
+                        remove=args.remove_weights or None)
         console.print(f"initial checkpoint: {msg}") if info.is_main else None
     for prefix in args.freeze_layers or []:
         hits = [p for n, p in model.named_parameters() if n.startswith(prefix)]
@@ -299,12 +325,13 @@ def _train(args, info: dist.DistInfo):
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and info.distributed:
         model = convert_sync_batchnorm(model)
-    ema = ModelEma(model, decay=args.model_ema_decay, warmup=args.ema_warmup,
-                   backend=args.kernel_backend) if args.model_ema else None
     net = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    ema = ModelEma(model, decay=args.model_ema_decay, warmup=args.ema_warmup,
+                   backend=args.kernel_backend) if args.model_ema else None  # after DDP's broadcast
+    seed_everything(args.seed + info.rank)
     train_loader = D.build_loader(train_set, args.batch_size, train=True, workers=args.workers, seed=args.seed,
                                   distributed=info.distributed)
     val_loader = (D.build_loader(val_set, args.batch_size * args.validation_batch_size_multiplier, train=False,
@@ -331,10 +358,17 @@ def _train(args, info: dist.DistInfo):
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
+        if args.no_resume_opt:
+            _seek_scheduler(scheduler, step)
         set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
         console.print(f"resumed from {path} at epoch {start_epoch}") if info.is_main else None
 
+    if args.start_epoch and not args.resume:
+        step = args.start_epoch * steps_per_epoch
+        _seek_scheduler(scheduler, step)
     history, stats, nonfinite_total, nonfinite_run = [], None, 0, 0
+    bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
     world = info.world_size
     normalizer_fn = dist.all_reduce_sum if info.distributed else None
     last_epoch = args.epochs if not args.stop_after else min(args.epochs, start_epoch + args.stop_after)
@@ -349,25 +383,34 @@ def _train(args, info: dist.DistInfo):
             task = bar.add_task(f"epoch {epoch}", total=steps_per_epoch, info="")
             for i, batch in enumerate(prefetch):
                 t0 = time.perf_counter()
+                bn_before = [b.clone() for b in bn_buffers]
                 with autocast(info.device, args.amp):
                     res = compute_loss(net, batch["images"], batch["boxes"], batch["labels"],
                                        normalizer_fn=normalizer_fn, backend=args.kernel_backend)
                 loss = res["loss"]
-                total_loss = dist.all_reduce_sum(loss.detach().float())
-                if not torch.isfinite(total_loss):
+                parts = dist.all_reduce_sum(torch.stack([loss.detach(), res["cls_loss"].detach(),
+                                                         res["box_loss"].detach()]).float())
+                total_loss = parts[0]
+                finite = bool(torch.isfinite(total_loss))
+                if finite:
+                    scaler.scale(loss * world).backward()  # DDP averages gradients; the loss is already global
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
+                    # with a GradScaler, inf/NaN gradients are its business (it skips and lowers the scale)
+                    finite = use_scaler or bool(dist.all_reduce_sum(torch.isfinite(norm).float()) == world)
+                if not finite:
                     nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
                     optimizer.zero_grad(set_to_none=True)
+                    with torch.no_grad():  # the forward of a bad step must not leave NaN in BN statistics
+                        for b, saved in zip(bn_buffers, bn_before):
+                            b.copy_(saved)
                     jlog.write(event="nonfinite_loss", step=step, epoch=epoch, skipped_total=nonfinite_total)
                     if nonfinite_run >= args.max_nonfinite_steps:
                         raise NonFiniteLoss(
-                            f"the loss was NaN/inf in {nonfinite_run} steps in a row (epoch {epoch}, step {step}); "
-                            f"stopping. Lower --lr, raise --warmup-epochs, or check the data.")
+                            f"the loss or its gradient was NaN/inf in {nonfinite_run} steps in a row (epoch {epoch}, "
+                            f"step {step}); stopping. Lower --lr, raise --warmup-epochs, or check the data.")
                     continue
                 nonfinite_run = 0
-                scaler.scale(loss * world).backward()  # DDP averages gradients; the loss is already global
-                scaler.unscale_(optimizer)
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -378,12 +421,14 @@ def _train(args, info: dist.DistInfo):
                 seen += batch["images"].shape[0] * world
                 dt = time.perf_counter() - t0
                 if args.benchmark:
-                    bench_times.append((dt, batch["images"].shape[0] * world))
+                    if info.device.type == "cuda":
+                        torch.cuda.synchronize(info.device)
+                    bench_times.append((time.perf_counter(), batch["images"].shape[0] * world))
                 if info.is_main and (step % args.log_interval == 0 or i == steps_per_epoch - 1):
                     lr = optimizer.param_groups[0]["lr"]
                     ips = seen / (time.perf_counter() - t_epoch)
-                    event = dict(event="train", step=step, epoch=epoch, loss=total_loss.item(),
-                                 cls_loss=res["cls_loss"].item(), box_loss=res["box_loss"].item(),
+                    event = dict(event="train", step=step, epoch=epoch, loss=parts[0].item(),
+                                 cls_loss=parts[1].item(), box_loss=parts[2].item(),
                                  lr=lr, img_per_s=ips, data_time=batch["data_time"], step_time=dt)
                     jlog.write(**event)
                     history.append(event)
@@ -411,12 +456,13 @@ def _train(args, info: dist.DistInfo):
                      "config": model.config.to_dict(), "class_names": train_set.class_names,
                      "label_to_cat_id": train_set.label_to_cat_id}
         rngs = dist.all_gather_objects(rng_state())
+        improved = eval_now and stats is not None and stats["AP"] > best
+        best = stats["AP"] if improved else best
         if info.is_main:
             state["rng"] = rngs if info.distributed else rngs[0]
+            state["best"] = best
             ckpt.save(state, os.path.join(out, "last.pth"))
-            if stats is not None and eval_now and stats["AP"] > best:
-                best = stats["AP"]
-                state["best"] = best
+            if improved:
                 ckpt.save(state, os.path.join(out, "best.pth"))
             if args.save_checkpoint_interval and (epoch + 1) % args.save_checkpoint_interval == 0:
                 ckpt.save(state, os.path.join(out, f"checkpoint_{epoch:03d}.pth"))
@@ -437,9 +483,19 @@ def _train(args, info: dist.DistInfo):
     return stats
 
 
+def _seek_scheduler(scheduler, step: int) -> None:
+    """Put a fresh per-step scheduler at ``step`` (a restart without its saved state)."""
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+
+
 def _report_benchmark(times, args, jlog, info):
-    warm = min(len(times) - 1, max(1, len(times) // 5))
-    dt = sum(t for t, _ in times[warm:])
+    """``times``: (wall clock after the step, images) per step; img/s over the steps after warm-up, data
+    loading included, as NVIDIA's ``--benchmark`` measures it."""
+    if len(times) < 3:
+        raise ValueError(f"--benchmark needs at least 3 steps, got {len(times)} (raise --benchmark-steps)")
+    warm = max(1, len(times) // 5)
+    dt = times[-1][0] - times[warm - 1][0]
     n = sum(b for _, b in times[warm:])
     ips = n / max(dt, 1e-9)
     if info.is_main:
@@ -452,15 +508,18 @@ def _report_benchmark(times, args, jlog, info):
 SMALL_DATA_IMAGES = 5000
 
 
-def apply_small_data_recipe(args, num_train: int) -> None:
+def apply_small_data_recipe(args, num_train: int) -> str:
     """Defaults for flags the user did not set: NVIDIA's COCO recipe, or a small-data recipe that learns
-    from scratch in minutes when the training set has fewer than ``SMALL_DATA_IMAGES`` images."""
-    small = num_train < SMALL_DATA_IMAGES
+    from scratch in minutes when the training set has fewer than ``SMALL_DATA_IMAGES`` images and training
+    starts from scratch (fine-tuning from a checkpoint keeps NVIDIA's recipe and the model's image size)."""
+    from_scratch = not (args.initial_checkpoint or args.pretrained_backbone_path)
+    small = num_train < SMALL_DATA_IMAGES and from_scratch
     args.small_data_recipe = small
     recipe = SMALL_RECIPE if small else COCO_RECIPE
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    return "small-data recipe (detector/engine.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
 
 
 COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=1.0, weight_decay=4e-5,

@@ -101,11 +101,17 @@ class _SyncBatchNormMixin:
         if not self.training:
             y = nn.BatchNorm2d.forward(self, x)
         else:
-            from torch.distributed.nn.functional import all_reduce
+            import warnings
+
+            with warnings.catch_warnings():  # the differentiable all-reduce is marked deprecated, not replaced
+                warnings.simplefilter("ignore", FutureWarning)
+                from torch.distributed.nn.functional import all_reduce
 
             xf = x.float()
             count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
-            stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
             c = x.shape[1]
             n = stats[-1]
             mean = stats[:c] / n

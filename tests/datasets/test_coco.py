@@ -210,3 +210,9 @@ def test_getitem_accepts_index_epoch_pairs(tmp_path):
     assert seen == [(1, 0), (0, 5), (1, 3)]
     with pytest.raises(IndexError):
         ds[2]
+
+
+def test_no_categories_is_a_clear_error(tmp_path):
+    ann, img = make_coco(tmp_path, categories=[], annotations=[])
+    with pytest.raises(ValueError, match="no categories"):
+        CocoDetection(ann, img)
