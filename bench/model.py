@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-format", choices=("nchw", "nhwc"), default="nchw", help="for ours")
     p.add_argument("--peer-memory-format", choices=("same", "nchw", "nhwc"), default="same",
                    help="for effdet (default: the same as ours)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="predict with the unfused training model (default: BN folded, detector.fuse)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="kernel backend of our model (auto: Triton on CUDA, reference on the CPU)")
     p.add_argument("--infer-batch", default=None, help="comma-separated inference batch sizes (default 1,8)")
@@ -231,6 +233,10 @@ def predict_fns(args, batch: int, size: int, device: torch.device, ours, peer) -
     if ours is not None:
         x = random_images(batch, size, device, memory_format(args.memory_format), args.seed)
         ours.eval()
+        if not args.no_fuse:  # our inference path: BN folded into the convs (detector.fuse)
+            from detector.fuse import fuse_for_inference
+
+            ours = fuse_for_inference(ours)
 
         def run_ours():
             with torch.inference_mode(), amp():
@@ -331,7 +337,7 @@ def header_line(meta: dict) -> str:
     return (f"{meta['model']} on {meta['device']} | CPU threads {meta['cpu_threads']} | torch {meta['torch']} | "
             f"triton {meta['triton'] or '-'} | git {meta['git_commit'][:12]} | precision {meta['precision']} | "
             f"memory format ours {meta['memory_format']} / effdet {meta['peer_memory_format']} | "
-            f"backend {meta['backend']}")
+            f"backend {meta['backend']} | ours predict: {'BN folded' if meta.get('ours_bn_folded') else 'unfused'}")
 
 
 def print_table(rows: list[dict], meta: dict, console=None) -> None:
@@ -387,7 +393,7 @@ def run(args) -> list[dict]:
             "torch": torch.__version__, "triton": triton_version(), "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "precision": args.precision, "memory_format": args.memory_format,
-            "peer_memory_format": args.peer_memory_format if with_peer else None, "backend": args.backend,
+            "peer_memory_format": args.peer_memory_format if with_peer else None, "backend": args.backend, "ours_bn_folded": not args.no_fuse,
             "peer": "effdet" if with_peer else None, "warmup": args.warmup, "iters": args.iters,
             "quick": bool(args.quick), "peer_skipped_reason": None if with_peer else peer_reason}
     rows: list[dict] = []

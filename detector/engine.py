@@ -27,6 +27,7 @@ from .configs import get_config
 from .ema import ModelEma
 from .model import EfficientDet
 from .pipeline import compute_loss, predict
+from .fuse import fuse_for_inference
 from .layers import convert_sync_batchnorm
 from .visualize import draw_detections, plot_curve
 
@@ -197,7 +198,7 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
     ``timing["image_ids"]`` lists the images really processed: with ``--skip-bad-images`` a corrupt image is
     replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
     """
-    model.eval()
+    model = fuse_for_inference(model)  # an eval-mode copy with BN folded into the convs
     dataset = loader.dataset
     results, pictures, n_images, t_model, done = [], [], 0, 0.0, set()
     prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)
