@@ -17,11 +17,9 @@ import functools
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -513,28 +511,11 @@ def shares_chart(shares_by_backend: dict, out_png) -> Path:
 def time_kernel(fn: Callable[[], object], device, reps: int = 10, warmup: int = 2) -> dict:
     """``{"median_ms", "p20_ms", "p80_ms", "method"}``: ``triton.testing.do_bench`` on CUDA, ``perf_counter``
     medians on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        import triton.testing
+    from bench.harness import time_fn
 
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "method": "triton.testing.do_bench"}
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, reps)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    s = sorted(times)
-
-    def q(p):
-        pos = p * (len(s) - 1)
-        lo = int(pos)
-        hi = min(lo + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8),
-            "method": "time.perf_counter median"}
+    med, p20, p80 = time_fn(fn, device, reps=reps, warmup=warmup)
+    method = "triton.testing.do_bench" if torch.device(device).type == "cuda" else "time.perf_counter median"
+    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "method": method}
 
 
 def focal_loss_inputs(n: int, num_classes: int = 90, device="cpu", seed: int = 0):

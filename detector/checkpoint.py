@@ -171,7 +171,6 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
             raise CheckpointError(f"--remove-weights {remove} matches no parameter of {model.config.name}")
         head_keys |= removed
         reset_class_head = True
-    ckpt_head_mismatch = any(k in sd and sd[k].shape != own[k].shape for k in head_keys)
     if reset_class_head:
         sd = {k: v for k, v in sd.items() if k not in head_keys}
     missing = sorted(set(own) - set(sd) - (head_keys if reset_class_head else set()))

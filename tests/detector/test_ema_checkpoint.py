@@ -1,6 +1,5 @@
 """EMA helper and checkpoint loading: our format, effdet's, NVIDIA's; unsafe and broken files."""
 import os
-import pickle
 
 import pytest
 import torch

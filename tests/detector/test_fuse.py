@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from detector import anchors_for, create_model
+from detector import create_model
 from detector.fuse import fuse_for_inference
 
 from .conftest import randomize_bn

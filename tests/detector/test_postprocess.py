@@ -1,5 +1,4 @@
 """Batched post-processing against effdet's DetBenchPredict, and soft-NMS behaviour."""
-import pytest
 import torch
 
 from detector import anchors_for, create_model
