@@ -157,3 +157,26 @@ def test_to_coco_results_maps_back_and_skips_padding():
         {"image_id": 6, "category_id": 4, "bbox": [20.0, 20.0, 40.0, 40.0], "score": 0.7}]
     clipped = to_coco_results(boxes, scores, labels, [5, 6], [2.0, 0.5], [4, 8], orig_sizes=[[100, 15], [50, 50]])
     assert clipped[0]["bbox"] == [10.0, 20.0, 5.0, 30.0]
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers(tiny_synthetic, monkeypatch):
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval (optional) not installed")
+    import datasets.evaluation as E
+
+    gt = json.load(open(tiny_synthetic["val"]["ann_file"]))
+    rng = np.random.default_rng(0)
+    dets = []
+    for a in gt["annotations"]:
+        x, y, w, h = a["bbox"]
+        j = rng.uniform(-3, 3, 4)
+        dets.append({"image_id": a["image_id"], "category_id": a["category_id"],
+                     "bbox": [x + j[0], y + j[1], w + j[2], h + j[3]], "score": float(rng.random())})
+        dets.append({"image_id": a["image_id"], "category_id": gt["categories"][-1]["id"],
+                     "bbox": [1.0, 1.0, 9.0, 7.0], "score": 0.2})
+    assert E.eval_backend()[0] == "faster_coco_eval"
+    fast = E.evaluate_detections(gt, dets)
+    monkeypatch.setattr(E, "eval_backend", E._pycocotools)
+    slow = E.evaluate_detections(gt, dets)
+    for k in E.STAT_NAMES:
+        assert fast[k] == pytest.approx(slow[k], abs=1e-9), k
+    assert fast["per_class"] == pytest.approx(slow["per_class"], abs=1e-9)
