@@ -276,6 +276,8 @@ def train(args) -> dict | None:
     try:
         return _train(args, info)
     finally:
+        for flag in list(_InterruptFlag.active):
+            flag.restore()
         dist.cleanup()
 
 
@@ -346,7 +348,7 @@ def _train(args, info: dist.DistInfo):
     use_scaler = bool(args.amp) and args.amp != "bf16" and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
-    start_epoch, step, best = args.start_epoch or 0, 0, -1.0
+    start_epoch, step, best, skip_batches = args.start_epoch or 0, 0, -1.0, 0
     if args.resume:
         path = os.path.join(out, "last.pth") if args.resume == "auto" else args.resume
         state = ckpt.read(path)
@@ -359,6 +361,8 @@ def _train(args, info: dist.DistInfo):
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
+        if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first
+            start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
         if args.no_resume_opt:
             _seek_scheduler(scheduler, step)
         set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
@@ -374,15 +378,36 @@ def _train(args, info: dist.DistInfo):
     normalizer_fn = dist.all_reduce_sum if info.distributed else None
     last_epoch = args.epochs if not args.stop_after else min(args.epochs, start_epoch + args.stop_after)
     bench_times = []
+    interrupt = _InterruptFlag()
+
+    def save_state(epoch: int, batch_in_epoch: int | None, improved: bool) -> None:
+        """Everything a run needs to continue exactly (collective: every rank calls it)."""
+        rngs = dist.all_gather_objects(rng_state())
+        if not info.is_main:
+            return
+        state = {"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
+                 "best": best, "rng": rngs if info.distributed else rngs[0],
+                 "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                 "config": model.config.to_dict(), "class_names": train_set.class_names,
+                 "label_to_cat_id": train_set.label_to_cat_id}
+        ckpt.save(state, os.path.join(out, "last.pth"))
+        if improved:
+            ckpt.save(state, os.path.join(out, "best.pth"))
+        if batch_in_epoch is None and args.save_checkpoint_interval and (epoch + 1) % args.save_checkpoint_interval == 0:
+            ckpt.save(state, os.path.join(out, f"checkpoint_{epoch:03d}.pth"))
+
     for epoch in range(start_epoch, last_epoch):
         net.train()
-        train_loader.set_epoch(epoch)
+        skip = skip_batches if epoch == start_epoch else 0
+        train_loader.set_epoch(epoch, skip_batches=skip)
         prefetch = D.DevicePrefetcher(train_loader, info.device, channels_last=args.memory_format == "nhwc")
         bar = _progress(info.is_main)
         t_epoch, seen = time.perf_counter(), 0
         with bar:
-            task = bar.add_task(f"epoch {epoch}", total=steps_per_epoch, info="")
-            for i, batch in enumerate(prefetch):
+            task = bar.add_task(f"epoch {epoch}", total=steps_per_epoch, completed=skip, info="")
+            for i, batch in enumerate(prefetch, start=skip):
                 t0 = time.perf_counter()
                 bn_before = [b.clone() for b in bn_buffers]
                 with autocast(info.device, args.amp):
@@ -390,7 +415,8 @@ def _train(args, info: dist.DistInfo):
                                        normalizer_fn=normalizer_fn, backend=args.kernel_backend)
                 loss = res["loss"]
                 parts = dist.all_reduce_sum(torch.stack([loss.detach(), res["cls_loss"].detach(),
-                                                         res["box_loss"].detach()]).float())
+                                                         res["box_loss"].detach(),
+                                                         loss.new_tensor(float(interrupt.raised))]).float())
                 total_loss = parts[0]
                 finite = bool(torch.isfinite(total_loss))
                 if finite:
@@ -437,6 +463,14 @@ def _train(args, info: dist.DistInfo):
                 bar.update(task, advance=1)
                 if args.benchmark and len(bench_times) >= args.benchmark_steps:
                     break
+                if parts[3] > 0:  # Ctrl-C or SIGTERM on any rank: save after this step, on every rank
+                    save_state(epoch, i + 1, False)
+                    if info.is_main:
+                        console.print(f"[yellow]interrupted at epoch {epoch}, batch {i + 1}/{steps_per_epoch}; "
+                                      f"state saved to {os.path.join(out, 'last.pth')}: continue with --resume[/]")
+                        jlog.write(event="interrupted", step=step, epoch=epoch, batch_in_epoch=i + 1)
+                    interrupt.restore()
+                    return None
         if args.benchmark:
             return _report_benchmark(bench_times, args, jlog, info)
         eval_now = val_loader is not None and epoch + 1 >= args.eval_after and (
@@ -449,25 +483,11 @@ def _train(args, info: dist.DistInfo):
                                                  f"{len(val_set)} val images"))
                 jlog.write(event="eval", step=step, epoch=epoch, **{k: v for k, v in stats.items()},
                            eval_img_per_s=timing["img_per_s"], minutes=(time.perf_counter() - args._t0) / 60)
-        if info.is_main:
-            state = {"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "best": best,
-                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                     "config": model.config.to_dict(), "class_names": train_set.class_names,
-                     "label_to_cat_id": train_set.label_to_cat_id}
-        rngs = dist.all_gather_objects(rng_state())
         improved = eval_now and stats is not None and stats["AP"] > best
         best = stats["AP"] if improved else best
-        if info.is_main:
-            state["rng"] = rngs if info.distributed else rngs[0]
-            state["best"] = best
-            ckpt.save(state, os.path.join(out, "last.pth"))
-            if improved:
-                ckpt.save(state, os.path.join(out, "best.pth"))
-            if args.save_checkpoint_interval and (epoch + 1) % args.save_checkpoint_interval == 0:
-                ckpt.save(state, os.path.join(out, f"checkpoint_{epoch:03d}.pth"))
+        save_state(epoch, None, improved)
         dist.barrier()
+    interrupt.restore()
     if nonfinite_total and info.is_main:
         console.print(f"[yellow]{nonfinite_total} steps with a NaN/inf loss were skipped[/]")
     if info.is_main and history:
@@ -482,6 +502,38 @@ def _train(args, info: dist.DistInfo):
                                       keep_images=args.pictures)
         save_pictures(val_set, pics, os.path.join(out, "pictures"), train_set.class_names)
     return stats
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C / SIGTERM (e.g. a SLURM pre-emption) into a flag checked after each step, so the
+    run saves a resumable checkpoint instead of dying mid-step; a second one interrupts at once."""
+
+    active: list = []
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.raised, self._old = False, {}
+        _InterruptFlag.active.append(self)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            self.restore()
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        if self in _InterruptFlag.active:
+            _InterruptFlag.active.remove(self)
 
 
 def _seek_scheduler(scheduler, step: int) -> None:

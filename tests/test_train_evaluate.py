@@ -229,3 +229,37 @@ def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
     args[args.index("--val-ann") + 1] = str(path)
     with pytest.raises(ValueError, match="empty.json"):
         train.main(args)
+
+
+def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM in the middle of an epoch saves a checkpoint after the current step; --resume then
+    finishes that epoch and the run ends with the weights of an uninterrupted run."""
+    import signal
+
+    from detector import engine
+
+    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(base_args(tiny, a, *common))
+    real, calls = engine.compute_loss, {"n": 0}
+
+    def interrupting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second step of the second epoch (4 steps per epoch)
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "compute_loss", interrupting)
+    train.main(base_args(tiny, b, *common))
+    mid = torch.load(b / "last.pth", weights_only=True)
+    assert (mid["epoch"], mid["batch_in_epoch"], mid["step"]) == (1, 2, 6)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(engine, "compute_loss", real)
+    train.main(base_args(tiny, b, *common, "--resume"))
+    sa = torch.load(a / "last.pth", weights_only=True)
+    sb = torch.load(b / "last.pth", weights_only=True)
+    assert sb["batch_in_epoch"] is None and sa["step"] == sb["step"] == 8
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    for k, v in sa["ema"]["module"].items():
+        assert torch.equal(v, sb["ema"]["module"][k]), k
