@@ -28,12 +28,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 
 def pytest_collection_modifyitems(config, items):
-    if _HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none present); runs automatically on a CUDA machine")
+    run_slow = os.environ.get("EFFDET_RUN_SLOW", "0") not in ("", "0")
+    skip_slow = pytest.mark.skip(reason="slow test: set EFFDET_RUN_SLOW=1 to run it")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (none present); runs automatically on a CUDA machine")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_cuda)
 
 
 @pytest.fixture

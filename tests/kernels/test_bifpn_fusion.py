@@ -16,6 +16,8 @@ except Exception as e:  # pragma: no cover
     FpnCombine = None
     _effdet_error = repr(e)
 
+from .aot import aot_compile
+
 _RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-7}
 _ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-9}
 
@@ -277,3 +279,70 @@ def test_cuda_compile_through_custom_op():
     g2 = torch.autograd.grad(ref.float().sum(), [*xs, ew, dw])
     for k, (a, b) in enumerate(zip(g1, g2)):
         assert_close(f"compiled grad {k}", a, b, torch.float16, 2048)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: compile the kernels for sm_90 with the real Triton compiler.
+# Argument types as the launchers pass them: out/grad/inputs/gx in the input dtype (fp32/fp16/bf16),
+# unused input slots point at the float32 normalized weights, f/gf/partials/weights float32, the
+# "up" row/column tables int32 (else the float32 weights again), sizes/strides/pads int32, scales
+# float. (BLOCK_P, BLOCK_C) are the CUDA values of _blocks(): (32, 64) for C >= 64, (64, 32), (256, 8),
+# (2048, 1). A "down" (mode 2) slot is by far the slowest to compile (81 unrolled window loads), so
+# each forward spec holds at most one.
+# ---------------------------------------------------------------------------------------------
+
+
+def _aot_slots(dtypes):
+    sig = {}
+    for k, dt in enumerate(dtypes):
+        sig.update({f"x{k}": dt, f"s{k}b": "i32", f"s{k}c": "i32", f"s{k}h": "i32", f"s{k}w": "i32", f"h{k}": "i32",
+                    f"w{k}": "i32", f"pt{k}": "i32", f"pl{k}": "i32", f"sh{k}": "fp32", f"sw{k}": "fp32"})
+    return sig
+
+
+def _aot_specs():
+    def fwd(dt, n):
+        return {"out_ptr": dt, "so_b": "i32", "so_c": "i32", "so_h": "i32", "so_w": "i32", "f_ptr": "*fp32",
+                "nw_ptr": "*fp32", "dw_ptr": "*fp32", "C": "i32", "H": "i32", "W": "i32", "tiles_per_img": "i32",
+                **_aot_slots([dt] * n + ["*fp32"] * (3 - n))}
+
+    def bwd(dt, n):
+        return {"g_ptr": dt, "sg_b": "i32", "sg_c": "i32", "sg_h": "i32", "sg_w": "i32", "f_ptr": "*fp32",
+                "gf_ptr": "*fp32", "pnw_ptr": "*fp32", "pdw_ptr": "*fp32", "nw_ptr": "*fp32", "dw_ptr": "*fp32",
+                "C": "i32", "H": "i32", "W": "i32", "tiles_per_img": "i32", **_aot_slots([dt] * n + ["*fp32"] * (3 - n))}
+
+    def inp(dt, table):
+        return {"gx_ptr": dt, "x_ptr": dt, "sb": "i32", "sc": "i32", "sh": "i32", "sw": "i32", "hin": "i32",
+                "win": "i32", "pad_t": "i32", "pad_l": "i32", "gf_ptr": "*fp32", "nw_ptr": "*fp32", "k": "i32",
+                "rows_ptr": table, "cols_ptr": table, "C": "i32", "H": "i32", "W": "i32", "tiles_per_img": "i32"}
+
+    def c(n, m, bp, bc, **kw):
+        return dict(N=n, M0=m[0], M1=m[1], M2=m[2], **kw, BLOCK_P=bp, BLOCK_C=bc)
+
+    # "down" inputs (mode 2) unroll a 3x3 window at each of the 9 taps: those variants take 40-60 s each to
+    # compile on 2 CPU cores, so they form the slow set; the fast set covers every other mode and dtype.
+    fast = [
+        ("_bifpn_fwd_kernel", fwd("*fp32", 2), c(2, (0, 1, 0), 32, 64, SAVE_F=True)),
+        ("_bifpn_fwd_kernel", fwd("*fp16", 3), c(3, (0, 0, 1), 32, 64, SAVE_F=False)),
+        ("_bifpn_bwd_fused_kernel", bwd("*bf16", 2), c(2, (1, 2, 0), 32, 64)),
+        ("_bifpn_bwd_fused_kernel", bwd("*fp32", 3), c(3, (2, 0, 1), 256, 8)),
+        ("_bifpn_bwd_fused_kernel", bwd("*fp16", 3), c(3, (0, 1, 2), 2048, 1)),
+        # backward, kernel 2, once per input: RH/RW = ceil(out/in) + 1 for "up" (3 at 2x), else 1
+        ("_bifpn_bwd_input_kernel", inp("*fp32", "*fp32"), dict(MODE=0, RH=1, RW=1, BLOCK_P=32, BLOCK_C=64)),
+        ("_bifpn_bwd_input_kernel", inp("*bf16", "*i32"), dict(MODE=1, RH=3, RW=3, BLOCK_P=32, BLOCK_C=64)),
+        ("_bifpn_bwd_input_kernel", inp("*fp16", "*i32"), dict(MODE=1, RH=4, RW=2, BLOCK_P=256, BLOCK_C=8))]
+    slow = [
+        ("_bifpn_fwd_kernel", fwd("*fp16", 2), c(2, (2, 0, 0), 256, 8, SAVE_F=False)),
+        ("_bifpn_fwd_kernel", fwd("*bf16", 3), c(3, (1, 2, 0), 2048, 1, SAVE_F=True)),
+        ("_bifpn_fwd_kernel", fwd("*fp32", 3), c(3, (0, 1, 2), 64, 32, SAVE_F=False)),
+        ("_bifpn_bwd_input_kernel", inp("*fp16", "*fp32"), dict(MODE=2, RH=1, RW=1, BLOCK_P=32, BLOCK_C=64))]
+    return fast, slow
+
+
+def test_kernels_compile_for_cuda_without_gpu():
+    aot_compile("kernels.bifpn_fusion", _aot_specs()[0])
+
+
+@pytest.mark.slow
+def test_downsampling_kernels_compile_for_cuda_without_gpu():
+    aot_compile("kernels.bifpn_fusion", _aot_specs()[1])

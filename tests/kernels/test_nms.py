@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from kernels.nms import (_pair_iou, _columns, _threshold_f32, batched_nms, batched_nms_reference,
                          batched_nms_triton)
 
+from .aot import aot_compile
+
 try:
     import torchvision
     from torchvision.ops import boxes as tv_boxes
@@ -311,3 +313,17 @@ def test_cuda_compile_through_custom_op():
     scores, cls = torch.tensor([0.9, 0.8, 0.7], device="cuda"), torch.tensor([0, 0, 0], device="cuda")
     fn = torch.compile(lambda b, s, c: batched_nms(b, s, c, 0.5, backend="triton"), fullgraph=True)
     assert fn(boxes, scores, cls).tolist() == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU code generation without a GPU: compile the kernel for sm_90 with the real Triton compiler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kernels_compile_for_cuda_without_gpu():
+    # batched_nms_triton passes boxes as float32 (fp16 boxes are converted first), the segment starts
+    # and the state as int32, the threshold as a Python float; BLOCK: 64 on CUDA (16 = interpreter default)
+    sig = {"boxes_ptr": "*fp32", "seg_ptr": "*i32", "state_ptr": "*i32", "iou_threshold": "fp32"}
+    aot_compile("kernels.nms", [
+        ("_nms_segments_kernel", sig, {"BLOCK": 64}),
+        ("_nms_segments_kernel", sig, {"BLOCK": 16})])
