@@ -8,21 +8,7 @@ from kernels.decode import (BBOX_XFORM_CLIP, decode_boxes, decode_boxes_referenc
                             decode_topk_reference)
 
 from .aot import aot_compile
-
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
-def assert_close(actual, expected, rtol, atol, what):
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        lines = [f"  at {i}: got {actual[tuple(i)].item():.9g}, expected {expected[tuple(i)].item():.9g}"
-                 for i in idx]
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(rtol {rtol}, atol {atol}); first:\n" + "\n".join(lines))
-
+from .compare import assert_close
 
 def make_anchors(n, gen, degenerate=False):
     xy = torch.rand(n, 2, generator=gen) * 300 - 20

@@ -9,24 +9,10 @@ from hypothesis import strategies as st
 from kernels.ema import ema_update, ema_update_reference
 
 from .aot import aot_compile
+from .compare import TOL, assert_close
 
 
 ema_mod = importlib.import_module("kernels.ema")
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
-def assert_close(actual, expected, rtol, atol, what):
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        lines = [f"  at {i}: got {actual[tuple(i)].item():.9g}, expected {expected[tuple(i)].item():.9g}"
-                 for i in idx]
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(rtol {rtol}, atol {atol}); first:\n" + "\n".join(lines))
-
-
 def lerp_expected(ema, model, decay):
     """torch._foreach_lerp_ on fp32 copies, rounded to the ema dtype: the contract."""
     d = float(decay)

@@ -10,26 +10,11 @@ from hypothesis import strategies as st
 from kernels.focal_loss import focal_loss, focal_loss_reference
 
 from .aot import aot_compile
+from .compare import TOL, assert_close
 
 
 # ``kernels.focal_loss`` the attribute is the function (re-exported by kernels/__init__), so fetch the module
 fl = importlib.import_module("kernels.focal_loss")
-
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
-def assert_close(actual, expected, rtol, atol, what):
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = ~((actual - expected).abs() <= atol + rtol * expected.abs())
-    bad |= actual.isnan() != expected.isnan()
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        lines = [f"  at {i}: got {actual[tuple(i)].item():.9g}, expected {expected[tuple(i)].item():.9g}"
-                 for i in idx]
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(rtol {rtol}, atol {atol}); first:\n" + "\n".join(lines))
-
 
 def make_targets(shape, num_classes, gen, p_pos=0.2, p_ignore=0.1):
     u = torch.rand(shape, generator=gen)
