@@ -497,9 +497,9 @@ def _train(args, info: dist.DistInfo):
                    os.path.join(out, "loss_curve.png"), title="training loss")
     if info.is_main and val_loader is not None and args.pictures and stats is not None:
         eval_model = ema.module if ema is not None else model
-        _, _, pics = run_inference(eval_model, D.build_loader(val_set, args.batch_size, False, 0, args.seed),
-                                      info.device, amp=args.amp, backend=args.kernel_backend, progress=False,
-                                      keep_images=args.pictures)
+        pic_loader = D.build_loader(val_set, args.batch_size, False, 0, args.seed)
+        _, _, pics = run_inference(eval_model, pic_loader, info.device, amp=args.amp, backend=args.kernel_backend,
+                                   progress=False, keep_images=args.pictures)
         save_pictures(val_set, pics, os.path.join(out, "pictures"), train_set.class_names)
     return stats
 
@@ -537,9 +537,12 @@ class _InterruptFlag:
 
 
 def _seek_scheduler(scheduler, step: int) -> None:
-    """Put a fresh per-step scheduler at ``step`` (a restart without its saved state)."""
-    scheduler.last_epoch = step - 1
-    scheduler.step()
+    """Put a fresh per-step LambdaLR at ``step`` (a restart without its saved state)."""
+    scheduler.last_epoch = step
+    lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _report_benchmark(times, args, jlog, info):

@@ -316,4 +316,3 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
     if logits.device.type == "cuda":
         return _focal_loss_fwd_op(*args)[0]
     return _FocalLossTriton.apply(*args)
-

@@ -10,6 +10,7 @@ from kernels.decode import (BBOX_XFORM_CLIP, decode_boxes, decode_boxes_referenc
 from .aot import aot_compile
 from .compare import assert_close
 
+
 def make_anchors(n, gen, degenerate=False):
     xy = torch.rand(n, 2, generator=gen) * 300 - 20
     wh = torch.rand(n, 2, generator=gen) * 120 + 1

@@ -11,8 +11,9 @@ from kernels.ema import ema_update, ema_update_reference
 from .aot import aot_compile
 from .compare import TOL, assert_close
 
-
 ema_mod = importlib.import_module("kernels.ema")
+
+
 def lerp_expected(ema, model, decay):
     """torch._foreach_lerp_ on fp32 copies, rounded to the ema dtype: the contract."""
     d = float(decay)

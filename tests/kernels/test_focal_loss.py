@@ -16,6 +16,7 @@ from .compare import TOL, assert_close
 # ``kernels.focal_loss`` the attribute is the function (re-exported by kernels/__init__), so fetch the module
 fl = importlib.import_module("kernels.focal_loss")
 
+
 def make_targets(shape, num_classes, gen, p_pos=0.2, p_ignore=0.1):
     u = torch.rand(shape, generator=gen)
     t = torch.full(shape, -1, dtype=torch.int64)
