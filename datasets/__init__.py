@@ -7,9 +7,19 @@ from .coco import IGNORE_LABEL, CocoDetection, coco2017_paths, load_coco_json
 from .evaluation import STAT_NAMES, eval_backend, evaluate_detections, load_detections, to_coco_results
 from .loader import (IMAGENET_MEAN, IMAGENET_STD, DevicePrefetcher, EpochDataLoader, EpochSampler, build_loader,
                      collate)
-from .synthetic import (DEFAULT_IMAGE_SIZE, DEFAULT_MAX_OBJECT, DEFAULT_MIN_OBJECT, DEFAULT_NUM_CLASSES,
-                        DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, SHAPES, ensure_synthetic, generate_synthetic)
 from .transforms import EvalTransform, TrainTransform, build_transform
+
+_SYNTHETIC = ("DEFAULT_IMAGE_SIZE", "DEFAULT_MAX_OBJECT", "DEFAULT_MIN_OBJECT", "DEFAULT_NUM_CLASSES",
+              "DEFAULT_NUM_TRAIN", "DEFAULT_NUM_VAL", "SHAPES", "ensure_synthetic", "generate_synthetic")
+
+
+def __getattr__(name):
+    """The synthetic set's names load on first use, so ``python -m datasets.synthetic`` runs the module once."""
+    if name in _SYNTHETIC:
+        from . import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module 'datasets' has no attribute {name!r}")
 
 __all__ = [
     "CocoDetection", "coco2017_paths", "load_coco_json", "IGNORE_LABEL",

@@ -374,6 +374,7 @@ def _train(args, info: dist.DistInfo):
     history, stats, nonfinite_total, nonfinite_run = [], None, 0, 0
     bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                   for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    bn_before = [b.clone() for b in bn_buffers]  # BN statistics before the current step (one foreach copy)
     world = info.world_size
     normalizer_fn = dist.all_reduce_sum if info.distributed else None
     last_epoch = args.epochs if not args.stop_after else min(args.epochs, start_epoch + args.stop_after)
@@ -409,7 +410,7 @@ def _train(args, info: dist.DistInfo):
             task = bar.add_task(f"epoch {epoch}", total=steps_per_epoch, completed=skip, info="")
             for i, batch in enumerate(prefetch, start=skip):
                 t0 = time.perf_counter()
-                bn_before = [b.clone() for b in bn_buffers]
+                torch._foreach_copy_(bn_before, bn_buffers)
                 with autocast(info.device, args.amp):
                     res = compute_loss(net, batch["images"], batch["boxes"], batch["labels"],
                                        normalizer_fn=normalizer_fn, backend=args.kernel_backend)
@@ -429,8 +430,7 @@ def _train(args, info: dist.DistInfo):
                     nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
                     optimizer.zero_grad(set_to_none=True)
                     with torch.no_grad():  # the forward of a bad step must not leave NaN in BN statistics
-                        for b, saved in zip(bn_buffers, bn_before):
-                            b.copy_(saved)
+                        torch._foreach_copy_(bn_buffers, bn_before)
                     jlog.write(event="nonfinite_loss", step=step, epoch=epoch, skipped_total=nonfinite_total)
                     if nonfinite_run >= args.max_nonfinite_steps:
                         raise NonFiniteLoss(
