@@ -62,7 +62,8 @@ def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
     t = (targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)).to(x.dtype)
-    mod = torch.sigmoid(x * (1.0 - 2.0 * t)).pow(gamma)  # (1 - p_t) ** gamma
+    # (1 - p_t) ** gamma; the floor keeps the gradient finite (0, not inf * 0) for gamma < 1 at saturated logits
+    mod = torch.sigmoid(x * (1.0 - 2.0 * t)).clamp_min(torch.finfo(x.dtype).tiny).pow(gamma)
     alpha_t = (1.0 - alpha) + t * (2.0 * alpha - 1.0)  # alpha for positives, 1 - alpha for negatives
     bce_target = t * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing > 0 else t
     ce = F.binary_cross_entropy_with_logits(x, bce_target, reduction="none")
