@@ -365,7 +365,12 @@ def _train(args, info: dist.DistInfo):
             start_epoch, skip_batches = state["epoch"], state["batch_in_epoch"]
         if args.no_resume_opt:
             _seek_scheduler(scheduler, step)
-        set_rng_state(state["rng"][info.rank] if isinstance(state["rng"], list) else state["rng"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rngs) != info.world_size:
+            console.print(f"[yellow]{path} was written by {len(rngs)} worker(s), this run has {info.world_size}: "
+                          "random streams restart from the seed, so the run is not bit-identical[/]")
+        else:
+            set_rng_state(rngs[info.rank])
         console.print(f"resumed from {path} at epoch {start_epoch}") if info.is_main else None
 
     if args.start_epoch and not args.resume:
