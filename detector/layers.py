@@ -94,7 +94,8 @@ class _SyncBatchNormMixin:
     """Batch statistics summed over all workers (gloo on the CPU or NCCL on GPUs) in training mode.
 
     ``torch.nn.SyncBatchNorm`` needs CUDA and drops the activation of ``BatchNormAct``; this works on any
-    device and keeps it. Sums of x and x^2 are all-reduced with a differentiable all-reduce.
+    device and keeps it. The mean, then the sum of squared deviations, are all-reduced with a differentiable
+    all-reduce (two passes, so the variance does not lose precision to cancellation).
     """
 
     def forward(self, x):
@@ -103,19 +104,18 @@ class _SyncBatchNormMixin:
         else:
             import warnings
 
+            xf = x.float()
+            c = x.shape[1]
+            count = torch.full((1,), x.numel() / c, device=x.device, dtype=torch.float32)
             with warnings.catch_warnings():  # the differentiable all-reduce is marked deprecated, not replaced
                 warnings.simplefilter("ignore", FutureWarning)
                 from torch.distributed.nn.functional import all_reduce
 
-            xf = x.float()
-            count = torch.full((1,), x.numel() / x.shape[1], device=x.device, dtype=torch.float32)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
-            c = x.shape[1]
-            n = stats[-1]
-            mean = stats[:c] / n
-            var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
+                stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), count]))
+                n = stats[-1]
+                mean = stats[:c] / n
+                # second pass on centred values: no cancellation for activations with a large mean
+                var = all_reduce(((xf - mean[None, :, None, None]) ** 2).sum((0, 2, 3))) / n
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum
