@@ -612,15 +612,6 @@ def bifpn_fusion_custom_op(inputs, resample, edge_weights, dw_weight, out_size, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _choose(backend: str, device_type: str) -> str:
-    return resolve("bifpn_fusion", backend, device_type)
-
-
-# resolve() logs through `logging`, which dynamo refuses under fullgraph=True; its answer depends
-# only on the (constant) arguments and the environment, so let dynamo run it at trace time.
-_choose = torch._dynamo.assume_constant_result(_choose)
-
-
 def bifpn_fusion(inputs: Sequence[torch.Tensor], resample: Sequence[str], edge_weights: Optional[torch.Tensor],
                  dw_weight: torch.Tensor, out_size, method: str = "fast", pool_padding: str = "symmetric",
                  eps: float = 1e-4, backend: str = "auto") -> torch.Tensor:
@@ -629,7 +620,7 @@ def bifpn_fusion(inputs: Sequence[torch.Tensor], resample: Sequence[str], edge_w
     backend: "torch" = the reference (plain autograd; compiles natively); "triton" = the Triton
     kernels (CUDA: through the custom ops; CPU: the autograd.Function directly, interpreter only).
     """
-    choice = _choose(backend, inputs[0].device.type)
+    choice = resolve("bifpn_fusion", backend, inputs[0].device.type)
     if choice == "torch":
         return bifpn_fusion_reference(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding, eps)
     if len(inputs) > MAX_TRITON_INPUTS:

@@ -344,15 +344,6 @@ def _batched_nms_fake(boxes, scores, classes, batch_index, iou_threshold):
     return boxes.new_empty((k,), dtype=torch.int64)
 
 
-def _choose(backend: str, device_type: str) -> str:
-    return resolve("batched_nms", backend, device_type)
-
-
-# resolve() logs through `logging`, which dynamo refuses under fullgraph=True; its answer depends
-# only on the (constant) arguments and the environment, so let dynamo run it at trace time.
-_choose = torch._dynamo.assume_constant_result(_choose)
-
-
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float,
                 batch_index: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Exact greedy NMS per (image, class) group; returns kept indices (int64), highest score first.
@@ -366,7 +357,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
     runs the custom op (whose CUDA kernel is the Triton path), on CPU under the interpreter the
     Triton launcher directly.
     """
-    choice = _choose(backend, boxes.device.type)
+    choice = resolve("batched_nms", backend, boxes.device.type)
     thr = float(iou_threshold)
     if choice == "triton":
         if boxes.device.type == "cuda":
