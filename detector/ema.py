@@ -29,19 +29,31 @@ class ModelEma:
         for name, t in self.module.state_dict(keep_vars=True).items():
             yield t, src[name]
 
+    def _split(self, model: nn.Module):
+        """(float ema, float model, other ema, other model) lists of the parameter and buffer objects, built
+        once per model (``.to()`` and ``load_state_dict`` keep those objects, so the lists stay valid)."""
+        key = id(_unwrap(model))
+        if getattr(self, "_split_key", None) != key:
+            floats, sources, ints, int_sources = [], [], [], []
+            for e, m in self._pairs(model):
+                if e.is_floating_point():
+                    floats.append(e)
+                    sources.append(m)
+                else:
+                    ints.append(e)
+                    int_sources.append(m)
+            self._split_cache, self._split_key = (floats, sources, ints, int_sources), key
+        return self._split_cache
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.decay
         if self.warmup:
             decay = min(decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
-        floats, sources = [], []
-        for e, m in self._pairs(model):
-            if e.is_floating_point():
-                floats.append(e.data)
-                sources.append(m.detach())
-            else:
-                e.copy_(m)
+        floats, sources, ints, int_sources = self._split(model)
+        if ints:
+            torch._foreach_copy_(ints, int_sources)
         kernels.ema_update(floats, sources, decay, backend=self.backend)
 
     @torch.no_grad()
@@ -54,7 +66,7 @@ class ModelEma:
                 "warmup": self.warmup}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        self.module.load_state_dict(state["module"])  # in place: cached tensor lists stay valid
         self.decay, self.updates = state.get("decay", self.decay), state.get("updates", 0)
         self.warmup = state.get("warmup", self.warmup)
 
