@@ -86,3 +86,47 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
     if not torch.compiler.is_compiling():  # logging is not traceable by torch.compile(fullgraph=True)
         _log_choice(op, device_type, choice, why)
     return choice
+
+
+def dispatch(op: str, backend: str, device: torch.device | str, triton_path, reference, *args, **kwargs):
+    """The one call every public op makes: ``resolve`` the backend, then run ``triton_path`` (which calls
+    the op's custom op) or ``reference`` with the same arguments. Both must accept ``*args, **kwargs``."""
+    if resolve(op, backend, device) == "triton":
+        return triton_path(*args, **kwargs)
+    return reference(*args, **kwargs)
+
+
+def _first_tensor_device(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    return b.device
+    return None
+
+
+def triton_op(qualname: str, *, mutates_args=()):
+    """Decorator: make a Triton launcher the ``torch.library`` custom op ``qualname``.
+
+    The launcher is the op's only implementation. On CUDA tensors it runs under
+    ``torch.cuda.device(<the tensors' device>)``, so tensors on ``cuda:1`` work while the current device is 0;
+    on CPU tensors it runs in the Triton interpreter (``TRITON_INTERPRET=1``) and is refused otherwise
+    (``resolve`` never sends CPU tensors here without the interpreter). Register the fake implementation
+    and the autograd formula on the returned op as usual (``@op.register_fake``, ``op.register_autograd``).
+    The launcher's type annotations give the op's schema.
+    """
+    def wrap(launcher):
+        @functools.wraps(launcher)
+        def impl(*args, **kwargs):
+            device = _first_tensor_device(args)
+            if device is not None and device.type == "cuda":
+                with torch.cuda.device(device):
+                    return launcher(*args, **kwargs)
+            if not interpreter_enabled():
+                raise RuntimeError(f"{qualname} on {device} tensors needs the Triton interpreter "
+                                   "(TRITON_INTERPRET=1 before triton is imported); use backend='torch'")
+            return launcher(*args, **kwargs)
+        return torch.library.custom_op(qualname, mutates_args=mutates_args)(impl)
+    return wrap

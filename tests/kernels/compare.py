@@ -1,7 +1,28 @@
-"""Shared comparison for the kernel tests: design.md section 5 tolerances, first mismatches printed."""
+"""Shared comparison for the kernel tests: dtype-aware tolerances, first mismatches printed.
+
+One rule for every op: a value's tolerance follows the *lowest-precision dtype it was computed from* (an
+fp16 input's gradient is an fp16 quantity even when the kernel accumulates in fp32) and grows with the
+square root of the number of terms accumulated into it (rounding errors of a sum of ``n`` terms grow like
+``sqrt(n)`` on average).
+"""
+import math
+
 import torch
 
-TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+TOL = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-3),
+       torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def tolerance(dtype: torch.dtype, n_accum: int = 1) -> tuple[float, float]:
+    """``(rtol, atol)`` for a value computed from ``dtype`` inputs with ``n_accum`` accumulated terms."""
+    rtol, atol = TOL[dtype]
+    scale = math.sqrt(max(int(n_accum), 1))
+    return rtol * scale, atol * scale
+
+
+def lowest_precision(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype with the fewest mantissa bits among ``dtypes`` (bf16 < fp16 < fp32 < fp64)."""
+    return min(dtypes, key=lambda d: torch.finfo(d).eps * -1)
 
 
 def assert_close(actual, expected, rtol, atol, what):
