@@ -11,33 +11,36 @@ summed over all classes of every anchor whose target is not ``ignore_index``. ``
 integer per anchor: ``k >= 0`` = class ``k`` positive (every other class negative), ``-1`` (or any other
 value that is no class column) = background, ``ignore_index`` = ignored (zero loss, zero gradient).
 
-Triton path (one pass over the logits):
+Non-finite logits: the logits of an ignored anchor are never used (zero loss and gradient even when they
+are NaN or inf); a NaN or +-inf logit of a counted anchor makes the loss NaN and that element's gradient
+NaN (a diverged model is reported, e.g. to GradScaler, instead of being averaged away).
+
+Triton path:
 
 * ``_focal_fwd_kernel`` walks the logits as one flat array (``M*C`` elements, no padding of the class
-  axis to a power of two); each element finds its anchor row and class column, reads the anchor's
-  class index (never a one-hot), computes loss and ``d(loss_sum)/dx`` in fp32 with log-sigmoid forms
-  (finite for |x| up to 1e4 and beyond), writes the gradient and one partial loss sum per program.
+  axis); each element finds its anchor row and class column (``C`` is a compile-time constant, so the
+  division is a multiply-shift), reads the anchor's class index (never a one-hot), computes the loss
+  and ``d(loss_sum)/dx`` in fp32 with log-sigmoid forms and an exact ``log1p`` (finite for any finite
+  logit), writes the gradient (fp32) and one partial loss sum per program.
 * ``_focal_reduce_kernel`` (one program) sums the partials in a fixed order and divides by the
   normalizer, read from device memory: deterministic, no atomics, no host sync.
-* backward only scales the stored gradient by ``grad_output / normalizer``.
+* ``_focal_bwd_kernel`` is the whole backward: stored fp32 gradient * grad_output / normalizer (both
+  read on the device), written in the logits dtype.
 
 The stored gradient is **fp32 for every logits dtype**: the unnormalized per-element gradient of the
-bulk of easy negatives is ~1e-5..1e-8, which in fp16 is subnormal (few mantissa bits) or zero, and the
-later scaling by ``grad_output / normalizer`` (GradScaler's 2**16 under AMP) would amplify that loss of
-precision; fp32 costs 2 extra bytes per logit in memory and traffic for fp16/bf16 inputs but keeps the
-gradient as exact as the reference's. The final gradient handed to autograd is in the logits dtype.
+bulk of easy negatives is ~1e-5..1e-8, which in fp16 is subnormal or zero, and the later scaling by
+``grad_output / normalizer`` (GradScaler's 2**16 under AMP) would amplify that loss of precision.
 
-Custom op: ``effdet::focal_loss_fwd(logits, targets, normalizer, alpha, gamma, label_smoothing,
-ignore_index, compute_grad) -> (loss, grad)`` with CPU = reference (gradient via autograd of the
-reference), CUDA = Triton, a fake implementation and ``register_autograd``; the public function uses it
-for CUDA tensors with the Triton backend so ``torch.compile(fullgraph=True)`` traces through.
+Custom ops: ``effdet::focal_loss_fwd(logits, targets, normalizer, alpha, gamma, label_smoothing,
+ignore_index, compute_grad) -> (loss, grad)`` and ``effdet::focal_loss_bwd(grad, grad_output,
+normalizer, dtype) -> grad_logits``; the forward's autograd formula calls the backward op.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve, triton_available
+from ._dispatch import dispatch, triton_available, triton_op
 
 __all__ = ["focal_loss", "focal_loss_reference"]
 
@@ -45,6 +48,7 @@ OP_NAME = "focal_loss"
 _BLOCK = 1024          # logits elements per tile
 _MAX_PROGRAMS = 8192   # partial sums; a program loops over several tiles above this
 _REDUCE_BLOCK = 1024
+_BWD_BLOCK = 2048
 
 # --------------------------------------------------------------------------------------------------
 # reference
@@ -62,31 +66,22 @@ def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
     t = (targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)).to(x.dtype)
+    valid = (targets != ignore_index).unsqueeze(-1)
+    finite = x.isfinite()
+    xs = torch.where(valid & finite, x, 0.0)  # ignored anchors and non-finite logits never enter the formula
     # (1 - p_t) ** gamma; the floor keeps the gradient finite (0, not inf * 0) for gamma < 1 at saturated logits
-    mod = torch.sigmoid(x * (1.0 - 2.0 * t)).clamp_min(torch.finfo(x.dtype).tiny).pow(gamma)
+    mod = torch.sigmoid(xs * (1.0 - 2.0 * t)).clamp_min(torch.finfo(x.dtype).tiny).pow(gamma)
     alpha_t = (1.0 - alpha) + t * (2.0 * alpha - 1.0)  # alpha for positives, 1 - alpha for negatives
     bce_target = t * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing > 0 else t
-    ce = F.binary_cross_entropy_with_logits(x, bce_target, reduction="none")
-    valid = (targets != ignore_index).unsqueeze(-1).to(x.dtype)
-    loss = (alpha_t * mod * ce * valid).sum()
+    ce = F.binary_cross_entropy_with_logits(xs, bce_target, reduction="none")
+    terms = alpha_t * mod * ce * valid.to(x.dtype)
+    # a NaN/inf logit of a counted anchor: NaN loss and NaN gradient at that element (x * NaN)
+    bad = valid & ~finite
+    terms = terms + torch.where(bad, x, 0.0) * torch.where(bad, float("nan"), 0.0)
+    loss = terms.sum()
     if not isinstance(normalizer, torch.Tensor):
         return loss / float(normalizer)
     return loss / normalizer.to(x.dtype)
-
-
-def _focal_grad_reference(logits, targets, alpha, gamma, label_smoothing, ignore_index):
-    """Analytic d(loss sum)/d logits in fp32 torch (the custom op's CPU implementation runs below
-    autograd, so it cannot differentiate the reference; the tests check this against autograd)."""
-    x = logits.float()
-    t = targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)
-    z = torch.where(t, -x, x)
-    sgn = torch.where(t, -1.0, 1.0)
-    mod = torch.exp(gamma * F.logsigmoid(z))
-    y = torch.where(t, 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing)
-    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    g = torch.where(t, alpha, 1.0 - alpha) * (sgn * gamma * mod * torch.sigmoid(-z) * ce
-                                              + mod * (torch.sigmoid(x) - y))
-    return torch.where((targets != ignore_index).unsqueeze(-1), g, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,30 +92,33 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _focal_fwd_kernel(x_ptr, tgt_ptr, grad_ptr, partial_ptr, n_elem, C,
+    @triton.jit(do_not_specialize=["n_elem", "tiles"])
+    def _focal_fwd_kernel(x_ptr, tgt_ptr, grad_ptr, partial_ptr, n_elem,
                           alpha, gamma, smoothing, ignore_index, tiles,
-                          BLOCK: tl.constexpr,
+                          C: tl.constexpr, BLOCK: tl.constexpr,
                           SMOOTH: tl.constexpr, WRITE_GRAD: tl.constexpr):
         pid = tl.program_id(0)
         lane = tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for it in range(tiles):                      # runtime bound: no recompile per problem size
             start = (pid.to(tl.int64) * tiles + it) * BLOCK      # int64: B*N*C may pass 2**31
-            row0 = start // C                                     # scalar int64 divisions only
+            row0 = start // C                                     # scalar int64 division by a constant
             local = (start - row0 * C).to(tl.int32) + lane        # < C + BLOCK: int32 is enough
-            row = row0 + local // C
-            col = local % C
+            row = row0 + local // C                               # constant divisor: multiply-shift
+            col = local - (local // C) * C
             offs = start + lane
             m = offs < n_elem
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             tgt = tl.load(tgt_ptr + row, mask=m, other=0).to(tl.int32)
-            valid = m & (tgt != ignore_index)
+            counted = m & (tgt != ignore_index)
+            finite = tl.abs(x) < float("inf")            # False for NaN and +-inf
             pos = tgt == col
             z = tl.where(pos, -x, x)                 # 1 - p_t = sigmoid(z)
             e = tl.exp(-tl.abs(x))                   # in (0, 1]; |z| == |x|
-            l1p = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))   # log1p(e)
-            inv = 1.0 / (1.0 + e)
+            u = 1.0 + e
+            inv = 1.0 / u
+            # exact log1p(e): log(u) * e / (u - 1) cancels the rounding of u (u - 1 is exact)
+            l1p = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
             sig_z = tl.where(z >= 0, inv, e * inv)   # sigmoid(z)
             sig_nz = tl.where(z >= 0, e * inv, inv)  # sigmoid(-z) = p_t
             log_sig_z = tl.minimum(z, 0.0) - l1p     # logsigmoid(z)
@@ -135,16 +133,16 @@ if triton_available():
             else:
                 ce = tl.maximum(z, 0.0) + l1p         # softplus(z) = bce(x, t)
                 dce = sgn * sig_z
-            loss = alpha_t * mod * ce
-            acc += tl.where(valid, loss, 0.0)
+            loss = tl.where(finite, alpha_t * mod * ce, float("nan"))
+            acc += tl.where(counted, loss, 0.0)
             if WRITE_GRAD:
                 # d mod / dx = sgn * gamma * mod * sigmoid(-z)
                 g = alpha_t * (sgn * gamma * mod * sig_nz * ce + mod * dce)
-                g = tl.where(valid, g, 0.0)
+                g = tl.where(counted, tl.where(finite, g, float("nan")), 0.0)
                 tl.store(grad_ptr + offs, g, mask=m)
         tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_partial", "iters"])
     def _focal_reduce_kernel(partial_ptr, n_partial, norm_ptr, out_ptr, iters, BLOCK: tl.constexpr):
         lane = tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -155,111 +153,91 @@ if triton_available():
         norm = tl.load(norm_ptr).to(tl.float32)
         tl.store(out_ptr, total / norm)
 
+    @triton.jit(do_not_specialize=["n_elem"])
+    def _focal_bwd_kernel(grad_ptr, grad_out_ptr, norm_ptr, out_ptr, n_elem, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n_elem
+        scale = tl.load(grad_out_ptr).to(tl.float32) / tl.load(norm_ptr).to(tl.float32)
+        g = tl.load(grad_ptr + offs, mask=m, other=0.0)
+        tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=m)
 
-def _launch(logits: torch.Tensor, targets: torch.Tensor, normalizer: torch.Tensor, alpha: float,
-            gamma: float, label_smoothing: float, ignore_index: int, compute_grad: bool):
-    """Run the Triton kernels; returns (0-dim fp32 loss, fp32 gradient of the loss sum or empty)."""
-    x = logits.contiguous()
-    tgt = targets.contiguous()
-    C = x.shape[-1] if x.dim() else 1
+
+# --------------------------------------------------------------------------------------------------
+# launchers = custom ops
+# --------------------------------------------------------------------------------------------------
+
+
+def _forward_partials(x: torch.Tensor, tgt: torch.Tensor, alpha: float, gamma: float, label_smoothing: float,
+                      ignore_index: int, compute_grad: bool, block: int):
+    """Run ``_focal_fwd_kernel``; returns (per-program loss sums, fp32 gradient of the loss sum or empty)."""
     n = x.numel()
-    dev = x.device
-    grad = torch.empty(x.shape if compute_grad else (0,), dtype=torch.float32, device=dev)
-    norm = normalizer.reshape(()).contiguous()
-    out = torch.empty((), dtype=torch.float32, device=dev)
-    n_tiles = triton.cdiv(n, _BLOCK) if n else 0
+    grad = torch.empty(x.shape if compute_grad else (0,), dtype=torch.float32, device=x.device)
+    n_tiles = triton.cdiv(n, block) if n else 0
     tiles_per_prog = max(1, triton.cdiv(n_tiles, _MAX_PROGRAMS))
     n_prog = triton.cdiv(n_tiles, tiles_per_prog) if n_tiles else 0
-    partial = torch.empty(max(n_prog, 1), dtype=torch.float32, device=dev)
+    partial = torch.empty(max(n_prog, 1), dtype=torch.float32, device=x.device)
     if n_prog:
         _focal_fwd_kernel[(n_prog,)](
-            x, tgt, grad if compute_grad else partial, partial, n, C,
+            x, tgt, grad if compute_grad else partial, partial, n,
             float(alpha), float(gamma), float(label_smoothing), int(ignore_index), tiles_per_prog,
-            BLOCK=_BLOCK, SMOOTH=bool(label_smoothing > 0),
-            WRITE_GRAD=bool(compute_grad), num_warps=4)
-    _focal_reduce_kernel[(1,)](partial, n_prog, norm, out, max(1, triton.cdiv(n_prog, _REDUCE_BLOCK)),
+            C=x.shape[-1], BLOCK=block, SMOOTH=bool(label_smoothing > 0), WRITE_GRAD=bool(compute_grad),
+            num_warps=4)
+    return partial[:n_prog], grad
+
+
+@triton_op("effdet::focal_loss_fwd")
+def _focal_loss_fwd(logits: torch.Tensor, targets: torch.Tensor, normalizer: torch.Tensor,
+                    alpha: float, gamma: float, label_smoothing: float, ignore_index: int,
+                    compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (0-dim fp32 loss, fp32 d(loss sum)/d logits, or an empty tensor when ``compute_grad`` is False)."""
+    x, tgt = logits.contiguous(), targets.contiguous()
+    partial, grad = _forward_partials(x, tgt, alpha, gamma, label_smoothing, ignore_index, compute_grad,
+                                      _BLOCK)
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    n_prog = partial.numel()
+    _focal_reduce_kernel[(1,)](partial, n_prog, normalizer, out, max(1, triton.cdiv(n_prog, _REDUCE_BLOCK)),
                                BLOCK=_REDUCE_BLOCK, num_warps=4)
     return out, grad
 
 
-def _scale_grad(grad_sum: torch.Tensor, grad_out: torch.Tensor, normalizer: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
-    """d loss / d logits = stored d(sum)/d logits * grad_output / normalizer, in the logits dtype."""
-    return (grad_sum * (grad_out.float() / normalizer.float())).to(dtype)
+@_focal_loss_fwd.register_fake
+def _(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index, compute_grad):
+    return (logits.new_empty((), dtype=torch.float32),
+            logits.new_empty(logits.shape if compute_grad else (0,), dtype=torch.float32))
 
 
-# --------------------------------------------------------------------------------------------------
-# custom op (torch.compile) and autograd
-# --------------------------------------------------------------------------------------------------
+@triton_op("effdet::focal_loss_bwd")
+def _focal_loss_bwd(grad: torch.Tensor, grad_output: torch.Tensor, normalizer: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d logits = stored fp32 d(sum)/d logits * grad_output / normalizer, in ``dtype``."""
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    n = grad.numel()
+    if n:
+        _focal_bwd_kernel[(triton.cdiv(n, _BWD_BLOCK),)](grad, grad_output.reshape(()), normalizer, out, n,
+                                                         BLOCK=_BWD_BLOCK, num_warps=4)
+    return out
 
 
-@torch.library.custom_op("effdet::focal_loss_fwd", mutates_args=())
-def _focal_loss_fwd_op(logits: torch.Tensor, targets: torch.Tensor, normalizer: torch.Tensor,
-                       alpha: float, gamma: float, label_smoothing: float, ignore_index: int,
-                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    raise NotImplementedError("effdet::focal_loss_fwd has CPU and CUDA implementations only")
+@_focal_loss_bwd.register_fake
+def _(grad, grad_output, normalizer, dtype):
+    return torch.empty(grad.shape, dtype=dtype, device=grad.device)
 
 
-@_focal_loss_fwd_op.register_kernel("cpu")
-def _focal_loss_fwd_cpu(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index,
-                        compute_grad):
-    if not compute_grad:
-        loss = focal_loss_reference(logits, targets, normalizer, alpha, gamma, label_smoothing,
-                                    ignore_index)
-        return loss, logits.new_empty((0,), dtype=torch.float32)
-    loss = focal_loss_reference(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index)
-    return loss, _focal_grad_reference(logits, targets, alpha, gamma, label_smoothing, ignore_index)
-
-
-@_focal_loss_fwd_op.register_kernel("cuda")
-def _focal_loss_fwd_cuda(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index,
-                         compute_grad):
-    return _launch(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index, compute_grad)
-
-
-@_focal_loss_fwd_op.register_fake
-def _focal_loss_fwd_fake(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index,
-                         compute_grad):
-    loss = logits.new_empty((), dtype=torch.float32)
-    grad = logits.new_empty(logits.shape if compute_grad else (0,), dtype=torch.float32)
-    return loss, grad
-
-
-def _op_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     logits, _targets, normalizer, *_ = inputs
-    ctx.logits_dtype = logits.dtype
+    ctx.logits_dtype, ctx.logits_numel = logits.dtype, logits.numel()
     ctx.save_for_backward(output[1], normalizer)
 
 
-def _op_backward(ctx, grad_loss, _grad_grad):
+def _backward(ctx, grad_loss, _grad_grad):
     grad_sum, normalizer = ctx.saved_tensors
-    if grad_sum.numel() == 0 and ctx.needs_input_grad[0]:
+    if grad_sum.numel() != ctx.logits_numel:
         raise RuntimeError("focal_loss: forward ran with compute_grad=False; cannot backpropagate")
-    return _scale_grad(grad_sum, grad_loss, normalizer, ctx.logits_dtype), None, None, None, None, \
-        None, None, None
+    return (_focal_loss_bwd(grad_sum, grad_loss, normalizer, ctx.logits_dtype),
+            None, None, None, None, None, None, None)
 
 
-_focal_loss_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
-
-
-class _FocalLossTriton(torch.autograd.Function):
-    """The Triton launcher called directly (CPU tensors under the interpreter)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index,
-                compute_grad):
-        loss, grad = _launch(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index,
-                             compute_grad)
-        ctx.logits_dtype = logits.dtype
-        ctx.save_for_backward(grad, normalizer)
-        ctx.mark_non_differentiable(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_sum, normalizer = ctx.saved_tensors
-        return _scale_grad(grad_sum, grad_loss, normalizer, ctx.logits_dtype), None, None, None, None, \
-            None, None, None
+_focal_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,6 +262,19 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
         raise ValueError(f"focal_loss: targets on {targets.device}, logits on {logits.device}")
 
 
+def _triton_path(logits, targets, normalizer, alpha, gamma, label_smoothing, ignore_index):
+    if not isinstance(normalizer, torch.Tensor):
+        # a Python number: a one-off host->device copy (pass a device tensor in hot loops)
+        normalizer = torch.full((), float(normalizer), dtype=torch.float32, device=logits.device)
+    elif normalizer.numel() != 1:
+        raise ValueError(f"focal_loss: normalizer must be a single value, got shape "
+                         f"{tuple(normalizer.shape)}")
+    normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _focal_loss_fwd(logits, targets, normalizer, float(alpha), float(gamma), float(label_smoothing),
+                           int(ignore_index), bool(compute_grad))[0]
+
+
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: float = 0.25,
                gamma: float = 1.5, label_smoothing: float = 0.0, ignore_index: int = -2,
                backend: str = "auto") -> torch.Tensor:
@@ -301,19 +292,5 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
         0-dim float32 tensor. Differentiable w.r.t. ``logits``.
     """
     _check_inputs(logits, targets)
-    choice = resolve(OP_NAME, backend, logits.device)
-    if choice == "torch":
-        return focal_loss_reference(logits, targets, normalizer, alpha, gamma, label_smoothing,
-                                    ignore_index)
-    if not isinstance(normalizer, torch.Tensor):
-        normalizer = torch.full((), float(normalizer), dtype=torch.float32, device=logits.device)
-    elif normalizer.numel() != 1:
-        raise ValueError(f"focal_loss: normalizer must be a single value, got shape "
-                         f"{tuple(normalizer.shape)}")
-    normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    args = (logits, targets, normalizer, float(alpha), float(gamma), float(label_smoothing),
-            int(ignore_index), bool(compute_grad))
-    if logits.device.type == "cuda":
-        return _focal_loss_fwd_op(*args)[0]
-    return _FocalLossTriton.apply(*args)
+    return dispatch(OP_NAME, backend, logits.device, _triton_path, focal_loss_reference, logits, targets,
+                    normalizer, alpha, gamma, label_smoothing, ignore_index)

@@ -1,6 +1,5 @@
 """kernels.focal_loss: Triton kernel (interpreter on CPU, compiled on CUDA) against the reference."""
 import importlib
-import math
 
 import pytest
 import torch
@@ -10,11 +9,12 @@ from hypothesis import strategies as st
 from kernels.focal_loss import focal_loss, focal_loss_reference
 
 from .aot import aot_compile
-from .compare import TOL, assert_close
+from .compare import assert_close, lowest_precision, tolerance
 
 
 # ``kernels.focal_loss`` the attribute is the function (re-exported by kernels/__init__), so fetch the module
 fl = importlib.import_module("kernels.focal_loss")
+F32 = tolerance(torch.float32)
 
 
 def make_targets(shape, num_classes, gen, p_pos=0.2, p_ignore=0.1):
@@ -40,16 +40,14 @@ def run_both(x, t, norm, device="cpu", **kw):
 
 
 def check(x, t, norm, device="cpu", **kw):
+    """Loss: a sum of ``x.numel()`` terms computed from ``x.dtype`` inputs; gradient: an ``x.dtype``
+    quantity (one term per element). Tolerances from the shared rule in ``compare.py``."""
     lt, gt, lr, gr = run_both(x, t, norm, device, **kw)
-    rtol, atol = TOL[x.dtype]
-    n = max(x.numel(), 1)
-    nv = float(norm)
     assert lt.dtype == torch.float32 and lt.dim() == 0
-    # the loss is a sum of n terms: tolerance scaled by the reduction length
-    assert_close(lt, lr, rtol * math.sqrt(n) if x.dtype == torch.float32 else rtol, atol * n / nv, "loss")
     assert gt.dtype == x.dtype
-    assert torch.isfinite(gt).all() and torch.isfinite(lt)
-    assert_close(gt, gr.to(x.dtype), rtol, atol / nv if x.dtype == torch.float32 else atol, "grad")
+    src = lowest_precision(x.dtype, torch.float32)
+    assert_close(lt, lr, *tolerance(src, x.numel()), "loss")
+    assert_close(gt, gr.to(x.dtype), *tolerance(src), "grad")
     return lt, gt
 
 
@@ -67,7 +65,7 @@ def test_reference_matches_effdet():
         onehot = effdet_loss.one_hot(t.clamp(min=-1), 9)        # effdet: -1 -> no hot
         per = effdet_loss.new_focal_loss(x, onehot, 0.25, 1.5, norm, label_smoothing=s)
         expected = (per * (t != -2).unsqueeze(-1)).sum()
-        assert_close(focal_loss_reference(x, t, norm, label_smoothing=s), expected, 1e-5, 1e-6, f"s={s}")
+        assert_close(focal_loss_reference(x, t, norm, label_smoothing=s), expected, *F32, f"s={s}")
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -79,19 +77,6 @@ def test_reference_gradcheck(smoothing, gamma):
     norm = torch.tensor(2.0, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda v: focal_loss_reference(v, t, norm, 0.25, gamma, smoothing), (x,), eps=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_analytic_grad_matches_autograd(smoothing):
-    """The custom op's CPU gradient (analytic) equals autograd of the reference."""
-    g = torch.Generator().manual_seed(2)
-    x = (torch.randn(2, 30, 6, generator=g) * 8).requires_grad_(True)
-    x.data[0, 0] = torch.tensor([30.0, -30.0, 1e4, -1e4, 0.0, 0.0])
-    t = make_targets((2, 30), 6, g)
-    t[0, 0] = 3
-    focal_loss_reference(x, t, 1.0, 0.25, 1.5, smoothing).backward()
-    analytic = fl._focal_grad_reference(x.detach(), t, 0.25, 1.5, smoothing, -2)
-    assert_close(analytic, x.grad, 1e-5, 1e-7, "analytic grad")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +107,7 @@ def test_extreme_logits_and_ties(smoothing, dtype):
         vals = vals.clamp(-6e4, 6e4)
     x = vals.repeat(5, 1).to(dtype)                     # 5 anchors x 12 classes; col 4 = +1e4, col 5 = -1e4
     t = torch.tensor([0, 3, -1, 5, 4])                  # positive at x=0, x=-30, background, x=-1e4, x=+1e4
-    rtol = TOL[dtype][0]
+    rtol = tolerance(dtype)[0]
     lt, gt = check(x, t, torch.tensor(3.0), label_smoothing=smoothing)
     assert gt[2].abs().sum() > 0                        # background anchor still has gradient
     assert gt[4, 4].item() == 0.0                       # confident, correct positive: mod = 0
@@ -131,6 +116,63 @@ def test_extreme_logits_and_ties(smoothing, dtype):
     assert gt[2, 4].float().item() == pytest.approx(0.75 * (1 - 0.5 * smoothing) / 3.0, rel=rtol)
     # confident, wrong positive (x = -1e4, p = 0): d/dx = alpha * (p - (1 - 0.5*s)) / normalizer
     assert gt[3, 5].float().item() == pytest.approx(-0.25 * (1 - 0.5 * smoothing) / 3.0, rel=rtol)
+
+
+@pytest.mark.parametrize("gamma", [1.5, 0.0])
+def test_relative_accuracy_per_element_vs_float64(gamma):
+    """Each loss term and gradient element within 1e-5 RELATIVE of a float64 reference over x in [-20, 20].
+
+    Where the easy negatives live (x ~ -5..-9 for the -4.6 prior bias) the terms are ~1e-3..1e-6, so an
+    absolute tolerance hides errors there: ``log(1 + e)`` in fp32 is off by up to ~6e-4 relative at
+    x ~ +-9.2 (it fails this test); the exact log1p form is within ~2e-6 (interpreter, 2-core CPU).
+    Column 0 of each row is a positive, column 1 a negative (C = 2)."""
+    def reference_terms(x):                   # float64, one loss term per element (vmap over elements)
+        xd = x.double().reshape(-1, 1, 1).requires_grad_(True)
+        t = torch.tensor([0, -1]).repeat(x.shape[0]).reshape(-1, 1)
+        terms = torch.func.vmap(lambda a, b: focal_loss_reference(a, b, 1.0, gamma=gamma))(xd, t)
+        (grad,) = torch.autograd.grad(terms.sum(), xd)
+        return terms.detach().reshape(x.shape), grad.reshape(x.shape)
+
+    # gradient: every element of a dense grid (the stored fp32 gradient of the loss sum)
+    x = torch.linspace(-20, 20, 801).repeat_interleave(2).reshape(-1, 2)
+    _, grad_k = fl._forward_partials(x, torch.zeros(801, dtype=torch.int64), 0.25, gamma, 0.0, -2, True,
+                                     block=1024)
+    assert_close(grad_k, reference_terms(x)[1], 1e-5, 0.0, "per-element gradient (relative)")
+    # loss terms: one element per program (block=1), so each partial sum is one term; the interpreter
+    # runs programs one by one, hence a coarser grid, dense where log(1 + e) was worst
+    pts = torch.cat([torch.linspace(-20, 20, 21), torch.linspace(5, 9.5, 19), -torch.linspace(5, 9.5, 19)])
+    x = pts.repeat_interleave(2).reshape(-1, 2)
+    partial, _ = fl._forward_partials(x, torch.zeros(len(pts), dtype=torch.int64), 0.25, gamma, 0.0, -2,
+                                      False, block=1)
+    assert_close(partial.reshape(x.shape), reference_terms(x)[0], 1e-5, 0.0, "per-element loss (relative)")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")   # numpy in the interpreter: inf * 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("gamma", [0.0, 1.5])
+def test_nan_and_inf_logits_match_reference(dtype, smoothing, gamma):
+    """NaN / +-inf in positive, negative, background and ignored positions: the same loss (NaN when a counted
+    element is non-finite) and the same gradient (NaN exactly there, 0 in ignored anchors) as the reference."""
+    special = [float("nan"), float("inf"), -float("inf")]
+    rows, tgts = [], []
+    for v in special:
+        for tv in (0, 1, -1, -2):                       # positive at col 0, negative at col 0, background, ignored
+            rows.append([v, 0.5, -3.0])
+            tgts.append(tv)
+    x = torch.tensor(rows).to(dtype)
+    t = torch.tensor(tgts)
+    for sel in ([i for i, tv in enumerate(tgts) if tv == -2], list(range(len(tgts)))):   # ignored only, all
+        lt, gt, lr, gr = run_both(x[sel], t[sel], torch.tensor(2.0), gamma=gamma, label_smoothing=smoothing)
+        assert_close(lt, lr, *tolerance(dtype, x.numel()), "loss")
+        assert_close(gt, gr.to(dtype), *tolerance(dtype), "grad")
+    # ignored anchors alone: exactly zero loss and gradient whatever their logits
+    lt, gt, _, _ = run_both(x[t == -2], t[t == -2], torch.tensor(2.0))
+    assert lt.item() == 0.0 and (gt == 0).all()
+    # every counted non-finite element has a NaN gradient, the finite ones none
+    _, gt, _, _ = run_both(x, t, torch.tensor(2.0), gamma=gamma, label_smoothing=smoothing)
+    counted = (t != -2).unsqueeze(-1).expand_as(x)
+    assert torch.equal(gt.isnan(), counted & ~x.isfinite())
 
 
 def test_ignored_anchors_give_no_loss_and_no_gradient():
@@ -174,10 +216,11 @@ def test_normalizer_forms_and_scaling():
     for norm in (5, 5.0, torch.tensor(5), torch.tensor([5.0]), torch.tensor(5.0, dtype=torch.float64)):
         out = focal_loss(x, t, norm, backend="triton")
         assert out.item() == pytest.approx(base.item() / 5.0, rel=1e-6), norm
-    # the gradient is divided by the normalizer and scaled by grad_output
-    xr = x.clone().requires_grad_(True)
+    # the gradient is divided by the normalizer and scaled by grad_output (the backward kernel)
+    xr, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     (focal_loss(xr, t, torch.tensor(2.0), backend="triton") * 3.0).backward()
-    assert_close(xr.grad, fl._focal_grad_reference(x, t, 0.25, 1.5, 0.0, -2) * 1.5, 1e-5, 1e-7, "scaled")
+    (focal_loss_reference(xe, t, torch.tensor(2.0)) * 3.0).backward()
+    assert_close(xr.grad, xe.grad, *F32, "scaled")
 
 
 def test_multi_tile_programs_and_determinism(monkeypatch):
@@ -199,7 +242,7 @@ def test_no_grad_path_skips_gradient():
     t = make_targets((2, 7), 3, g)
     with torch.no_grad():
         out = focal_loss(x, t, torch.tensor(2.0), backend="triton")
-    assert_close(out, focal_loss_reference(x, t, torch.tensor(2.0)), 1e-5, 1e-6, "no-grad loss")
+    assert_close(out, focal_loss_reference(x, t, torch.tensor(2.0)), *tolerance(torch.float32, x.numel()), "no-grad loss")
 
 
 def test_input_validation():
@@ -230,8 +273,8 @@ def test_torch_compile_fullgraph_cpu():
     xa = x.clone().requires_grad_(True)
     out = f(xa)
     out.backward()
-    assert_close(out, expected, 1e-5, 1e-6, "compiled public fn")
-    assert_close(xa.grad, expected_x.grad, 1e-5, 1e-7, "compiled public fn grad")
+    assert_close(out, expected, *tolerance(torch.float32, x.numel()), "compiled public fn")
+    assert_close(xa.grad, expected_x.grad, *F32, "compiled public fn grad")
 
     # the custom op (what CUDA + triton uses): fake impl + register_autograd traced by aot_eager
     op = torch.compile(lambda v: torch.ops.effdet.focal_loss_fwd(v, t, norm, 0.25, 1.5, 0.0, -2, True)[0],
@@ -239,8 +282,8 @@ def test_torch_compile_fullgraph_cpu():
     xb = x.clone().requires_grad_(True)
     out = op(xb)
     out.backward()
-    assert_close(out, expected, 1e-5, 1e-6, "compiled custom op")
-    assert_close(xb.grad, expected_x.grad, 1e-5, 1e-7, "compiled custom op grad")
+    assert_close(out, expected, *tolerance(torch.float32, x.numel()), "compiled custom op")
+    assert_close(xb.grad, expected_x.grad, *F32, "compiled custom op grad")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,8 +326,8 @@ def test_cuda_torch_compile_inductor(cuda_device):
     xr = x.clone().requires_grad_(True)
     ref = focal_loss_reference(xr, t, norm)
     ref.backward()
-    assert_close(out, ref, 1e-5 * math.sqrt(x.numel()), 1e-6 * x.numel(), "inductor loss")
-    assert_close(xa.grad, xr.grad, 1e-5, 1e-6, "inductor grad")
+    assert_close(out, ref, *tolerance(torch.float32, x.numel()), "inductor loss")
+    assert_close(xa.grad, xr.grad, *F32, "inductor grad")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,10 +336,14 @@ def test_cuda_torch_compile_inductor(cuda_device):
 
 def test_kernels_compile_for_cuda_without_gpu():
     sig = {"x_ptr": "*fp16", "tgt_ptr": "*i64", "grad_ptr": "*fp32", "partial_ptr": "*fp32", "n_elem": "i64",
-           "C": "i32", "alpha": "fp32", "gamma": "fp32", "smoothing": "fp32", "ignore_index": "i32",
-           "tiles": "i32"}
+           "alpha": "fp32", "gamma": "fp32", "smoothing": "fp32", "ignore_index": "i32", "tiles": "i32"}
     aot_compile("kernels.focal_loss", [
-        ("_focal_fwd_kernel", sig, {"BLOCK": 1024, "SMOOTH": False, "WRITE_GRAD": True}),
-        ("_focal_fwd_kernel", dict(sig, x_ptr="*bf16"), {"BLOCK": 1024, "SMOOTH": True, "WRITE_GRAD": False}),
+        ("_focal_fwd_kernel", sig, {"C": 90, "BLOCK": 1024, "SMOOTH": False, "WRITE_GRAD": True}),
+        ("_focal_fwd_kernel", dict(sig, x_ptr="*bf16"), {"C": 7, "BLOCK": 1024, "SMOOTH": True,
+                                                         "WRITE_GRAD": False}),
         ("_focal_reduce_kernel", {"partial_ptr": "*fp32", "n_partial": "i32", "norm_ptr": "*fp32",
-                                  "out_ptr": "*fp32", "iters": "i32"}, {"BLOCK": 1024})])
+                                  "out_ptr": "*fp32", "iters": "i32"}, {"BLOCK": 1024}),
+        ("_focal_bwd_kernel", {"grad_ptr": "*fp32", "grad_out_ptr": "*fp32", "norm_ptr": "*fp32",
+                               "out_ptr": "*fp16", "n_elem": "i64"}, {"BLOCK": 2048}),
+        ("_focal_bwd_kernel", {"grad_ptr": "*fp32", "grad_out_ptr": "*fp32", "norm_ptr": "*fp32",
+                               "out_ptr": "*bf16", "n_elem": "i64"}, {"BLOCK": 2048})])
