@@ -155,11 +155,16 @@ if triton_available():
 
     @triton.jit(do_not_specialize=["n_elem"])
     def _focal_bwd_kernel(grad_ptr, grad_out_ptr, norm_ptr, out_ptr, n_elem, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < n_elem
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
         scale = tl.load(grad_out_ptr).to(tl.float32) / tl.load(norm_ptr).to(tl.float32)
-        g = tl.load(grad_ptr + offs, mask=m, other=0.0)
-        tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=m)
+        if start + BLOCK <= n_elem:            # full tile: unmasked, so the accesses are vectorized
+            g = tl.load(grad_ptr + offs)
+            tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty))
+        else:                                  # the last tile
+            m = offs < n_elem
+            g = tl.load(grad_ptr + offs, mask=m, other=0.0)
+            tl.store(out_ptr + offs, (g * scale).to(out_ptr.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------------------------------
