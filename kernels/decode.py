@@ -11,22 +11,28 @@ published checkpoints keep their meaning); everything else in the project is xyx
 
 (effdet's ``decode_box_outputs`` is the same without the clamp of ``dh, dw`` and without the clip.)
 
+NaN and inf follow PyTorch: a NaN delta, anchor coordinate or clip size gives NaN coordinates (the
+clamp and the clip propagate NaN, as ``torch.clamp``/``torch.minimum`` do); ``dh, dw = +inf`` are
+clamped like any large value, ``-inf`` gives a zero-size box.
+
 ``decode_topk`` selects the ``k`` largest logits over all anchors x classes of each image with
-``torch.topk`` (sorted, both backends), then ONE Triton kernel turns each chosen flat index into
-(anchor, class), gathers that anchor's deltas and box, decodes, clips and writes ``sigmoid(logit)``
-computed in fp32. Inference ops: no autograd.
+``torch.topk`` (sorted, both backends; NaN logits rank first, as in ``torch.topk``), then ONE Triton
+kernel turns each chosen flat index into (anchor, class), gathers that anchor's deltas and box,
+decodes, clips and writes ``sigmoid(logit)`` computed in fp32. Inference ops: no autograd.
 
-Custom ops (torch.compile): ``effdet::decode_boxes`` and ``effdet::decode_topk_gather``; CPU =
-reference, CUDA = Triton, with fake implementations.
+Triton design: one program per 256 boxes (or selected candidates), every box decoded by one lane in
+fp32 from its 4 deltas and 4 anchor coordinates; no reductions, no shared memory.
+
+Each launcher is the op's custom op (``effdet::decode_boxes``, ``effdet::decode_topk_gather``, via
+``kernels._dispatch.triton_op``), with a fake implementation for torch.compile; the public functions
+choose between it and the reference with ``kernels._dispatch.dispatch``.
 """
-from __future__ import annotations
-
 import math
 from typing import Optional
 
 import torch
 
-from ._dispatch import resolve, triton_available
+from ._dispatch import dispatch, triton_available, triton_op
 
 __all__ = ["decode_boxes", "decode_topk", "decode_boxes_reference", "decode_topk_reference",
            "BBOX_XFORM_CLIP"]
@@ -46,29 +52,31 @@ def _parse_clip(clip_to, batch_shape: tuple, device) -> tuple[int, Optional[torc
         return _CLIP_NONE, None, 0.0, 0.0
     if isinstance(clip_to, torch.Tensor):
         if clip_to.shape[-1:] != (2,):
-            raise ValueError(f"clip_to tensor must have shape (..., 2) = (height, width), got "
+            raise ValueError(f"kernels/decode.py: clip_to tensor must have shape (..., 2) = (height, width), got "
                              f"{tuple(clip_to.shape)}")
         try:
             c = clip_to.to(device=device, dtype=torch.float32).expand(*batch_shape, 2)
         except RuntimeError as err:
-            raise ValueError(f"clip_to shape {tuple(clip_to.shape)} does not broadcast to the batch "
+            raise ValueError(f"kernels/decode.py: clip_to shape {tuple(clip_to.shape)} does not broadcast to the batch "
                              f"shape {batch_shape} + (2,)") from err
         return _CLIP_TENSOR, c.reshape(-1, 2).contiguous(), 0.0, 0.0
     try:
         h, w = clip_to
         return _CLIP_SCALAR, None, float(h), float(w)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"clip_to must be None, an (H, W) pair or a (..., 2) tensor, got {clip_to!r}") from err
+        raise ValueError(f"kernels/decode.py: clip_to must be None, an (H, W) pair or a (..., 2) tensor, "
+                         f"got {clip_to!r}") from err
 
 
 def _clip_reference(boxes: torch.Tensor, mode: int, clip: Optional[torch.Tensor], h: float, w: float):
     if mode == _CLIP_NONE:
         return boxes
+    b = boxes.clamp(min=0.0)
     if mode == _CLIP_SCALAR:
-        hw = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)
-    else:  # clip: (prod(batch), 2) as (H, W); boxes: (*batch, M, 4)
-        hw = clip.flip(-1).repeat(1, 2).reshape(*boxes.shape[:-2], 1, 4)
-    return torch.minimum(boxes.clamp(min=0.0), hw)
+        return torch.stack([b[..., 0].clamp(max=w), b[..., 1].clamp(max=h), b[..., 2].clamp(max=w),
+                            b[..., 3].clamp(max=h)], dim=-1)
+    # clip: (prod(batch), 2) as (H, W); boxes: (*batch, M, 4)
+    return torch.minimum(b, clip.flip(-1).repeat(1, 2).reshape(*boxes.shape[:-2], 1, 4))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,6 +94,11 @@ def _decode_math(deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     h = torch.exp(d[..., 2].clamp(max=BBOX_XFORM_CLIP)) * ha
     w = torch.exp(d[..., 3].clamp(max=BBOX_XFORM_CLIP)) * wa
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def _decode_reference_parsed(deltas, anchors, clip_mode, clip, clip_h, clip_w):
+    """The reference with ``clip_to`` already parsed (the same arguments as the custom op)."""
+    return _clip_reference(_decode_math(deltas, anchors), clip_mode, clip, clip_h, clip_w)
 
 
 def decode_boxes_reference(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None) -> torch.Tensor:
@@ -129,6 +142,12 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _clip_nan(v, hi):
+        """min(max(v, 0), hi), NaN in either operand -> NaN (torch.clamp / torch.minimum semantics)."""
+        return tl.minimum(tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL), hi,
+                          propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
     def _decode_one(d_ptr, a_ptr, m, clip_ptr, clip_h, clip_w, img, out_ptr, XFORM_CLIP: tl.constexpr,
                     CLIP_MODE: tl.constexpr):
         """Decode boxes whose 4 deltas start at d_ptr and 4 anchor coords at a_ptr; store at out_ptr."""
@@ -144,8 +163,9 @@ if triton_available():
         ha = y2a - y1a
         cx = dx * wa + (x1a + 0.5 * wa)
         cy = dy * ha + (y1a + 0.5 * ha)
-        hw = 0.5 * (tl.exp(tl.minimum(dw, XFORM_CLIP)) * wa)
-        hh = 0.5 * (tl.exp(tl.minimum(dh, XFORM_CLIP)) * ha)
+        # propagate_nan: a NaN delta stays NaN, as in torch.clamp (the default drops it)
+        hw = 0.5 * (tl.exp(tl.minimum(dw, XFORM_CLIP, propagate_nan=tl.PropagateNan.ALL)) * wa)
+        hh = 0.5 * (tl.exp(tl.minimum(dh, XFORM_CLIP, propagate_nan=tl.PropagateNan.ALL)) * ha)
         x1 = cx - hw
         y1 = cy - hh
         x2 = cx + hw
@@ -157,16 +177,16 @@ if triton_available():
             else:
                 H = tl.load(clip_ptr + img * 2, mask=m, other=0.0)
                 W = tl.load(clip_ptr + img * 2 + 1, mask=m, other=0.0)
-            x1 = tl.minimum(tl.maximum(x1, 0.0), W)
-            x2 = tl.minimum(tl.maximum(x2, 0.0), W)
-            y1 = tl.minimum(tl.maximum(y1, 0.0), H)
-            y2 = tl.minimum(tl.maximum(y2, 0.0), H)
+            x1 = _clip_nan(x1, W)
+            x2 = _clip_nan(x2, W)
+            y1 = _clip_nan(y1, H)
+            y2 = _clip_nan(y2, H)
         tl.store(out_ptr + 0, x1, mask=m)
         tl.store(out_ptr + 1, y1, mask=m)
         tl.store(out_ptr + 2, x2, mask=m)
         tl.store(out_ptr + 3, y2, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_boxes", "N"])
     def _decode_boxes_kernel(d_ptr, a_ptr, clip_ptr, out_ptr, n_boxes, N, clip_h, clip_w,
                              XFORM_CLIP: tl.constexpr, CLIP_MODE: tl.constexpr, BLOCK: tl.constexpr):
         box = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -176,7 +196,7 @@ if triton_available():
         _decode_one(d_ptr + box * 4, a_ptr + anchor * 4, m, clip_ptr, clip_h, clip_w, img,
                     out_ptr + box * 4, XFORM_CLIP, CLIP_MODE)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_sel", "k", "N", "C"])
     def _topk_gather_kernel(val_ptr, idx_ptr, d_ptr, a_ptr, clip_ptr, box_ptr, score_ptr, cls_ptr,
                             aidx_ptr, n_sel, k, N, C, clip_h, clip_w,
                             XFORM_CLIP: tl.constexpr, CLIP_MODE: tl.constexpr, BLOCK: tl.constexpr):
@@ -196,19 +216,35 @@ if triton_available():
         tl.store(aidx_ptr + sel, anchor, mask=m)
 
 
-def _launch_decode(deltas, anchors, mode, clip, h, w):
+# --------------------------------------------------------------------------------------------------
+# launchers = custom ops
+# --------------------------------------------------------------------------------------------------
+
+
+@triton_op("effdet::decode_boxes")
+def _decode_boxes_op(deltas: torch.Tensor, anchors: torch.Tensor, clip_mode: int, clip: Optional[torch.Tensor],
+                     clip_h: float, clip_w: float) -> torch.Tensor:
     d = deltas.contiguous()
     a = anchors.contiguous()
     out = torch.empty(d.shape, dtype=torch.float32, device=d.device)
     n_boxes = d.numel() // 4
     if n_boxes:
         _decode_boxes_kernel[(triton.cdiv(n_boxes, _BLOCK),)](
-            d, a, clip if clip is not None else out, out, n_boxes, a.shape[0], float(h), float(w),
-            XFORM_CLIP=BBOX_XFORM_CLIP, CLIP_MODE=mode, BLOCK=_BLOCK, num_warps=4)
+            d, a, clip if clip is not None else out, out, n_boxes, a.shape[0], float(clip_h), float(clip_w),
+            XFORM_CLIP=BBOX_XFORM_CLIP, CLIP_MODE=clip_mode, BLOCK=_BLOCK, num_warps=4)
     return out
 
 
-def _launch_topk_gather(values, flat_index, box_deltas, anchors, mode, clip, h, w, num_classes):
+@_decode_boxes_op.register_fake
+def _decode_boxes_fake(deltas, anchors, clip_mode, clip, clip_h, clip_w):
+    return deltas.new_empty(deltas.shape, dtype=torch.float32)
+
+
+@triton_op("effdet::decode_topk_gather")
+def _topk_gather_op(values: torch.Tensor, flat_index: torch.Tensor, box_deltas: torch.Tensor,
+                    anchors: torch.Tensor, clip_mode: int, clip: Optional[torch.Tensor], clip_h: float,
+                    clip_w: float, num_classes: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, k = values.shape
     dev = values.device
     boxes = torch.empty((B, k, 4), dtype=torch.float32, device=dev)
@@ -221,55 +257,9 @@ def _launch_topk_gather(values, flat_index, box_deltas, anchors, mode, clip, h, 
         _topk_gather_kernel[(triton.cdiv(n_sel, _BLOCK),)](
             values.contiguous(), flat_index.contiguous(), d, anchors.contiguous(),
             clip if clip is not None else scores, boxes, scores, classes, anchor_index,
-            n_sel, k, d.shape[1], num_classes, float(h), float(w),
-            XFORM_CLIP=BBOX_XFORM_CLIP, CLIP_MODE=mode, BLOCK=_BLOCK, num_warps=4)
+            n_sel, k, d.shape[1], num_classes, float(clip_h), float(clip_w),
+            XFORM_CLIP=BBOX_XFORM_CLIP, CLIP_MODE=clip_mode, BLOCK=_BLOCK, num_warps=4)
     return boxes, scores, classes, anchor_index
-
-
-# --------------------------------------------------------------------------------------------------
-# custom ops
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("effdet::decode_boxes", mutates_args=())
-def _decode_boxes_op(deltas: torch.Tensor, anchors: torch.Tensor, clip_mode: int,
-                     clip: Optional[torch.Tensor], clip_h: float, clip_w: float) -> torch.Tensor:
-    raise NotImplementedError("effdet::decode_boxes has CPU and CUDA implementations only")
-
-
-@_decode_boxes_op.register_kernel("cpu")
-def _decode_boxes_cpu(deltas, anchors, clip_mode, clip, clip_h, clip_w):
-    return _clip_reference(_decode_math(deltas, anchors), clip_mode, clip, clip_h, clip_w)
-
-
-@_decode_boxes_op.register_kernel("cuda")
-def _decode_boxes_cuda(deltas, anchors, clip_mode, clip, clip_h, clip_w):
-    return _launch_decode(deltas, anchors, clip_mode, clip, clip_h, clip_w)
-
-
-@_decode_boxes_op.register_fake
-def _decode_boxes_fake(deltas, anchors, clip_mode, clip, clip_h, clip_w):
-    return deltas.new_empty(deltas.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("effdet::decode_topk_gather", mutates_args=())
-def _topk_gather_op(values: torch.Tensor, flat_index: torch.Tensor, box_deltas: torch.Tensor,
-                    anchors: torch.Tensor, clip_mode: int, clip: Optional[torch.Tensor], clip_h: float,
-                    clip_w: float, num_classes: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    raise NotImplementedError("effdet::decode_topk_gather has CPU and CUDA implementations only")
-
-
-@_topk_gather_op.register_kernel("cpu")
-def _topk_gather_cpu(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w, num_classes):
-    return _topk_gather_reference(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w,
-                                  num_classes)
-
-
-@_topk_gather_op.register_kernel("cuda")
-def _topk_gather_cuda(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w, num_classes):
-    return _launch_topk_gather(values, flat_index, box_deltas, anchors, clip_mode, clip, clip_h, clip_w,
-                               num_classes)
 
 
 @_topk_gather_op.register_fake
@@ -286,28 +276,28 @@ def _topk_gather_fake(values, flat_index, box_deltas, anchors, clip_mode, clip, 
 
 def _check_decode(deltas: torch.Tensor, anchors: torch.Tensor) -> None:
     if not deltas.is_floating_point() or not anchors.is_floating_point():
-        raise TypeError(f"decode_boxes: deltas and anchors must be floating point, got {deltas.dtype}, "
-                        f"{anchors.dtype}")
+        raise TypeError(f"kernels/decode.py: decode_boxes: deltas and anchors must be floating point, got "
+                        f"{deltas.dtype}, {anchors.dtype}")
     if deltas.dim() < 2 or deltas.shape[-1] != 4:
-        raise ValueError(f"decode_boxes: deltas must be (..., N, 4), got {tuple(deltas.shape)}")
+        raise ValueError(f"kernels/decode.py: decode_boxes: deltas must be (..., N, 4), got {tuple(deltas.shape)}")
     if anchors.dim() != 2 or anchors.shape[-1] != 4 or anchors.shape[0] != deltas.shape[-2]:
-        raise ValueError(f"decode_boxes: anchors must be (N, 4) with N = {deltas.shape[-2]}, got "
+        raise ValueError(f"kernels/decode.py: decode_boxes: anchors must be (N, 4) with N = {deltas.shape[-2]}, got "
                          f"{tuple(anchors.shape)}")
     if anchors.device != deltas.device:
-        raise ValueError(f"decode_boxes: anchors on {anchors.device}, deltas on {deltas.device}")
+        raise ValueError(f"kernels/decode.py: decode_boxes: anchors on {anchors.device}, deltas on {deltas.device}")
 
 
 def _check_topk(class_logits, box_deltas, anchors) -> None:
     if class_logits.dim() != 3 or not class_logits.is_floating_point():
-        raise ValueError(f"decode_topk: class_logits must be a floating (B, N, C) tensor, got "
+        raise ValueError(f"kernels/decode.py: decode_topk: class_logits must be a floating (B, N, C) tensor, got "
                          f"{tuple(class_logits.shape)} {class_logits.dtype}")
     B, N, _ = class_logits.shape
     if tuple(box_deltas.shape) != (B, N, 4):
-        raise ValueError(f"decode_topk: box_deltas must be (B, N, 4) = {(B, N, 4)}, got "
+        raise ValueError(f"kernels/decode.py: decode_topk: box_deltas must be (B, N, 4) = {(B, N, 4)}, got "
                          f"{tuple(box_deltas.shape)}")
     _check_decode(box_deltas, anchors)
     if class_logits.device != box_deltas.device:
-        raise ValueError(f"decode_topk: class_logits on {class_logits.device}, box_deltas on "
+        raise ValueError(f"kernels/decode.py: decode_topk: class_logits on {class_logits.device}, box_deltas on "
                          f"{box_deltas.device}")
 
 
@@ -327,13 +317,9 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None, back
         ``(..., N, 4)`` float32 xyxy boxes; ``dh, dw`` are clamped to ``log(1000/16)`` before ``exp``.
     """
     _check_decode(deltas, anchors)
-    choice = resolve("decode_boxes", backend, deltas.device)
     mode, clip, h, w = _parse_clip(clip_to, tuple(deltas.shape[:-2]), deltas.device)
-    if choice == "torch":
-        return _clip_reference(_decode_math(deltas, anchors), mode, clip, h, w)
-    if deltas.device.type == "cuda":
-        return _decode_boxes_op(deltas, anchors, mode, clip, h, w)
-    return _launch_decode(deltas, anchors, mode, clip, h, w)
+    return dispatch("decode_boxes", backend, deltas.device, _decode_boxes_op, _decode_reference_parsed,
+                    deltas, anchors, mode, clip, h, w)
 
 
 def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor, k: int,
@@ -353,12 +339,7 @@ def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: t
         anchor_index (B, k) int64``.
     """
     _check_topk(class_logits, box_deltas, anchors)
-    choice = resolve("decode_topk", backend, class_logits.device)
     mode, clip, h, w = _parse_clip(clip_to, (class_logits.shape[0],), class_logits.device)
     values, flat_index = _topk_select(class_logits, k)
-    C = class_logits.shape[-1]
-    if choice == "torch":
-        return _topk_gather_reference(values, flat_index, box_deltas, anchors, mode, clip, h, w, C)
-    if class_logits.device.type == "cuda":
-        return _topk_gather_op(values, flat_index, box_deltas, anchors, mode, clip, h, w, C)
-    return _launch_topk_gather(values, flat_index, box_deltas, anchors, mode, clip, h, w, C)
+    return dispatch("decode_topk", backend, class_logits.device, _topk_gather_op, _topk_gather_reference,
+                    values, flat_index, box_deltas, anchors, mode, clip, h, w, class_logits.shape[-1])

@@ -1,100 +1,89 @@
 """Batched greedy non-maximum suppression: many images, many classes, one call.
 
 ``batched_nms(boxes, scores, classes, iou_threshold, batch_index=None)`` returns the kept indices
-(int64), highest score first, and is identical to
-``torchvision.ops.batched_nms(boxes, scores, idxs)`` with ``idxs`` encoding the (image, class) pair:
+(int64), highest score first. The specification is torchvision's *exact per-group* path: for every
+(image, class) group, ``torchvision.ops.nms`` on float32 boxes (``torchvision.ops.boxes.
+_batched_nms_vanilla``). ``torchvision.ops.batched_nms`` itself takes that path only for large inputs
+(more than 4,000 coordinates on the CPU, 100,000 on CUDA); for smaller ones it offsets every group's
+boxes by ``group_id * (max_coordinate + 1)`` and runs one NMS, and those offset coordinates are
+rounded in float32, so its result can differ from the per-group result. The rules:
 
 * a box is suppressed by a *kept* box of the same (image, class) group with a higher rank whose IoU
   with it is strictly greater than ``iou_threshold``; rank = score descending, equal scores: the
-  lower index first (stable sort);
+  lower index first (stable sort). The threshold is compared as torchvision's CPU kernel does (a
+  float32 IoU against the threshold in double), i.e. against the largest float32 <= the threshold;
 * IoU is torchvision's formula in float32: ``area = (x2-x1)*(y2-y1)``, ``inter = clamp(min(x2) -
   max(x1), 0) * clamp(min(y2) - max(y1), 0)``, ``iou = inter / (area_i + area_j - inter)``, so
-  zero-area and inverted boxes behave the same (a NaN IoU never suppresses);
-* the output is ordered by score descending, ties by lower index.
-
-Both paths share the same preparation in PyTorch (on the tensors' device): three stable sorts put
-the boxes in (image, class, score desc, index) order, so every (image, class) group is one
-contiguous *segment*; then
-
-* the reference (:func:`batched_nms_reference`) computes IoU only for pairs inside a segment, in
-  chunks, and resolves the greedy suppression by a fixed-point iteration (see
-  :func:`_greedy_fixed_point` for the exactness argument);
-* the Triton path launches ONE kernel for the whole batch, one program per segment; each program
-  walks its segment in blocks of ``BLOCK`` boxes: it resolves the block against itself with the
-  sequential greedy scan (IoU tile in registers), then lets the block's kept boxes suppress every
-  later block of the segment (IoU tiles computed on the fly, i.e. the suppression bitmask is built
-  tile by tile and never stored or copied to the host). The per-box "removed" flags live in a
-  device scratch buffer.
-
-Host synchronisations: the number of segments (one ``nonzero``) and the final number of kept boxes
-(the output's length is data dependent). None per image, class or block.
+  zero-area and inverted boxes behave the same;
+* NaN: a box with a NaN coordinate has a NaN area, so every IoU it takes part in is NaN and never
+  exceeds the threshold: it is never suppressed and suppresses nothing (this holds whichever way
+  ``min``/``max`` treat NaN, so torchvision's ``std::max``, ``torch.maximum`` and the GPU's ``max``
+  all agree; an infinite coordinate can only give a NaN intersection when an area is NaN too). A NaN
+  score ranks above every number (``torch.sort``'s order), NaN scores among themselves by index;
+* the output is ordered by score descending, ties (NaN included) by lower index.
 
 fp16 boxes are converted to float32 before any arithmetic (torchvision's CPU kernel computes fp16
-boxes in fp16, so for fp16 inputs compare against torchvision on ``boxes.float()``). On CUDA the
-Triton kernel is compiled with ``enable_fp_fusion=False`` and uses ``div_rn`` so the IoU is bitwise
-the same float32 value the reference computes (no FMA contraction, IEEE division).
+boxes in fp16: compare against it on ``boxes.float()``).
+
+Preparation (both paths, PyTorch on the tensors' device): three stable sorts put the boxes in
+(image, class, score desc, index) order, so every (image, class) group is one contiguous *segment*
+of the sorted boxes.
+
+* The reference (:func:`batched_nms_reference`) computes IoU only for pairs inside a segment, in
+  chunks, and resolves the greedy suppression by a fixed-point iteration (see
+  :func:`_greedy_fixed_point` for the exactness argument).
+* The Triton path runs two kernels for the whole batch. The sorted positions are cut into 64-box
+  blocks (global, not per segment). (1) ``_nms_mask_kernel``, grid (block ``b``, word ``w``): the
+  64x64 IoU tile of row block ``b`` against column block ``b + w``, computed only when both blocks
+  hold boxes of a common segment (boxes are sorted, so only tiles with column >= row block are
+  needed), packed into one int64 word per row: bit ``j`` of ``mask[w, p]`` = box ``p`` would
+  suppress box ``64 (b + w) + j`` (later in the same segment, IoU > threshold). (2)
+  ``_nms_scan_kernel``, one program per row block, handling the segments that *start* in that
+  block: it walks each segment block by block keeping a "removed" bitset in device scratch; inside a
+  block it decides the boxes in order from the diagonal words (a scalar loop on one 64-bit word),
+  then ORs the rows of the block's kept boxes into the removed words of every later block of the
+  segment.
+  The mask has ``W`` words per box, ``W = min(blocks, 64 MiB / (8 N))`` (at least 1). A segment longer
+  than ``W`` blocks is still exact: the scan computes the IoU tiles beyond the band on the fly.
+  Sizes come from shapes only: no host synchronisation inside the launcher. The public function
+  synchronises once, for the output's data-dependent length.
+
+On CUDA the kernels are compiled with ``enable_fp_fusion=False`` and use ``div_rn`` so the IoU is
+bitwise the float32 value the reference computes (no FMA contraction, IEEE division).
 """
-from __future__ import annotations
 
 import contextlib
 from typing import Optional
 
+import numpy as np
 import torch
 
-from ._dispatch import resolve, triton_available
+from ._dispatch import dispatch, triton_available, triton_op
 
 __all__ = ["batched_nms", "batched_nms_reference"]
 
+OP_NAME = "batched_nms"
 # Pairs per chunk in the reference's IoU pass (bounds memory: ~40 bytes per pair).
 _PAIR_CHUNK = 1 << 22
-
-# ----------------------------------------------------------------------------------------------
-# Shared preparation
-# ----------------------------------------------------------------------------------------------
+# Boxes per block = bits per mask word.
+_BLOCK = 64
+# Upper bound on the suppression mask of the Triton path (bytes); see the module docstring.
+_MASK_BUDGET_BYTES = 64 << 20
 
 
 def _check_inputs(boxes, scores, classes, batch_index):
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be (N, 4), got {tuple(boxes.shape)}")
+        raise ValueError(f"kernels/nms.py: boxes must be (N, 4), got {tuple(boxes.shape)}")
     n = boxes.shape[0]
     if scores.shape != (n,) or classes.shape != (n,):
-        raise ValueError(f"scores and classes must be ({n},), got {tuple(scores.shape)}, {tuple(classes.shape)}")
+        raise ValueError(f"kernels/nms.py: scores and classes must be ({n},), got {tuple(scores.shape)}, "
+                         f"{tuple(classes.shape)}")
     if batch_index is not None and batch_index.shape != (n,):
-        raise ValueError(f"batch_index must be ({n},), got {tuple(batch_index.shape)}")
+        raise ValueError(f"kernels/nms.py: batch_index must be ({n},), got {tuple(batch_index.shape)}")
     if not boxes.is_floating_point():
-        raise TypeError(f"boxes must be floating point, got {boxes.dtype}")
-
-
-def _group_order(scores, classes, batch_index):
-    """Sort into (image, class, score desc, index asc) order with three stable sorts.
-
-    Returns ``order`` (N,) int64 - original index at each sorted position -, ``score_perm`` (N,)
-    int64 - original indices by (score desc, index asc) -, and ``seg`` (S+1,) int64 - segment
-    starts in sorted order followed by N.
-    """
-    score_perm = torch.sort(scores, descending=True, stable=True).indices
-    order = score_perm[torch.sort(classes[score_perm], stable=True).indices]
-    if batch_index is not None:
-        order = order[torch.sort(batch_index[order], stable=True).indices]
-    n = order.numel()
-    c = classes[order]
-    new = torch.ones(n, dtype=torch.bool, device=order.device)
-    if n > 1:
-        diff = c[1:] != c[:-1]
-        if batch_index is not None:
-            b = batch_index[order]
-            diff |= b[1:] != b[:-1]
-        new[1:] = diff
-    starts = torch.nonzero(new).flatten()  # host sync: the number of segments
-    seg = torch.cat([starts, starts.new_tensor([n])])
-    return order, score_perm, seg
-
-
-def _finish(keep_sorted, order, score_perm):
-    """Kept flags in sorted order -> kept original indices, score descending (ties: lower index)."""
-    keep_orig = torch.zeros_like(keep_sorted)
-    keep_orig[order] = keep_sorted
-    return score_perm[keep_orig[score_perm]]
+        raise TypeError(f"kernels/nms.py: boxes must be floating point, got {boxes.dtype}")
+    if classes.is_floating_point() or (batch_index is not None and batch_index.is_floating_point()):
+        raise TypeError("kernels/nms.py: classes and batch_index must be integer tensors")
 
 
 def _threshold_f32(t: float) -> float:
@@ -104,10 +93,46 @@ def _threshold_f32(t: float) -> float:
     ``x``, ``x > t`` (in double) is the same as ``x > largest_f32_le(t)``, which both our paths use.
     """
     t = float(t)
-    t32 = torch.tensor(t, dtype=torch.float32)
-    if t32.item() > t:
-        t32 = torch.nextafter(t32, torch.tensor(float("-inf")))
-    return t32.item()
+    t32 = np.float32(t)
+    if float(t32) > t:
+        t32 = np.nextafter(t32, np.float32(-np.inf))
+    return float(t32)
+
+
+def _sort_groups(scores, classes, batch_index):
+    """Three stable sorts: ``order`` (original index at each sorted position, (image, class, score
+    desc, index) order) and ``score_perm`` (original indices by score desc, index asc)."""
+    score_perm = torch.sort(scores, descending=True, stable=True).indices
+    order = score_perm[torch.sort(classes[score_perm], stable=True).indices]
+    if batch_index is not None:
+        order = order[torch.sort(batch_index[order], stable=True).indices]
+    return order, score_perm
+
+
+def _segment_starts(order, classes, batch_index):
+    """(N,) bool: sorted position p starts a new (image, class) segment."""
+    n = order.numel()
+    new = torch.ones(n, dtype=torch.bool, device=order.device)
+    if n > 1:
+        c = classes[order]
+        diff = c[1:] != c[:-1]
+        if batch_index is not None:
+            b = batch_index[order]
+            diff |= b[1:] != b[:-1]
+        new[1:] = diff
+    return new
+
+
+def _kept_indices(keep_sorted, order, score_perm):
+    """Kept flags in sorted order -> kept original indices, score descending (ties: lower index)."""
+    keep_orig = torch.zeros_like(keep_sorted)
+    keep_orig[order] = keep_sorted
+    return score_perm[keep_orig[score_perm]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
 
 
 def _pair_iou(cols, i, j):
@@ -127,11 +152,6 @@ def _pair_iou(cols, i, j):
 def _columns(sboxes):
     x1, y1, x2, y2 = (sboxes[:, k].contiguous() for k in range(4))
     return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference
-# ----------------------------------------------------------------------------------------------
 
 
 def _suppression_edges(sboxes, seg, iou_threshold):
@@ -202,21 +222,24 @@ def batched_nms_reference(boxes, scores, classes, iou_threshold, batch_index=Non
     """Plain-PyTorch exact batched greedy NMS (float32 IoU); see the module docstring.
 
     Vectorized: no N x N matrix, no Python loop over images, classes or boxes (only over chunks of
-    candidate pairs and over fixed-point steps).
+    candidate pairs and over fixed-point steps). It synchronises with the host (segment count, chunk
+    bounds, the fixed-point test): it is the spec, not the fast path.
     """
     _check_inputs(boxes, scores, classes, batch_index)
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    order, score_perm, seg = _group_order(scores, classes, batch_index)
+    order, score_perm = _sort_groups(scores, classes, batch_index)
+    starts = torch.nonzero(_segment_starts(order, classes, batch_index)).flatten()
+    seg = torch.cat([starts, starts.new_tensor([n])])
     sboxes = boxes[order].float()
     src, dst = _suppression_edges(sboxes, seg, _threshold_f32(iou_threshold))
     keep_sorted = _greedy_fixed_point(n, src, dst, boxes.device)
-    return _finish(keep_sorted, order, score_perm)
+    return _kept_indices(keep_sorted, order, score_perm)
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton
+# Triton kernels
 # ----------------------------------------------------------------------------------------------
 
 if triton_available():
@@ -224,65 +247,97 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _iou_tile(rx1, ry1, rx2, ry2, rarea, cx1, cy1, cx2, cy2, carea):
-        # rows (dim 0) rank above columns (dim 1); torchvision's formula and evaluation order.
-        xx1 = tl.maximum(rx1[:, None], cx1[None, :])
-        yy1 = tl.maximum(ry1[:, None], cy1[None, :])
-        xx2 = tl.minimum(rx2[:, None], cx2[None, :])
-        yy2 = tl.minimum(ry2[:, None], cy2[None, :])
-        w = tl.maximum(xx2 - xx1, 0.0)
-        h = tl.maximum(yy2 - yy1, 0.0)
-        inter = w * h
-        return tl.math.div_rn(inter, (rarea[:, None] + carea[None, :]) - inter)
+    def _bit_or(a, b):
+        return a | b
 
     @triton.jit
-    def _nms_segments_kernel(boxes_ptr, seg_ptr, state_ptr, iou_threshold, BLOCK: tl.constexpr):
-        """One program per (image, class) segment of the sorted boxes.
+    def _load_boxes(boxes_ptr, idx, m):
+        x1 = tl.load(boxes_ptr + idx * 4 + 0, mask=m, other=0.0)
+        y1 = tl.load(boxes_ptr + idx * 4 + 1, mask=m, other=0.0)
+        x2 = tl.load(boxes_ptr + idx * 4 + 2, mask=m, other=0.0)
+        y2 = tl.load(boxes_ptr + idx * 4 + 3, mask=m, other=0.0)
+        return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
 
-        ``state[p]`` = 1 once sorted box p is suppressed. Blocks of the segment are visited in rank
-        order; when block b is reached every suppression by kept boxes of earlier blocks has been
-        applied, so the in-block sequential scan decides block b exactly; its kept boxes then
-        suppress boxes of all later blocks.
+    @triton.jit
+    def _suppress_words(boxes_ptr, rows, rmask, cols, cmask, end_r, thr, BLOCK: tl.constexpr):
+        """(BLOCK,) int64: bit j of word r = row box r (ranked higher) has IoU > thr with column box j,
+        j later than r in r's segment. torchvision's IoU formula and evaluation order."""
+        rx1, ry1, rx2, ry2, ra = _load_boxes(boxes_ptr, rows, rmask)
+        cx1, cy1, cx2, cy2, ca = _load_boxes(boxes_ptr, cols, cmask)
+        w = tl.maximum(tl.minimum(rx2[:, None], cx2[None, :]) - tl.maximum(rx1[:, None], cx1[None, :]), 0.0)
+        h = tl.maximum(tl.minimum(ry2[:, None], cy2[None, :]) - tl.maximum(ry1[:, None], cy1[None, :]), 0.0)
+        inter = w * h
+        iou = tl.math.div_rn(inter, (ra[:, None] + ca[None, :]) - inter)
+        hit = (iou > thr) & (cols[None, :] > rows[:, None]) & (cols[None, :] < end_r[:, None])
+        bit = tl.full([BLOCK], 1, tl.int64) << tl.arange(0, BLOCK).to(tl.int64)
+        return tl.sum(tl.where(hit, bit[None, :], 0), 1)  # distinct bits: the sum is their OR
+
+    @triton.jit(do_not_specialize=["n", "W"])
+    def _nms_mask_kernel(boxes_ptr, seg_end_ptr, mask_ptr, n, W, thr, BLOCK: tl.constexpr):
+        """Program (b, w): tile of row block b x column block b + w -> mask[w, 64 b : 64 b + 64]."""
+        b = tl.program_id(0)
+        w = tl.program_id(1)
+        c = b + w
+        last_row = tl.minimum(b * BLOCK + BLOCK, n) - 1
+        # seg_end is non-decreasing in the sorted position: the block's last row reaches furthest
+        if c * BLOCK < tl.load(seg_end_ptr + last_row):
+            offs = tl.arange(0, BLOCK)
+            rows = b * BLOCK + offs
+            rmask = rows < n
+            cols = c * BLOCK + offs
+            end_r = tl.load(seg_end_ptr + rows, mask=rmask, other=0)
+            word = _suppress_words(boxes_ptr, rows, rmask, cols, cols < n, end_r, thr, BLOCK)
+            tl.store(mask_ptr + w.to(tl.int64) * n + rows, word, mask=rmask)
+
+    @triton.jit(do_not_specialize=["n", "W"])
+    def _nms_scan_kernel(boxes_ptr, mask_ptr, seg_start_ptr, seg_end_ptr, seg_id_ptr, removed_ptr, keep_ptr,
+                         n, W, thr, BLOCK: tl.constexpr, WCHUNK: tl.constexpr):
+        """Program b: greedy scan of every segment starting in sorted positions [64 b, 64 b + 64).
+
+        ``removed_ptr + seg_id + c`` is the removed word of global block c for that segment (segments
+        own disjoint word ranges). Blocks are visited in rank order; when block c is reached every
+        suppression by kept boxes of earlier blocks is in its word, so the in-block scan is exact.
         """
-        s = tl.program_id(0)
-        start = tl.load(seg_ptr + s)
-        end = tl.load(seg_ptr + s + 1)
+        b = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
-        upper = offs[:, None] < offs[None, :]  # strictly later position inside the block
-        for b0 in range(start, end, BLOCK):
-            rows = b0 + offs
-            rmask = rows < end
-            rx1 = tl.load(boxes_ptr + rows * 4 + 0, mask=rmask, other=0.0)
-            ry1 = tl.load(boxes_ptr + rows * 4 + 1, mask=rmask, other=0.0)
-            rx2 = tl.load(boxes_ptr + rows * 4 + 2, mask=rmask, other=0.0)
-            ry2 = tl.load(boxes_ptr + rows * 4 + 3, mask=rmask, other=0.0)
-            rarea = (rx2 - rx1) * (ry2 - ry1)
-            iou = _iou_tile(rx1, ry1, rx2, ry2, rarea, rx1, ry1, rx2, ry2, rarea)
-            over = ((iou > iou_threshold) & upper & rmask[None, :]).to(tl.int32)
-            removed = tl.load(state_ptr + rows, mask=rmask, other=1)
-            n_valid = tl.minimum(end - b0, BLOCK)
-            for i in range(0, n_valid):  # sequential greedy scan inside the block
-                r_i = tl.sum(tl.where(offs == i, removed, 0), axis=0)
-                row_i = tl.sum(tl.where(offs[:, None] == i, over, 0), axis=0)
-                removed = tl.where((row_i > 0) & (r_i == 0), 1, removed)
-            tl.store(state_ptr + rows, removed, mask=rmask)
-            kept = (removed == 0) & rmask
-            if tl.max(kept.to(tl.int32), axis=0) > 0:
-                for c0 in range(b0 + BLOCK, end, BLOCK):
-                    cols = c0 + offs
-                    cmask = cols < end
-                    cx1 = tl.load(boxes_ptr + cols * 4 + 0, mask=cmask, other=0.0)
-                    cy1 = tl.load(boxes_ptr + cols * 4 + 1, mask=cmask, other=0.0)
-                    cx2 = tl.load(boxes_ptr + cols * 4 + 2, mask=cmask, other=0.0)
-                    cy2 = tl.load(boxes_ptr + cols * 4 + 3, mask=cmask, other=0.0)
-                    carea = (cx2 - cx1) * (cy2 - cy1)
-                    iou_c = _iou_tile(rx1, ry1, rx2, ry2, rarea, cx1, cy1, cx2, cy2, carea)
-                    hit = tl.where((iou_c > iou_threshold) & kept[:, None], 1, 0)
-                    sup = tl.max(hit, axis=0)
-                    st = tl.load(state_ptr + cols, mask=cmask, other=1)
-                    tl.store(state_ptr + cols, st | sup, mask=cmask)
-            # make this block's stores visible to all threads before the next block reads them
-            tl.debug_barrier()
+        one = tl.full([BLOCK], 1, tl.int64)
+        for q in range(b * BLOCK, tl.minimum(b * BLOCK + BLOCK, n)):
+            if tl.load(seg_start_ptr + q) == q:
+                end = tl.load(seg_end_ptr + q)
+                rbase = removed_ptr + tl.load(seg_id_ptr + q)
+                c_last = (end - 1) // BLOCK
+                for c in range(q // BLOCK, c_last + 1):
+                    lo = tl.maximum(q, c * BLOCK)
+                    hi = tl.minimum(end, c * BLOCK + BLOCK)
+                    r = tl.load(rbase + c)
+                    for p in range(lo, hi):  # the greedy decisions of this block, in rank order
+                        diag = tl.load(mask_ptr + p)  # mask[0, p]: p's suppressions inside block c
+                        alive = ((r >> (p - c * BLOCK)) & 1) == 0
+                        r = tl.where(alive, r | diag, r)
+                    pos = c * BLOCK + offs
+                    inseg = (pos >= lo) & (pos < hi)
+                    kept = inseg & (((r >> offs.to(tl.int64)) & one) == 0)
+                    tl.store(keep_ptr + pos, kept.to(tl.int8), mask=inseg)
+                    if (c < c_last) & (tl.max(kept.to(tl.int32), 0) > 0):
+                        # later blocks inside the mask's band: OR the kept rows' words
+                        w_hi = tl.minimum(c_last - c, W - 1)
+                        for w0 in range(1, w_hi + 1, WCHUNK):
+                            wv = w0 + tl.arange(0, WCHUNK)
+                            wm = wv <= w_hi
+                            words = tl.load(mask_ptr + wv[None, :].to(tl.int64) * n + pos[:, None],
+                                            mask=kept[:, None] & wm[None, :], other=0)
+                            acc = tl.reduce(words, 0, _bit_or)
+                            old = tl.load(rbase + c + wv, mask=wm, other=0)
+                            tl.store(rbase + c + wv, old | acc, mask=wm)
+                        # later blocks beyond the band: IoU tiles on the fly
+                        end_r = tl.where(kept, end, 0)
+                        for c2 in range(c + W, c_last + 1):
+                            cols = c2 * BLOCK + offs
+                            word = _suppress_words(boxes_ptr, pos, kept, cols, cols < end, end_r, thr, BLOCK)
+                            acc2 = tl.reduce(word, 0, _bit_or)
+                            tl.store(rbase + c2, tl.load(rbase + c2) | acc2)
+                    # this block's stores must be visible to every thread before later blocks read them
+                    tl.debug_barrier()
 
 
 @contextlib.contextmanager
@@ -291,57 +346,91 @@ def _quiet_interpreter(device):
     if torch.device(device).type == "cuda":
         yield
         return
-    import numpy as np
-
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         yield
 
 
-def _default_block(device) -> int:
-    return 64 if torch.device(device).type == "cuda" else 16
-
-
-def batched_nms_triton(boxes, scores, classes, iou_threshold, batch_index=None, block=None):
-    """The Triton path (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``). ``block``: boxes per tile."""
-    _check_inputs(boxes, scores, classes, batch_index)
-    n = boxes.shape[0]
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if n >= 2**29:
-        raise ValueError("batched_nms: too many boxes for int32 offsets")
-    order, score_perm, seg = _group_order(scores, classes, batch_index)
-    sboxes = boxes[order].float().contiguous()
-    seg32 = seg.to(torch.int32)
-    state = torch.zeros(n, dtype=torch.int32, device=boxes.device)
-    block = block or _default_block(boxes.device)
-    with _quiet_interpreter(boxes.device):
-        _nms_segments_kernel[(seg.numel() - 1,)](
-            sboxes, seg32, state, _threshold_f32(iou_threshold), BLOCK=block, enable_fp_fusion=False)
-    return _finish(state == 0, order, score_perm)
+def _band_words(n: int, budget_bytes: int) -> int:
+    """Mask words per box: enough for the longest possible segment (all ``n`` boxes) within the budget."""
+    return max(1, min(-(-n // _BLOCK), budget_bytes // (8 * max(n, 1))))
 
 
 # ----------------------------------------------------------------------------------------------
-# torch custom op (so torch.compile(fullgraph=True) traces through) and the public function
+# Launcher = custom op, and the public function
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("effdet::batched_nms", mutates_args=())
+@triton_op("effdet::batched_nms")
 def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
-                    batch_index: Optional[torch.Tensor], iou_threshold: float) -> torch.Tensor:
-    return batched_nms_reference(boxes, scores, classes, iou_threshold, batch_index)
+                    batch_index: Optional[torch.Tensor], iou_threshold: float, band_words: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (score_perm (N,) int64: indices by score desc, index asc; keep (N,) bool in that order).
 
-
-@_batched_nms_op.register_kernel("cuda")
-def _batched_nms_op_cuda(boxes, scores, classes, batch_index, iou_threshold):
-    if triton_available():
-        return batched_nms_triton(boxes, scores, classes, iou_threshold, batch_index)
-    return batched_nms_reference(boxes, scores, classes, iou_threshold, batch_index)
+    ``band_words``: mask words per box, 0 = from the 64 MiB budget (tests pass small values to cover
+    the on-the-fly path). No host synchronisation.
+    """
+    n = boxes.shape[0]
+    dev = boxes.device
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.bool, device=dev)
+    order, score_perm = _sort_groups(scores, classes, batch_index)
+    new = _segment_starts(order, classes, batch_index)
+    pos = torch.arange(n, device=dev, dtype=torch.int32)
+    seg_start = torch.cummax(torch.where(new, pos, 0), 0).values
+    seg_id = torch.cumsum(new, 0, dtype=torch.int32) - 1
+    last = torch.roll(new, -1)  # p is the last of its segment (p = n-1: new[0] is True)
+    seg_end = torch.flip(torch.cummin(torch.flip(torch.where(last, pos + 1, n), [0]), 0).values, [0])
+    seg_end = seg_end.to(torch.int32)
+    sboxes = boxes[order].float().contiguous()
+    nb = -(-n // _BLOCK)
+    W = band_words if band_words > 0 else _band_words(n, _MASK_BUDGET_BYTES)
+    W = max(1, min(W, nb))
+    mask = torch.empty((W, n), dtype=torch.int64, device=dev)
+    removed = torch.zeros(n + nb + 1, dtype=torch.int64, device=dev)  # seg_id + block < n + nb
+    keep_sorted = torch.empty(n, dtype=torch.int8, device=dev)
+    thr = _threshold_f32(iou_threshold)
+    # num_warps: 8 (mask) and 16 (scan) keep both kernels under 255 registers without spills on sm_90 and
+    # sm_80 (4 warps: the scan uses 255 registers on sm_90 and spills on sm_80); the scan's serial part is
+    # scalar, so the extra warps only share the 64x64 tiles.
+    with _quiet_interpreter(dev):
+        _nms_mask_kernel[(nb, W)](sboxes, seg_end, mask, n, W, thr, BLOCK=_BLOCK, num_warps=8,
+                                  enable_fp_fusion=False)
+        _nms_scan_kernel[(nb,)](sboxes, mask, seg_start, seg_end, seg_id, removed, keep_sorted, n, W, thr,
+                                BLOCK=_BLOCK, WCHUNK=16 if dev.type == "cuda" else 4, num_warps=16,
+                                enable_fp_fusion=False)
+    keep_orig = torch.empty(n, dtype=torch.bool, device=dev)
+    keep_orig[order] = keep_sorted.bool()
+    return score_perm, keep_orig[score_perm]
 
 
 @_batched_nms_op.register_fake
-def _batched_nms_fake(boxes, scores, classes, batch_index, iou_threshold):
-    k = torch.library.get_ctx().new_dynamic_size()
-    return boxes.new_empty((k,), dtype=torch.int64)
+def _batched_nms_fake(boxes, scores, classes, batch_index, iou_threshold, band_words):
+    n = boxes.shape[0]
+    return boxes.new_empty((n,), dtype=torch.int64), boxes.new_empty((n,), dtype=torch.bool)
+
+
+def _triton_path(boxes, scores, classes, iou_threshold, batch_index, band_words=0):
+    if boxes.shape[0] >= 2**30:
+        raise ValueError("kernels/nms.py: boxes has too many rows for the Triton path's int32 positions")
+    score_perm, keep = _batched_nms_op(boxes, scores, classes, batch_index, float(iou_threshold), int(band_words))
+    return score_perm[keep]  # the one host synchronisation: the output's length
+
+
+# The reference is data dependent (segment count, fixed-point loop): wrapped as an opaque op so that
+# torch.compile(fullgraph=True) traces post-processing with backend="torch" too.
+@torch.library.custom_op("effdet::batched_nms_reference", mutates_args=())
+def _batched_nms_reference_op(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
+                              batch_index: Optional[torch.Tensor], iou_threshold: float) -> torch.Tensor:
+    return batched_nms_reference(boxes, scores, classes, iou_threshold, batch_index)
+
+
+@_batched_nms_reference_op.register_fake
+def _batched_nms_reference_fake(boxes, scores, classes, batch_index, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+def _reference_path(boxes, scores, classes, iou_threshold, batch_index, band_words=0):
+    return _batched_nms_reference_op(boxes, scores, classes, batch_index, float(iou_threshold))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float,
@@ -349,20 +438,12 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
     """Exact greedy NMS per (image, class) group; returns kept indices (int64), highest score first.
 
     boxes (N, 4) xyxy float32/float16, scores (N,), classes (N,) integer, batch_index (N,) integer
-    image index or None (one image). Same result as ``torchvision.ops.batched_nms`` with
-    ``idxs = batch_index * num_classes + classes``; see the module docstring.
-
-    backend: "torch" on CPU runs the reference through the ``effdet::batched_nms`` custom op (so it
-    compiles with ``fullgraph=True``), on other devices the reference directly; "triton" on CUDA
-    runs the custom op (whose CUDA kernel is the Triton path), on CPU under the interpreter the
-    Triton launcher directly.
+    image index or None (one image). Same result as torchvision's per-group NMS
+    (``torchvision.ops.nms`` on each (image, class) group of ``boxes.float()``); see the module
+    docstring for ties, NaN and why ``torchvision.ops.batched_nms`` itself may differ on small inputs.
     """
-    choice = resolve("batched_nms", backend, boxes.device.type)
-    thr = float(iou_threshold)
-    if choice == "triton":
-        if boxes.device.type == "cuda":
-            return _batched_nms_op(boxes, scores, classes, batch_index, thr)
-        return batched_nms_triton(boxes, scores, classes, thr, batch_index)
-    if boxes.device.type == "cpu":
-        return _batched_nms_op(boxes, scores, classes, batch_index, thr)
-    return batched_nms_reference(boxes, scores, classes, thr, batch_index)
+    _check_inputs(boxes, scores, classes, batch_index)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    return dispatch(OP_NAME, backend, boxes.device, _triton_path, _reference_path,
+                    boxes, scores, classes, iou_threshold, batch_index)

@@ -8,7 +8,7 @@ from kernels.decode import (BBOX_XFORM_CLIP, decode_boxes, decode_boxes_referenc
                             decode_topk_reference)
 
 from .aot import aot_compile
-from .compare import assert_close
+from .compare import assert_close, tolerance
 
 
 def make_anchors(n, gen, degenerate=False):
@@ -30,9 +30,23 @@ def make_deltas(shape, gen, dtype=torch.float32, extreme=False):
 
 
 def box_tol(dtype, boxes):
-    # fp32 math in both paths; different operation order -> relative error vs the box magnitude
-    scale = max(1.0, boxes.abs().max().item()) if boxes.numel() else 1.0
-    return 1e-5, 1e-6 * scale * 4
+    """Both paths compute in fp32 from inputs that fp32 holds exactly, so the fp32 rule applies; a
+    coordinate is a sum of 2 terms (centre +- half size) of up to the boxes' magnitude, so its absolute
+    error follows that magnitude, not its own value (cancellation)."""
+    rtol, atol = tolerance(torch.float32, n_accum=2)
+    finite = boxes[torch.isfinite(boxes)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    return rtol, atol * scale
+
+
+def assert_close_special(got, ref, rtol, atol, what):
+    """assert_close with NaN and +-inf compared exactly (compare.assert_close counts inf vs inf as a
+    mismatch, since inf - inf is NaN)."""
+    assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN positions differ"
+    assert torch.equal(got.isinf(), ref.isinf()), f"{what}: inf positions differ"
+    inf = ref.isinf()
+    assert torch.equal(got[inf], ref[inf]), f"{what}: inf signs differ"
+    assert_close(torch.where(inf, 0.0, got), torch.where(inf, 0.0, ref), rtol, atol, what)
 
 
 CLIP_KINDS = ["none", "pair", "tensor", "tensor_broadcast"]
@@ -98,6 +112,42 @@ def test_decode_boxes_matches_reference(lead, n, dtype, clip, extreme, degenerat
     assert_close(got, ref, *box_tol(dtype, ref), f"boxes clip={clip}")
     if clip != "none":
         assert (got >= 0).all()
+
+
+@settings(max_examples=15)
+@given(n=st.integers(1, 20), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       clip=st.sampled_from(CLIP_KINDS), seed=st.integers(0, 999),
+       where=st.sampled_from(["deltas", "anchors", "clip"]))
+def test_decode_boxes_nan_inf_like_reference(n, dtype, clip, seed, where):
+    """NaN / +-inf in deltas, anchors or per-image clip sizes: the same NaN / inf as the reference
+    (NaN must not turn into a finite clipped box)."""
+    g = torch.Generator().manual_seed(seed)
+    a = make_anchors(n, g)
+    d = make_deltas((2, n, 4), g).to(dtype)
+    c = clip_arg(clip, (2,), g)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    pick = lambda t: special[torch.randint(0, 3, t.shape, generator=g)]  # noqa: E731
+    hit = lambda t: torch.rand(t.shape, generator=g) < 0.3  # noqa: E731
+    if where == "deltas":
+        d = torch.where(hit(d), pick(d).to(dtype), d)
+    elif where == "anchors":
+        a = torch.where(hit(a), pick(a), a)
+    elif isinstance(c, torch.Tensor):
+        c = torch.where(hit(c), pick(c), c)
+    got = decode_boxes(d, a, c, backend="triton")
+    ref = decode_boxes_reference(d, a, c)
+    assert_close_special(got, ref, *box_tol(dtype, ref), f"special {where} clip={clip}")
+
+
+def test_decode_boxes_nan_delta_stays_nan():
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0]] * 4)
+    nan, inf = float("nan"), float("inf")
+    d = torch.tensor([[nan, 0, 0, 0], [0, 0, nan, 0], [0, 0, 0, inf], [0, 0, -inf, 0]])
+    for clip in (None, (5.0, 5.0), torch.tensor([5.0, 5.0])):
+        got = decode_boxes(d, a, clip, backend="triton")
+        assert got[0, 1].isnan() and got[0, 3].isnan() and got[1, 1].isnan() and got[1, 3].isnan()
+        assert torch.isfinite(got[0, [0, 2]]).all() and torch.isfinite(got[2:]).all() if clip is not None else True
+        assert_close_special(got, decode_boxes_reference(d, a, clip), *tolerance(torch.float32), f"clip {clip}")
 
 
 def test_decode_boxes_clip_values():
@@ -168,6 +218,30 @@ def test_decode_topk_matches_reference(b, n, c, k, dtype, clip, extreme, seed):
         logits.view(-1)[1::7] = -1e4 if dtype != torch.float16 else -6e4
     check_topk(logits, make_deltas((b, n, 4), g, dtype, extreme), make_anchors(n, g), k,
                clip_arg(clip, (b,), g))
+
+
+def test_decode_topk_nan_inf_logits_and_deltas():
+    """NaN logits are chosen first (torch.topk's order) and score NaN; +-inf logits score 1 / 0; NaN
+    deltas decode to NaN boxes; same as the reference."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 9, 3, generator=g)
+    logits[0, 2, 1] = float("nan")
+    logits[0, 4, 0] = float("inf")
+    logits[1, 0, 2] = -float("inf")
+    logits[1, 7, 0] = float("nan")
+    deltas = make_deltas((2, 9, 4), g)
+    deltas[0, 2, 0] = float("nan")
+    deltas[1, 7, 3] = float("nan")
+    deltas[1, 3, 2] = float("inf")
+    anchors = make_anchors(9, g)
+    for clip in (None, (50.0, 60.0), torch.tensor([[50.0, 60.0], [float("nan"), 40.0]])):
+        got = decode_topk(logits, deltas, anchors, 27, clip, backend="triton")
+        ref = decode_topk_reference(logits, deltas, anchors, 27, clip)
+        assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
+        assert_close_special(got[0], ref[0], *box_tol(torch.float32, ref[0]), f"boxes clip {clip}")
+        assert_close(got[1], ref[1], *tolerance(torch.float32), "scores")
+        assert got[1][0, 0].isnan() and got[1][0, 1] == 1.0 and got[1][1, -1] == 0.0
+        assert got[0][0, 0].isnan().any()
 
 
 def test_decode_topk_ties_and_large_k():

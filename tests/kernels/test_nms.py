@@ -1,4 +1,8 @@
-"""kernels.batched_nms: Triton (interpreter / CUDA) == reference == torchvision, exactly."""
+"""kernels.batched_nms: Triton (interpreter / CUDA) == reference == torchvision's per-group NMS, exactly.
+
+The oracle is torchvision's exact per-group path (``_batched_nms_vanilla``: ``torchvision.ops.nms`` per
+(image, class) group); the public ``torchvision.ops.batched_nms`` rounds offset coordinates in float32
+on small inputs, so it is compared only on integer boxes where the offsets stay exact."""
 import math
 
 import pytest
@@ -6,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.nms import (_pair_iou, _columns, _threshold_f32, batched_nms, batched_nms_reference,
-                         batched_nms_triton)
+from kernels.nms import (_columns, _pair_iou, _threshold_f32, _triton_path, batched_nms,
+                         batched_nms_reference)
 
 from .aot import aot_compile
 
@@ -59,10 +63,13 @@ def cluster_boxes(n, gen, centers=3):
     return base[pick] + torch.randn(n, 4, generator=gen) * 2.0
 
 
-def run_all(boxes, scores, classes, t, batch_index=None, block=None, tv=True):
+def run_all(boxes, scores, classes, t, batch_index=None, bands=(0,), tv=True):
+    """Reference, Triton (for each mask band width: 0 = default, 1 = only the diagonal words, so
+    every later block is suppressed through IoU tiles computed in the scan) and torchvision agree."""
     ref = batched_nms_reference(boxes, scores, classes, t, batch_index)
-    tri = batched_nms_triton(boxes, scores, classes, t, batch_index, block=block)
-    assert_same(tri, ref, "triton vs reference")
+    for band in bands:
+        tri = _triton_path(boxes, scores, classes, t, batch_index, band_words=band)
+        assert_same(tri, ref, f"triton (band {band}) vs reference")
     if tv and torchvision is not None and boxes.numel():
         assert_same(ref, tv_oracle(boxes, scores, classes, t, batch_index), "reference vs torchvision")
     return ref
@@ -73,43 +80,52 @@ def run_all(boxes, scores, classes, t, batch_index=None, block=None, tv=True):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n,images,classes,block", [
-    (1, 1, 1, None), (2, 1, 1, 4), (7, 2, 3, 4), (33, 3, 2, 8), (130, 2, 3, 16), (97, 1, 1, 16)])
-def test_random_matches(dtype, n, images, classes, block):
+@pytest.mark.parametrize("n,images,classes,bands", [
+    (1, 1, 1, (0,)), (2, 1, 1, (0,)), (7, 2, 3, (0,)), (33, 3, 2, (0,)), (130, 2, 3, (0, 1)), (200, 1, 1, (0, 2))])
+def test_random_matches(dtype, n, images, classes, bands):
     gen = torch.Generator().manual_seed(n * 7 + images)
     boxes = rand_boxes(n, gen, dtype=dtype)
     scores = torch.rand(n, generator=gen).to(dtype)
     cls = torch.randint(0, classes, (n,), generator=gen)
     bi = torch.randint(0, images, (n,), generator=gen, dtype=torch.int32)
     for t in ((0.3, 0.7) if n < 100 else (0.5,)):
-        run_all(boxes, scores, cls, t, bi, block=block)
-    run_all(boxes, scores, cls, 0.5, None, block=block)
+        run_all(boxes, scores, cls, t, bi, bands=bands)
+    run_all(boxes, scores, cls, 0.5, None, bands=bands)
 
 
-@pytest.mark.parametrize("block", [4, 16])
-def test_clusters_many_classes_images(block):
+def test_clusters_many_classes_images():
     gen = torch.Generator().manual_seed(1)
     n = 300
     boxes = cluster_boxes(n, gen)
     scores = torch.rand(n, generator=gen)
     cls = torch.randint(0, 5, (n,), generator=gen)
     bi = torch.randint(0, 3, (n,), generator=gen)
-    keep = run_all(boxes, scores, cls, 0.5, bi, block=block)
+    keep = run_all(boxes, scores, cls, 0.5, bi)
     assert 0 < keep.numel() < n // 4  # the case really suppresses
+
+
+def test_long_segment_band_and_on_the_fly():
+    """One class, 5 blocks of 64: segments spanning more blocks than the mask band are exact too."""
+    gen = torch.Generator().manual_seed(2)
+    n = 300
+    boxes = torch.cat([cluster_boxes(n // 2, gen), rand_boxes(n - n // 2, gen, spread=120.0)])
+    scores = torch.rand(n, generator=gen)
+    keep = run_all(boxes, scores, torch.zeros(n, dtype=torch.long), 0.5, bands=(0, 1, 3))
+    assert 10 < keep.numel() < n - 10
 
 
 def test_identical_boxes_equal_scores_keep_lowest_index():
     boxes = torch.tensor([[0., 0, 10, 10]] * 6)
     scores = torch.tensor([0.5, 0.9, 0.9, 0.5, 0.9, 0.1])
     cls = torch.tensor([0, 0, 0, 1, 1, 1])
-    keep = run_all(boxes, scores, cls, 0.5, block=4)
+    keep = run_all(boxes, scores, cls, 0.5)
     assert keep.tolist() == [1, 4], keep  # one per class, the earliest of the top score
 
 
 def test_equal_scores_order_by_index():
     boxes = torch.tensor([[0., 0, 1, 1], [5, 5, 6, 6], [9, 9, 10, 10], [20, 20, 21, 21]])
     scores = torch.tensor([0.3, 0.7, 0.3, 0.7])
-    keep = run_all(boxes, scores, torch.zeros(4, dtype=torch.long), 0.5, block=4)
+    keep = run_all(boxes, scores, torch.zeros(4, dtype=torch.long), 0.5)
     assert keep.tolist() == [1, 3, 0, 2]
 
 
@@ -122,32 +138,67 @@ def test_degenerate_boxes():
         [2, 2, 8, 8], [10, 10, 0, 0]])        # inside, inverted twin of a normal box
     scores = torch.linspace(1.0, 0.1, len(boxes))
     cls = torch.zeros(len(boxes), dtype=torch.long)
-    keep = run_all(boxes, scores, cls, 0.5, block=4)
+    keep = run_all(boxes, scores, cls, 0.5)
     assert set(range(6)) <= set(keep.tolist()) and 7 not in keep.tolist()
-    run_all(boxes, scores, cls, 0.0, block=4)
-    run_all(boxes, scores.flip(0), cls, 0.3, block=4)
+    run_all(boxes, scores, cls, 0.0)
+    run_all(boxes, scores.flip(0), cls, 0.3)
 
 
 def test_iou_exactly_at_threshold_does_not_suppress():
     boxes = torch.tensor([[0., 0, 2, 1], [1, 0, 3, 1], [0, 0, 2, 1], [0, 0, 2, 2]])  # IoU 1/3 and 1/2
     scores = torch.tensor([0.9, 0.8, 0.1, 0.05])
     cls = torch.tensor([0, 0, 1, 1])
-    assert run_all(boxes, scores, cls, 0.5, block=4).tolist() == [0, 1, 2, 3]
-    assert run_all(boxes, scores, cls, 0.49, block=4).tolist() == [0, 1, 2]
+    assert run_all(boxes, scores, cls, 0.5).tolist() == [0, 1, 2, 3]
+    assert run_all(boxes, scores, cls, 0.49).tolist() == [0, 1, 2]
     # 1/3 is not a float32: the float32 IoU 0.33333334 > 1/3 (in double) suppresses, as in torchvision
-    assert run_all(boxes, scores, cls, 1 / 3, block=4).tolist() == [0, 2]
+    assert run_all(boxes, scores, cls, 1 / 3).tolist() == [0, 2]
     assert _threshold_f32(1 / 3) < 1 / 3 and _threshold_f32(0.5) == 0.5
 
 
 def test_chain_needs_propagation_across_blocks():
     """Each box overlaps only its neighbours: greedy keeps every other one (tests the fixed point
-    over a long chain and the cross-block propagation in the kernel)."""
-    n = 41
+    over a long chain and the propagation across 64-box blocks, in the band and beyond it)."""
+    n = 161
     x = torch.arange(n, dtype=torch.float32) * 4.0
     boxes = torch.stack([x, torch.zeros(n), x + 10, torch.ones(n)], 1)  # IoU(k,k+1)=0.43, (k,k+2)=0.11
     scores = torch.linspace(1.0, 0.5, n)
-    keep = run_all(boxes, scores, torch.zeros(n, dtype=torch.long), 0.4, block=4)
+    keep = run_all(boxes, scores, torch.zeros(n, dtype=torch.long), 0.4, bands=(0, 1))
     assert keep.tolist() == list(range(0, n, 2))
+
+
+def test_segments_straddle_blocks():
+    """Many short segments whose boundaries fall inside 64-box blocks (several starts per block)."""
+    gen = torch.Generator().manual_seed(4)
+    n = 260
+    boxes = cluster_boxes(n, gen)
+    scores = torch.rand(n, generator=gen)
+    cls = torch.randint(0, 7, (n,), generator=gen)
+    bi = torch.randint(0, 5, (n,), generator=gen)
+    run_all(boxes, scores, cls, 0.5, bi, bands=(0, 1))
+
+
+def test_nan_and_inf_inputs():
+    """NaN coordinates: never suppressed, suppress nothing; NaN scores rank first (by index); inf
+    coordinates and scores; all three agree with torchvision's per-group NMS."""
+    nan, inf = float("nan"), float("inf")
+    boxes = torch.tensor([
+        [0., 0, 10, 10], [0, 0, 10, 10], [nan, 0, 10, 10], [0, 0, 10, 10], [1, 1, 10, nan],
+        [0, 0, inf, 10], [0, 0, inf, 10], [-inf, -inf, inf, inf], [0, 0, 10, 10], [inf, 0, inf, 10],
+        [0, 0, 10, 10], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, nan, 0.95, 0.8, nan, 0.7, 0.6, 0.5, inf, -inf, nan, 0.85])
+    cls = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    keep = run_all(boxes, scores, cls, 0.5, bands=(0, 1))
+    kl = keep.tolist()
+    assert kl[:2] == [1, 4] and 2 in kl  # NaN scores first, by index; the NaN box survives
+    assert 0 not in kl and 3 not in kl   # suppressed by box 1 (NaN score, ranked first)
+    gen = torch.Generator().manual_seed(6)
+    n = 150
+    boxes = cluster_boxes(n, gen)
+    scores = torch.rand(n, generator=gen)
+    boxes[::7, 1] = nan
+    scores[3::11] = nan
+    boxes[5::13, 2] = inf
+    run_all(boxes, scores, torch.randint(0, 2, (n,), generator=gen), 0.5, bands=(0, 1))
 
 
 def test_one_box_and_empty():
@@ -205,13 +256,34 @@ def test_reference_chunking_is_exact(monkeypatch):
     assert_same(batched_nms_reference(boxes, scores, cls, 0.5), full)
 
 
-def test_compile_fullgraph_through_custom_op():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_through_custom_op(backend):
     boxes = torch.tensor([[0., 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]])
     scores, cls = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 0])
-    fn = torch.compile(lambda b, s, c: batched_nms(b, s, c, 0.5, backend="torch"), fullgraph=True, backend="eager")
+    fn = torch.compile(lambda b, s, c: batched_nms(b, s, c, 0.5, backend=backend), fullgraph=True,
+                       backend="aot_eager")
     assert fn(boxes, scores, cls).tolist() == [0, 2]
-    torch.library.opcheck(torch.ops.effdet.batched_nms.default, (boxes, scores, cls, None, 0.5),
+
+
+def test_opcheck():
+    boxes = torch.tensor([[0., 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]])
+    scores, cls = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 0])
+    torch.library.opcheck(torch.ops.effdet.batched_nms_reference.default, (boxes, scores, cls, None, 0.5),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.effdet.batched_nms.default, (boxes, scores, cls, torch.zeros(3, dtype=torch.long),
+                                                                 0.5, 0), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_validation_names_file_and_field():
+    b, s, c = torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"nms\.py: boxes must be \(N, 4\)"):
+        batched_nms(torch.zeros(3, 5), s, c, 0.5)
+    with pytest.raises(ValueError, match="scores and classes"):
+        batched_nms(b, torch.zeros(2), c, 0.5)
+    with pytest.raises(ValueError, match="batch_index"):
+        batched_nms(b, s, c, 0.5, batch_index=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="classes and batch_index must be integer"):
+        batched_nms(b, s, c.float(), 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +298,10 @@ def nms_inputs(draw):
     boxes = torch.tensor(rows, dtype=torch.float32).reshape(n, 4)
     if draw(st.booleans()):  # mostly proper boxes, sometimes raw (inverted / degenerate) ones
         boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], 1)
-    scores = torch.tensor(draw(st.lists(st.sampled_from([0.1, 0.2, 0.5, 0.9]), min_size=n, max_size=n)))
+    scores = torch.tensor(draw(st.lists(st.sampled_from([0.1, 0.2, 0.5, 0.9, float("nan")]), min_size=n,
+                                        max_size=n)))
+    if n and draw(st.booleans()):  # a NaN coordinate
+        boxes[draw(st.integers(0, n - 1)), draw(st.integers(0, 3))] = float("nan")
     cls = torch.tensor(draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)), dtype=torch.long)
     bi = torch.tensor(draw(st.lists(st.integers(0, 1), min_size=n, max_size=n)), dtype=torch.long)
     t = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75]))
@@ -247,8 +322,12 @@ def test_reference_properties(case):
     assert keep.dtype == torch.int64
     kl = keep.tolist()
     assert len(set(kl)) == len(kl) and all(0 <= k < n for k in kl)  # a subset
-    for a, b in zip(kl, kl[1:]):  # score descending, ties by index
-        assert scores[a] > scores[b] or (scores[a] == scores[b] and a < b)
+    for a, b in zip(kl, kl[1:]):  # score descending, NaN first, ties (NaN included) by index
+        sa, sb = scores[a].item(), scores[b].item()
+        if math.isnan(sa):
+            assert not math.isnan(sb) or a < b
+        else:
+            assert not math.isnan(sb) and (sa > sb or (sa == sb and a < b))
     if n == 0:
         return
     iou = _iou_matrix(boxes)
@@ -270,10 +349,10 @@ def test_reference_properties(case):
 
 
 @settings(max_examples=10)
-@given(nms_inputs())
-def test_triton_matches_reference_property(case):
+@given(nms_inputs(), st.sampled_from([0, 1]))
+def test_triton_matches_reference_property(case, band):
     boxes, scores, cls, bi, t = case
-    assert_same(batched_nms_triton(boxes, scores, cls, t, bi, block=8),
+    assert_same(_triton_path(boxes, scores, cls, t, bi, band_words=band),
                 batched_nms_reference(boxes, scores, cls, t, bi))
 
 
@@ -308,6 +387,23 @@ def test_cuda_matches_reference(dtype, n, images, classes):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("band", [0, 3])
+def test_cuda_one_long_segment(band):
+    """One class x 20,000 boxes (313 blocks): full mask band, and a 3-word band (IoU tiles in the scan)."""
+    gen = torch.Generator().manual_seed(11)
+    n = 20000
+    boxes = torch.cat([rand_boxes(n // 2, gen, spread=1000.0, size=80.0), cluster_boxes(n - n // 2, gen)]).cuda()
+    scores = torch.rand(n, generator=gen).cuda()
+    boxes[::97, 0] = float("nan")
+    scores[::89] = float("nan")
+    cls = torch.zeros(n, dtype=torch.long, device="cuda")
+    out = _triton_path(boxes, scores, cls, 0.5, None, band_words=band)
+    assert_same(out, batched_nms(boxes, scores, cls, 0.5, backend="torch"), "cuda triton vs cuda reference")
+    if torchvision is not None:
+        assert_same(out, tv_oracle(boxes, scores, cls, 0.5), "cuda triton vs torchvision per-group")
+
+
+@pytest.mark.cuda
 def test_cuda_compile_through_custom_op():
     boxes = torch.tensor([[0., 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], device="cuda")
     scores, cls = torch.tensor([0.9, 0.8, 0.7], device="cuda"), torch.tensor([0, 0, 0], device="cuda")
@@ -321,9 +417,10 @@ def test_cuda_compile_through_custom_op():
 
 
 def test_kernels_compile_for_cuda_without_gpu():
-    # batched_nms_triton passes boxes as float32 (fp16 boxes are converted first), the segment starts
-    # and the state as int32, the threshold as a Python float; BLOCK: 64 on CUDA (16 = interpreter default)
-    sig = {"boxes_ptr": "*fp32", "seg_ptr": "*i32", "state_ptr": "*i32", "iou_threshold": "fp32"}
+    # as launched by _batched_nms_op: float32 sorted boxes, int32 segment tables, int64 mask words
+    mask = {"boxes_ptr": "*fp32", "seg_end_ptr": "*i32", "mask_ptr": "*i64", "n": "i32", "W": "i32", "thr": "fp32"}
+    scan = {"boxes_ptr": "*fp32", "mask_ptr": "*i64", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32",
+            "seg_id_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i8", "n": "i32", "W": "i32", "thr": "fp32"}
     aot_compile("kernels.nms", [
-        ("_nms_segments_kernel", sig, {"BLOCK": 64}),
-        ("_nms_segments_kernel", sig, {"BLOCK": 16})])
+        ("_nms_mask_kernel", mask, {"BLOCK": 64}),
+        ("_nms_scan_kernel", scan, {"BLOCK": 64, "WCHUNK": 16})])
