@@ -10,8 +10,9 @@ and what each one compiles to for sm_90 / sm_80.
    variant = (kernel, signature dtypes, specialization, constexprs, launch options): exactly what makes
    Triton compile again.
 2. :func:`compile_variants` compiles each variant with ``triton.compile(ASTSource(...),
-   target=GPUTarget("cuda", arch, 32))`` in worker subprocesses without ``TRITON_INTERPRET`` (a timeout per
-   compile; a timeout is a failure), reads ``REG``/``STACK``/``LOCAL``/``SHARED`` from the cubin with
+   target=GPUTarget("cuda", arch, 32))`` in worker subprocesses without ``TRITON_INTERPRET`` (a CPU-time
+   limit per compile, enforced with ``RLIMIT_CPU``; a timeout is a failure), times it in CPU seconds (this
+   process and its ``ptxas`` child: a figure that other load on a shared machine hardly changes), reads ``REG``/``STACK``/``LOCAL``/``SHARED`` from the cubin with
    ``cuobjdump --dump-resource-usage`` and counts the SASS instructions of ``nvdisasm -c``. Results are
    cached on disk (``~/.cache/effdet-triton-static/``, or ``$EFFDET_STATIC_CACHE``) by a hash of the
    kernel's module sources, the variant, the arch and the Triton version, so a pathological variant is not
@@ -28,7 +29,9 @@ Per-element figures (:func:`rows`), defined so that they are honest:
   prints, loop bodies counted once) / elements per program. It is a code-size figure, not a dynamic count.
 * **bytes per element** = bytes of all tensor arguments of the launch (each tensor counted once, as if
   read or written once; pointer tables and partial buffers included) / the number of elements of the
-  largest tensor argument (the problem size), for the largest launch of the variant.
+  largest tensor argument (the problem size), for the largest launch of the variant. Memory a kernel
+  reaches through a table of pointers (the EMA kernel's) is not seen by this figure: there it says only
+  what the table costs.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +58,7 @@ from typing import Callable, Iterable, Optional
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCHS = (90, 80)
 CACHE_DIR = Path(os.environ.get("EFFDET_STATIC_CACHE") or Path.home() / ".cache" / "effdet-triton-static")
-COMPILE_TIMEOUT_S = 60.0
+COMPILE_TIMEOUT_S = 60.0   # CPU seconds
 WORKER_START_TIMEOUT_S = 120.0
 
 
@@ -83,9 +87,9 @@ def _decode(v):
     if isinstance(v, list):
         return tuple(_decode(x) for x in v)
     if isinstance(v, dict):
-        if "tl" in v:
+        if "tl" in v:  # a dtype by its Triton name ("fp32", "bf16", ...)
             import triton.language as tl
-            return getattr(tl, v["tl"])
+            return tl.dtype(v["tl"])
         if "jit" in v:
             mod, qual = v["jit"].split(":")
             return _resolve(mod, qual)
@@ -159,7 +163,10 @@ class Variant:
         source = Path(spec.origin).read_bytes() if spec and spec.origin else module.encode()
 
         def enc(v):
-            return {"tl": v[3:]} if isinstance(v, str) and v.startswith("tl.") else _encode(v)
+            if isinstance(v, str) and v.startswith("tl."):
+                import triton.language as tl
+                return {"tl": getattr(tl, v[3:]).name}
+            return _encode(v)
 
         sig = dict(signature, **{k: "constexpr" for k in constexprs})
         return cls(module=module, qualname=name, signature=sig,
@@ -665,13 +672,20 @@ def compile_one(variant: dict, arch: int) -> dict:
     attrs = {path(p): [list(x) for x in a] for p, a in variant["attrs"]}
     attrs = {(fn.arg_names.index(k),) if isinstance(k, str) else k: a for k, a in attrs.items()}
     options = {k: _decode(v) for k, v in variant["options"].items()}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                             options=options)
-    seconds = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     out = cubin_resources(kernel.asm["cubin"], kernel.metadata.name)
-    out.update(compile_s=seconds, shared=int(kernel.metadata.shared), name=kernel.metadata.name)
+    out.update(compile_s=cpu, compile_wall_s=wall, shared=int(kernel.metadata.shared), name=kernel.metadata.name)
     return out
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (``ptxas``): unlike wall time, hardly
+    changed by other processes loading a shared machine."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _worker_main() -> int:
@@ -682,13 +696,22 @@ def _worker_main() -> int:
         sys.path.insert(0, str(REPO_ROOT))
     real_stdout.write(json.dumps({"ready": True}) + "\n")
     real_stdout.flush()
+    import resource
+
     for line in sys.stdin:
         job = json.loads(line)
+        # the compile's CPU-time limit: past it the kernel stops this process with SIGXCPU (ptxas, a child,
+        # inherits a limit at least as large)
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime + job["cpu_limit"]) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
         try:
             res = compile_one(job["variant"], job["arch"])
             res["error"] = None
         except Exception as err:
             res = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:400] if str(err) else type(err).__name__}
+        resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
         real_stdout.write(json.dumps(res) + "\n")
         real_stdout.flush()
     return 0
@@ -729,19 +752,25 @@ class _Worker:
             return "TIMEOUT"
         return line
 
-    def run(self, job: dict, timeout: float) -> dict:
+    def run(self, job: dict, cpu_limit: float) -> dict:
+        """Compile one job; past ``cpu_limit`` CPU seconds (or ``4 x cpu_limit + 120`` wall seconds on a
+        very busy machine) it is a timeout."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.write(json.dumps(dict(job, cpu_limit=cpu_limit)) + "\n")
         self.proc.stdin.flush()
-        line = self._get(timeout)
+        line = self._get(4 * cpu_limit + 120)
+        timeout = {"error": f"timeout: compile took more than {cpu_limit:.0f} CPU s", "timeout": True,
+                   "compile_s": None}
         if line == "TIMEOUT":
             self.stop()
-            return {"error": f"timeout: compile took more than {timeout:.0f} s", "timeout": True,
-                    "compile_s": None}
+            return timeout
         if line is None:
+            code = self.proc.wait()
             self.stop()
-            return {"error": "the compile worker died", "compile_s": None}
+            if code in (-signal.SIGXCPU, -signal.SIGKILL):
+                return timeout
+            return {"error": f"the compile worker died (exit {code})", "compile_s": None}
         return json.loads(line)
 
     def stop(self):
@@ -770,7 +799,7 @@ def _triton_version() -> str:
 
 
 def _cache_path(variant: Variant, arch: int, cache_dir: Path) -> Path:
-    h = hashlib.sha256(f"{variant.key()}|{variant.source_hash}|sm_{arch}|{_triton_version()}".encode())
+    h = hashlib.sha256(f"v2|{variant.key()}|{variant.source_hash}|sm_{arch}|{_triton_version()}".encode())
     return cache_dir / f"{h.hexdigest()[:32]}.json"
 
 
@@ -880,9 +909,10 @@ def problems(row_list: list[dict], max_regs: int = MAX_REGS, max_compile_s: floa
     return bad
 
 
-CAPTION = ("SASS/elem = static SASS instruction count / elements one program handles per tile (product of the "
+CAPTION = ("compile s = CPU seconds of triton.compile, ptxas included. SASS/elem = static SASS instruction count / elements one program handles per tile (product of the "
            "BLOCK* constexprs; n/a without them). B/elem = bytes of the launch's tensor arguments (each counted "
-           "once) / elements of its largest tensor, for the variant's largest launch. spill = STACK + LOCAL bytes.")
+           "once; memory behind pointer tables not seen) / elements of its largest tensor, for the variant's largest "
+           "launch. spill = STACK + LOCAL bytes.")
 
 
 def _f(v, spec):

@@ -4,7 +4,7 @@ at 128 and 192 px, batch 2, on the Triton path, compiled for sm_90 and sm_80 wit
 
 Asserted: at most 24 distinct variants (one size, and both sizes together: a new input size must not
 compile new kernels), no spills (cuobjdump STACK 0 and LOCAL 0), at most 255 registers, every compile under
-20 s on this CPU. A failure lists the offending variants. ``python bench/kernels.py --static`` prints the
+20 CPU seconds on this machine. A failure lists the offending variants. ``python bench/kernels.py --static`` prints the
 same evidence as a table. Compile results are cached (``bench/static.py``), so only changed kernels are
 compiled again.
 """
@@ -17,7 +17,7 @@ from bench import static as st
 
 SIZES = (128, 192)
 BATCH = 2
-COMPILE_TIMEOUT_S = 60.0   # a variant still compiling after 3x the limit is reported as a timeout
+COMPILE_TIMEOUT_S = 60.0   # CPU seconds: a variant still compiling after 3x the limit is reported as a timeout
 
 
 @pytest.fixture(scope="module")
