@@ -1,4 +1,5 @@
-"""Kernel benchmark harness: cases, timing, copy-bandwidth baseline, table and JSON-lines results.
+"""Benchmark helpers shared by everything in ``bench/`` (repository root, device name and slug, git commit,
+quantiles, AMP autocast) and the kernel benchmark harness: cases, timing, copy-bandwidth baseline, table and JSON-lines results.
 
 A :class:`Case` is one op at one shape with several zero-argument *providers* (``"triton"``,
 ``"reference"``, ``"compiled"`` = ``torch.compile`` of the reference, ``"peer:<name>"`` = an outside
@@ -13,6 +14,7 @@ run in the interpreter: those rows are correctness smoke tests, not speed figure
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -21,6 +23,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -97,7 +100,8 @@ def triton_version() -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` with linear interpolation (numpy's default)."""
     s = sorted(values)
     if len(s) == 1:
         return s[0]
@@ -105,6 +109,26 @@ def _quantile(values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(times_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of a list of milliseconds."""
+    return statistics.median(times_ms), quantile(times_ms, 0.2), quantile(times_ms, 0.8)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """AMP autocast for ``"fp16"`` / ``"bf16"``, a no-op for ``"fp32"``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def setup_repo_path() -> Path:
+    """Put the repository root on ``sys.path`` (scripts and notebooks may run from any folder); return it."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    return REPO_ROOT
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5, warmup: int = 1
@@ -122,7 +146,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, reps: int = 5, warmu
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8)
+    return summarize(times)
 
 
 def measure_copy_bandwidth(device, nbytes: Optional[int] = None) -> float:

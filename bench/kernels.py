@@ -1,6 +1,7 @@
 """Benchmark the Triton kernels against their references and peers.
 
     python bench/kernels.py [--quick] [--ops focal_loss,nms,...] [--device cuda|cpu] [--results-dir DIR]
+    python bench/kernels.py --static [--sizes 128,192] [--batch 2] [--arch 90,80] [--workers 2]
 
 Every module in ``bench/cases/`` that defines ``cases(quick: bool, device) -> list[Case]`` contributes
 (missing or broken modules are skipped with a message). Full mode uses the real shapes (D0 training:
@@ -8,6 +9,11 @@ batch 32 at 512 px = 49,104 anchors x 90 classes; inference: batch 8 at 512 px, 
 = 196,416 anchors) and needs a GPU; ``--quick`` uses tiny shapes that run anywhere. Without CUDA the
 Triton providers run in the Triton interpreter (set up here before triton is imported): those rows
 are correctness smoke tests, not speed figures, and the table and JSON say so.
+
+``--static`` needs no GPU: it records every kernel variant one D0 training step + inference pass launch
+(Triton path, interpreter on the CPU), compiles each for sm_90 and sm_80 and prints registers, spill bytes,
+shared memory, SASS instructions (per element), bytes per element and compile seconds
+(``bench/static.py`` defines each figure), appending ``static-sm<arch>.jsonl`` to the results folder.
 """
 from __future__ import annotations
 
@@ -30,11 +36,33 @@ def _parse(argv=None):
     p.add_argument("--results-dir", default=None, help="where kernels-<device>.jsonl is appended "
                    "(default: bench/results)")
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
-    return p.parse_args(argv)
+    s = p.add_argument_group("--static: compiled-code evidence, no GPU needed")
+    s.add_argument("--static", action="store_true", help="capture the D0 kernel variants and compile them")
+    s.add_argument("--sizes", default="128,192", help="image sizes of the D0 workload (default 128,192)")
+    s.add_argument("--batch", type=int, default=2, help="batch of the D0 workload (default 2)")
+    s.add_argument("--arch", default="90,80", help="compute capabilities to compile for (default 90,80)")
+    s.add_argument("--workers", type=int, default=2, help="compile worker processes (default 2)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds per compile before it counts as failed")
+    s.add_argument("--no-cache", action="store_true", help="compile again even when a cached result exists")
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        args.arch = [int(x) for x in args.arch.split(",") if x.strip()]
+    except ValueError:
+        p.error("--sizes and --arch take comma-separated integers")
+    return args
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    if args.static:
+        from bench.static import run_static
+
+        out = run_static(args.sizes, args.batch, args.arch, args.workers, args.timeout, args.results_dir,
+                         use_cache=not args.no_cache)
+        return 0 if not out["problems"] and len(out["variants"]) <= 24 else 1
     import torch  # importing torch does not import triton
 
     has_cuda = torch.cuda.is_available()
@@ -44,8 +72,6 @@ def main(argv=None) -> int:
         return 2
     if device == "cpu" and not has_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
 
     from bench import cases as cases_pkg
     from bench.harness import run_cases

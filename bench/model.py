@@ -30,7 +30,6 @@ the tests.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import statistics
@@ -41,13 +40,13 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.harness import device_name, device_slug, git_commit, triton_version  # noqa: E402
+from bench.harness import (REPO_ROOT, autocast_context, device_name, device_slug, git_commit,  # noqa: E402,F401
+                           quantile, summarize, triton_version)
 
 OURS, PEER = "ours", "effdet"
 QUICK = dict(infer_batch="1", infer_size=128, train_batch=2, train_size=128, warmup=1, iters=2)
@@ -105,14 +104,6 @@ def memory_format(name: str) -> torch.memory_format:
     return torch.channels_last if name == "nhwc" else torch.contiguous_format
 
 
-def autocast_context(device: torch.device, precision: str):
-    """AMP autocast for fp16/bf16, a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def random_images(batch: int, size: int, device, fmt: torch.memory_format, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=fmt)
@@ -136,19 +127,6 @@ def effdet_target(boxes: torch.Tensor, labels: torch.Tensor) -> dict:
     """Our xyxy boxes / 0-based labels -> effdet's ``{"bbox": yxyx, "cls": 1-based, -1 padding}``."""
     return {"bbox": boxes[..., [1, 0, 3, 2]].contiguous(),
             "cls": torch.where(labels >= 0, labels + 1, labels).float()}
-
-
-def _quantile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def summarize(times_ms: list[float]) -> tuple[float, float, float]:
-    """(median, p20, p80) of a list of milliseconds."""
-    return statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8)
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int,

@@ -25,7 +25,10 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # so that ``bench.harness`` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.harness import REPO_ROOT, device_slug, setup_repo_path  # noqa: E402,F401  (re-exported)
+
 KERNEL_OPS = ("focal_loss", "batched_nms", "decode", "bifpn_fusion", "ema_update")
 # public functions of ``kernels`` -> the op they belong to (decode_topk is the fused decode)
 _PUBLIC = {"focal_loss": "focal_loss", "batched_nms": "batched_nms", "decode_boxes": "decode",
@@ -44,13 +47,6 @@ ENV_PARAMS = {  # parameter -> (environment variable, type)
     "results_dir": ("EFFDET_NB_RESULTS", str),
     "kernel_size": ("EFFDET_NB_KERNEL_N", int),
 }
-
-
-def setup_repo_path() -> Path:
-    """Put the repository root on ``sys.path`` (the notebook may run from any folder) and return it."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    return REPO_ROOT
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -72,12 +68,6 @@ def notebook_params(defaults: dict, environ=None) -> dict:
     params["out_dir"] = Path(params.get("out_dir") or REPO_ROOT / "bench" / "results")
     params["results_dir"] = Path(params.get("results_dir") or REPO_ROOT / "bench" / "results")
     return params
-
-
-def device_slug(device) -> str:
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
 def available_backends(device) -> list[str]:

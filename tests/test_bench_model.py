@@ -111,3 +111,17 @@ def test_write_results_appends(tmp_path):
     lines = [json.loads(x) for x in p1.read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["device"] == "CPU x" and lines[1]["median_ms"] == 10.0
     assert lines[0]["img_per_s"] == pytest.approx(200.0)
+
+
+def test_bench_helpers_live_in_one_place():
+    from bench import harness, profiling
+
+    assert bm.summarize is harness.summarize and bm.quantile is harness.quantile
+    assert bm.autocast_context is harness.autocast_context and bm.device_slug is harness.device_slug
+    assert profiling.device_slug is harness.device_slug and profiling.REPO_ROOT == harness.REPO_ROOT == REPO_ROOT
+    assert harness.quantile([4.0, 1.0, 2.0, 3.0], 0.5) == 2.5 and harness.quantile([7.0], 0.2) == 7.0
+    a = torch.randn(4, 4)
+    with harness.autocast_context(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with harness.autocast_context("cpu", "fp32"):
+        assert (a @ a).dtype == torch.float32

@@ -59,3 +59,51 @@ def test_error_rows_do_not_crash(tmp_path):
     assert by["triton"]["error"].startswith("RuntimeError: provider failed")
     assert by["reference"]["error"] is None and by["reference"]["median_ms"] is not None
     assert len((tmp_path / "kernels-cpu.jsonl").read_text().splitlines()) == 2
+
+
+def _gpu_check(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONWARNINGS"] = "ignore"
+    return subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_check_dry_run_prints_the_plan(tmp_path):
+    out = tmp_path / "gpu-out"
+    proc = _gpu_check(["--dry-run", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sys.path.insert(0, str(REPO))
+    from bench.gpu_check import BUDGET_S, STEPS
+
+    for step, (limit, _) in STEPS.items():
+        assert step in proc.stdout and f"limit {limit:>4} s" in proc.stdout, proc.stdout
+    assert sum(limit for limit, _ in STEPS.values()) <= BUDGET_S <= 480   # the 8-minute budget
+    assert str(out) in proc.stdout and not out.exists()                   # a plan writes nothing
+    bad = _gpu_check(["--dry-run", "--only", "kernels,nope"], tmp_path)
+    assert bad.returncode == 2 and "unknown step(s) nope" in bad.stderr
+
+
+def test_gpu_check_without_cuda_is_a_one_line_error(tmp_path):
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("CUDA present: gpu_check would run for real")
+    out = tmp_path / "gpu-out"
+    proc = _gpu_check(["--out", str(out)], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no CUDA device" in proc.stderr and not out.exists()
+
+
+def test_gpu_check_summary_lists_every_step(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from bench import gpu_check
+
+    env = {"device": "X", "date": "d", "torch": "t", "triton": "tr", "git_commit": "abc", "python": "3"}
+    results = [{"step": "kernels", "status": "ok", "seconds": 1.0, "limit_s": 120, "numbers": {"a | b": 2}},
+               {"step": "model", "status": "timeout", "seconds": 100.0, "limit_s": 100, "error": "stopped"}]
+    text = gpu_check.write_summary(tmp_path, env, results).read_text()
+    for needle in ("device: X", "torch t, triton tr", "git commit: abc", "| kernels | ok |", "| model | timeout |",
+                   "stopped", "a / b"):
+        assert needle in text, (needle, text)
+    boxes, scores, classes = gpu_check.nms_20k_inputs(2000, device="cpu")
+    assert boxes.shape == (2000, 4) and (boxes[:, 2:] > boxes[:, :2]).all() and classes.unique().numel() == 1

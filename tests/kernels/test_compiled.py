@@ -1,0 +1,101 @@
+"""Compiled-code evidence, no GPU needed: every Triton kernel variant that one EfficientDet-D0 training step
+(forward, loss, backward, EMA update) and one inference pass (model + decode_topk + batched_nms) launch,
+at 128 and 192 px, batch 2, on the Triton path, compiled for sm_90 and sm_80 with the real Triton compiler.
+
+Asserted: at most 24 distinct variants (one size, and both sizes together: a new input size must not
+compile new kernels), no spills (cuobjdump STACK 0 and LOCAL 0), at most 255 registers, every compile under
+20 CPU seconds on this machine. A failure lists the offending variants. ``python bench/kernels.py --static`` prints the
+same evidence as a table. Compile results are cached (``bench/static.py``), so only changed kernels are
+compiled again.
+"""
+import os
+
+import pytest
+import torch
+
+from bench import static as st
+
+SIZES = (128, 192)
+BATCH = 2
+COMPILE_TIMEOUT_S = 60.0   # CPU seconds: a variant still compiling after 3x the limit is reported as a timeout
+
+
+@pytest.fixture(scope="module")
+def captures():
+    return st.cached_d0_captures(SIZES, BATCH, (SIZES[0],))
+
+
+@pytest.fixture(scope="module")
+def compiled(captures):
+    variants = st.union(captures.values())
+    return st.rows(st.compile_variants(variants, st.ARCHS, workers=2, timeout=COMPILE_TIMEOUT_S))
+
+
+def _listing(variants) -> str:
+    return "\n".join(f"  {v.qualname} ({v.launches} launches): {v.summary()}" for v in variants)
+
+
+if st.triton_importable():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["skip"])
+    def _probe_kernel(x_ptr, y_ptr, n, one, skip, scale, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n + one + skip
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m) * scale, mask=m)
+
+
+@pytest.mark.skipif(not st.triton_importable(), reason="needs triton")
+def test_launch_specialization_mirrors_a_cuda_launch():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(64, device=device)
+    y = torch.zeros(64, device=device)
+    with st.capture_launches() as cap:
+        _probe_kernel[(1,)](x, y, 32, 1, 48, 2.0, BLOCK=32)          # aligned pointers, n % 16 == 0
+        _probe_kernel[(1,)](x[1:], y, 33, 1, 7, 2.0, BLOCK=32)        # misaligned x, n % 16 != 0
+        _probe_kernel[(1,)](x, y, 48, 1, 5, 3.0, BLOCK=32)            # same variant as the first
+    assert cap.launches == 3 and not cap.errors, cap.errors
+    assert len(cap.variants) == 2, _listing(cap.variants.values())
+    first, second = cap.variants.values()
+    assert first.launches == 2 and second.launches == 1
+    names = list(first.signature)
+    const = {names[p[0]]: v for p, v in first.constexprs}
+    div = {names[p[0]] for p, a in first.attrs if a == [["tt.divisibility", 16]]}
+    assert const == {"one": 1, "BLOCK": 32}                          # an int equal to 1 becomes a constant
+    assert first.signature["x_ptr"] == "*fp32" and first.signature["scale"] == "fp32"
+    assert first.signature["skip"] == "i32"
+    assert div == {"x_ptr", "y_ptr", "n"}                            # skip is do_not_specialize: no D16
+    div2 = {names[p[0]] for p, a in second.attrs if a}
+    assert div2 == {"y_ptr"}
+    assert first.options["num_warps"] == 4 and first.options["num_stages"] == 3
+    assert first.elems_per_program == 32
+    assert first.max_bytes == 2 * 64 * 4 and first.max_elems == 64
+
+
+def test_no_launch_failed_to_specialize(captures):
+    for size, cap in captures.items():
+        assert cap.launches > 0, f"{size} px: no Triton launch recorded (is the Triton path on?)"
+        assert not cap.errors, f"{size} px:\n" + "\n".join(cap.errors)
+
+
+def test_at_most_24_variants_at_one_size(captures):
+    cap = captures[SIZES[0]]
+    assert len(cap.variants) <= st.MAX_VARIANTS, (
+        f"{len(cap.variants)} kernel variants (> {st.MAX_VARIANTS}) for one D0 train step + inference at "
+        f"{SIZES[0]} px:\n" + _listing(st.union([cap])))
+
+
+def test_a_second_size_compiles_nothing_new(captures):
+    variants = st.union(captures.values())
+    first = set(captures[SIZES[0]].variants)
+    new = [v for v in variants if v.key() not in first]
+    assert len(variants) <= st.MAX_VARIANTS, (
+        f"{len(variants)} variants over {SIZES} px (> {st.MAX_VARIANTS}); the {len(new)} that only "
+        f"{SIZES[1]} px launches:\n" + _listing(new))
+
+
+def test_variants_compile_without_spills_fast_and_within_255_registers(compiled):
+    assert compiled, "nothing compiled"
+    bad = st.problems(compiled, max_regs=st.MAX_REGS, max_compile_s=st.MAX_COMPILE_S)
+    assert not bad, f"{len(bad)} problems in {len(compiled)} compiles (variant x arch):\n" + "\n".join(bad)
