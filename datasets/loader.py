@@ -61,25 +61,20 @@ def collate(samples) -> dict:
 
 
 class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` pairs. Order: ``base`` (e.g. a ``DistributedSampler``) when given,
-    else a permutation drawn from ``numpy.random.default_rng([seed, epoch])`` when ``shuffle``,
+    """Yields ``(index, epoch)`` pairs. Order: a permutation drawn from ``numpy.random.default_rng([seed, epoch])`` when ``shuffle``,
     else ``0..n-1``; with ``shard=(rank, world)`` every ``world``-th of those from ``rank`` (no
     padding, no duplicates). ``skip`` drops the first ``skip`` indices (resume inside an epoch)."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int, base=None, shard=(0, 1), block: int = 1):
-        self.n, self.shuffle, self.seed, self.base = int(n), bool(shuffle), int(seed), base
+    def __init__(self, n: int, shuffle: bool, seed: int, shard=(0, 1), block: int = 1):
+        self.n, self.shuffle, self.seed = int(n), bool(shuffle), int(seed)
         self.rank, self.world = int(shard[0]), int(shard[1])
         self.block = int(block)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = int(epoch), int(skip)
-        if self.base is not None and hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
 
     def _order(self):
-        if self.base is not None:
-            return list(self.base)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
         else:
@@ -97,9 +92,7 @@ class EpochSampler(Sampler):
             yield (int(i), self.epoch)
 
     def __len__(self):
-        if self.base is not None:
-            full = len(self.base)
-        elif self.block > 1:
+        if self.block > 1:
             full = self.n // (self.block * self.world) * self.block
         else:
             full = len(range(self.rank, self.n, self.world))
@@ -125,7 +118,7 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     drop_last = bool(train) if drop_last is None else bool(drop_last)
-    base, shard, block = None, (0, 1), 1
+    shard, block = (0, 1), 1
     if distributed and train:
         # Each global batch is the one a single process with batch_size * world would draw, split into
         # per-rank slices: the same (seed, epoch) permutation, so results do not depend on the worker count.
@@ -138,7 +131,7 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int,
         import torch.distributed as dist
 
         shard = (dist.get_rank(), dist.get_world_size())
-    sampler = EpochSampler(len(dataset), shuffle=bool(train), seed=seed, base=base, shard=shard, block=block)
+    sampler = EpochSampler(len(dataset), shuffle=bool(train), seed=seed, shard=shard, block=block)
     workers = int(workers)
     kwargs = {}
     if workers > 0:

@@ -49,8 +49,3 @@ def anchors_for(cfg: ModelConfig, image_size=None, device=None) -> torch.Tensor:
 def _on_device(key, device: str) -> torch.Tensor:
     return _anchors(*key).to(device)
 
-
-def anchors_per_level(cfg: ModelConfig, image_size=None) -> list[int]:
-    size = tuple(image_size or cfg.image_size)
-    sizes = feature_sizes(size, cfg.max_level)
-    return [sizes[l][0] * sizes[l][1] * cfg.num_anchors for l in range(cfg.min_level, cfg.max_level + 1)]

@@ -1,6 +1,6 @@
 """BiFPN: the general node graph for levels L_min..L_max and the fused node op.
 
-Graph (``design.md`` section 2): inputs are numbered 0.. from P_min; each new node takes the next number.
+Graph (``docs/design.md`` section 2): inputs are numbered 0.. from P_min; each new node takes the next number.
 Top-down from L_max-1 to L_min, each node fuses the newest node of its level with the newest node of the
 level above; then bottom-up from L_min+1 to L_max, each node fuses every node of its level so far with the
 newest node of the level below. A cell outputs the newest node of each level.

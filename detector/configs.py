@@ -2,7 +2,7 @@
 
 ``get_config(name, **overrides)`` returns a :class:`ModelConfig` for ``efficientdet_d0`` ... ``efficientdet_d7x``
 (symmetric padding, no conv bias before BN) and ``tf_efficientdet_d0`` ... ``tf_efficientdet_d7x`` (TensorFlow
-"same" padding, conv bias kept before BN as in the ported TF weights). Numbers follow ``design.md`` section 2.
+"same" padding, conv bias kept before BN as in the ported TF weights). Numbers follow ``docs/design.md`` section 2.
 """
 from __future__ import annotations
 

@@ -56,11 +56,6 @@ class ModelEma:
             torch._foreach_copy_(ints, int_sources)
         kernels.ema_update(floats, sources, decay, backend=self.backend)
 
-    @torch.no_grad()
-    def set(self, model: nn.Module) -> None:
-        for e, m in self._pairs(model):
-            e.copy_(m)
-
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates,
                 "warmup": self.warmup}

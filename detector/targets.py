@@ -14,7 +14,7 @@ import torch
 
 from .boxes import box_iou, encode
 
-BACKGROUND, IGNORE, PADDING = -1, -2, -1
+BACKGROUND, IGNORE = -1, -2
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Anchors, box coding, target assignment and the loss, against design.md and effdet."""
+"""Anchors, box coding, target assignment and the loss, against docs/design.md and effdet."""
 import pytest
 import torch
 from hypothesis import given

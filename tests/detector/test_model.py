@@ -6,7 +6,7 @@ from detector import create_model, get_config, model_names
 
 from .conftest import randomize_bn
 
-# design.md section 2, 90 classes
+# docs/design.md section 2, 90 classes
 PARAMS = {"d0": 3.880, "d1": 6.626, "d2": 8.097, "d3": 12.032, "d4": 20.724, "d5": 33.653,
           "d6": 51.872, "d7": 51.872, "d7x": 77.147}
 

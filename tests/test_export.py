@@ -1,0 +1,85 @@
+"""Export: the ONNX graph (post-processing included, run by onnxruntime on the CPU) and the TorchScript trace
+give the PyTorch detections, at batch sizes other than the one exported with."""
+import pytest
+import torch
+
+from detector.export import Detector, export_onnx, export_torchscript, main
+from detector.model import create_model
+from detector.pipeline import predict
+from tests.detector.conftest import randomize_bn
+
+SIZE = 128
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(trace|load)` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # D0 with one BiFPN cell and one head repeat: the same op types, exported in half the time
+    m = create_model("tf_efficientdet_d0", num_classes=4, image_size=SIZE, backend="torch",
+                     max_detection_points=400, fpn_cell_repeats=1, box_class_repeats=1).eval()
+    return randomize_bn(m)  # varied outputs: a fresh model scores every anchor alike
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def want(model, images):
+    """The eager detections of the wrapper (BatchNorm folded, as exported)."""
+    with torch.no_grad():
+        return Detector(model)(images)
+
+
+def assert_same_detections(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-3):
+    """Equal up to float rounding; rows whose scores tie within 1e-5 may come in either order."""
+    assert got.shape == want.shape
+    for g, w in zip(got, want):
+        gv, wv = g[g[:, 5] >= 0], w[w[:, 5] >= 0]
+        assert len(gv) == len(wv) > 0
+        torch.testing.assert_close(gv[:, 4], wv[:, 4], atol=1e-5, rtol=0)
+        last = wv[:, 4].min()
+        for row in wv[wv[:, 4] > last + 1e-5]:  # the lowest scores may differ at the cut
+            near = (gv[:, 5] == row[5]) & ((gv[:, :4] - row[:4]).abs().amax(1) < atol) & \
+                   ((gv[:, 4] - row[4]).abs() < 1e-5)
+            assert near.any(), f"no exported detection matches {row.tolist()}"
+
+
+def test_wrapper_is_predict(model, images, want):
+    with torch.no_grad():
+        ref = predict(model, images, clip_size=torch.full((3, 2), float(SIZE)), backend="torch")
+        unfused = Detector(model, fuse=False)(images)
+    assert_same_detections(unfused, ref, atol=1e-4)
+    assert_same_detections(want, ref)  # fused BatchNorm: the same detections up to rounding
+
+
+def test_onnx_matches_pytorch(model, images, want, tmp_path):
+    pytest.importorskip("onnxscript", reason="ONNX export needs requirements-export.txt (onnxscript)")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime (requirements-export.txt) not installed")
+    onnx = pytest.importorskip("onnx", reason="onnx (requirements-export.txt) not installed")
+    path = export_onnx(model, str(tmp_path / "d0.onnx"))
+    graph = onnx.load(path).graph
+    assert any(n.op_type == "NonMaxSuppression" for n in graph.node)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for b in (1, 3):  # exported with batch 2
+        (got,) = session.run(None, {"images": images[:b].numpy()})
+        assert_same_detections(torch.from_numpy(got), want[:b])
+
+
+def test_torchscript_matches_pytorch(model, images, want, tmp_path):
+    path = tmp_path / "d0.pt"
+    export_torchscript(model, str(path))
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        for b in (1, 3):  # traced with batch 2
+            assert_same_detections(loaded(images[:b]), want[:b])
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "missing.pth"
+    assert main(["--model", "tf_efficientdet_d0", "--checkpoint", str(bad), "--output", str(tmp_path / "x.pt"),
+                 "--image-size", str(SIZE)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err
