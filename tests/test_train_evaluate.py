@@ -118,9 +118,9 @@ def test_nproc2_gives_the_loss_of_one_process(tiny, tmp_path):
 
 
 def _flaky_loss(monkeypatch, bad_calls):
-    from detector import engine
+    from training import loop
 
-    real = engine.compute_loss
+    real = loop.compute_loss
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -130,7 +130,7 @@ def _flaky_loss(monkeypatch, bad_calls):
             res["loss"] = res["loss"] * float("nan")
         return res
 
-    monkeypatch.setattr(engine, "compute_loss", flaky)
+    monkeypatch.setattr(loop, "compute_loss", flaky)
 
 
 def test_a_nan_loss_is_skipped_and_leaves_no_trace(tiny, tmp_path, monkeypatch):
@@ -145,11 +145,11 @@ def test_a_nan_loss_is_skipped_and_leaves_no_trace(tiny, tmp_path, monkeypatch):
 
 
 def test_nan_losses_in_a_row_stop_the_run(tiny, tmp_path, monkeypatch):
-    from detector import engine
+    from training import loop
 
     _flaky_loss(monkeypatch, lambda n: n == 2 or n >= 4)
     out = tmp_path / "nan"
-    with pytest.raises(engine.NonFiniteLoss, match="3 steps in a row"):
+    with pytest.raises(loop.NonFiniteLoss, match="3 steps in a row"):
         train.main(base_args(tiny, out, "--epochs", "3", "--max-nonfinite-steps", "3"))
     skipped = events(out, "nonfinite_loss")
     assert [e["skipped_total"] for e in skipped] == [1, 2, 3, 4]
@@ -159,13 +159,13 @@ def test_nan_losses_in_a_row_stop_the_run(tiny, tmp_path, monkeypatch):
 def test_scheduler_restart_position():
     from argparse import Namespace
 
-    from detector.engine import _seek_scheduler, lr_lambda
+    from training.schedule import lr_lambda, seek_scheduler
 
     args = Namespace(warmup_epochs=1, epochs=10, lr=0.1, warmup_lr=1e-4, min_lr=1e-5, sched="cosine")
     f = lr_lambda(args, steps_per_epoch=5)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
-    _seek_scheduler(sched, 23)
+    seek_scheduler(sched, 23)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * f(23))
     assert f(0) == pytest.approx(1e-3) and f(5) == pytest.approx(1.0) and f(50) == pytest.approx(1e-4)
 
@@ -199,7 +199,7 @@ def test_waymo_flags_are_checked(tiny, tmp_path):
 
 
 def test_slurm_allocation_without_srun_is_one_process(monkeypatch):
-    from detector import distributed
+    from training import distributed
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
@@ -236,12 +236,12 @@ def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, 
     finishes that epoch and the run ends with the weights of an uninterrupted run."""
     import signal
 
-    from detector import engine
+    from training import loop
 
     common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
     a, b = tmp_path / "a", tmp_path / "b"
     train.main(base_args(tiny, a, *common))
-    real, calls = engine.compute_loss, {"n": 0}
+    real, calls = loop.compute_loss, {"n": 0}
 
     def interrupting(*args, **kw):
         calls["n"] += 1
@@ -249,12 +249,12 @@ def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, 
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine, "compute_loss", interrupting)
+    monkeypatch.setattr(loop, "compute_loss", interrupting)
     train.main(base_args(tiny, b, *common))
     mid = torch.load(b / "last.pth", weights_only=True)
     assert (mid["epoch"], mid["batch_in_epoch"], mid["step"]) == (1, 2, 6)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    monkeypatch.setattr(engine, "compute_loss", real)
+    monkeypatch.setattr(loop, "compute_loss", real)
     train.main(base_args(tiny, b, *common, "--resume"))
     sa = torch.load(a / "last.pth", weights_only=True)
     sb = torch.load(b / "last.pth", weights_only=True)

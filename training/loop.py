@@ -1,0 +1,428 @@
+"""The training loop: ``train(args)`` = ``setup`` -> ``fit`` (``train_one_epoch`` -> ``train_step``), with
+checkpoints that let ``--resume`` continue bit-identically, even from the middle of an epoch.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+import datasets as D
+from detector import checkpoint as ckpt
+from detector.ema import ModelEma
+from detector.layers import convert_sync_batchnorm
+from detector.pipeline import compute_loss
+from detector.visualize import plot_curve
+
+from . import distributed as dist
+from .config import TrainConfig, train_data_paths
+from .evaluation import autocast, evaluate_model, run_inference, save_pictures
+from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
+from .runlog import JsonLog, console, progress, report_benchmark, stats_table
+from .schedule import build_optimizer, build_scheduler, seek_scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """Everything one worker's training run holds; the functions below read and advance it."""
+
+    cfg: TrainConfig
+    info: dist.DistInfo
+    model: nn.Module  # the bare model (what is saved)
+    net: nn.Module  # what the step calls: the model, or DDP around it
+    ema: ModelEma | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    train_set: D.CocoDetection
+    val_set: D.CocoDetection | None
+    train_loader: D.EpochDataLoader
+    val_loader: D.EpochDataLoader | None
+    jlog: JsonLog
+    t0: float
+    start_epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    skip_batches: int = 0  # batches of start_epoch already trained before an interruption
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    history: list = field(default_factory=list)
+    bench_times: list = field(default_factory=list)
+    stats: dict | None = None
+    bn_buffers: list = field(default_factory=list)
+    bn_before: list = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.scaler.is_enabled()
+
+    @property
+    def last_epoch(self) -> int:
+        stop = self.cfg.stop_after
+        return self.cfg.epochs if not stop else min(self.cfg.epochs, self.start_epoch + stop)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+# ---------------------------------------------------------------- entry point
+def train(args) -> dict | None:
+    """One worker's whole training run from the parsed flags. Returns the last evaluation stats on rank 0."""
+    info = dist.init(args.device)
+    try:
+        run = setup(args, info)
+        return fit(run)
+    finally:
+        for flag in list(InterruptFlag.active):
+            flag.restore()
+        dist.cleanup()
+
+
+# ---------------------------------------------------------------- setup
+def setup(args, info: dist.DistInfo) -> Run:
+    """Data, config, model, optimizer and schedule; then the saved state when resuming."""
+    t0 = time.perf_counter()
+    seed_everything(args.seed)  # identical initial weights on every rank; per-rank streams below
+    train_set, val_set = load_data(args)
+    cfg = TrainConfig.from_args(args, num_train=len(train_set))
+    if info.is_main:
+        console.print(f"recipe: {cfg.recipe} ({len(train_set)} training images); flags you gave take precedence")
+    model = build_training_model(cfg, train_set, info)
+    size = model.config.image_size
+    train_set.transform = D.TrainTransform(size, seed=cfg.seed, scale_range=cfg.scale_range)
+    if val_set is not None:
+        val_set.transform = D.EvalTransform(size)
+    os.makedirs(cfg.output, exist_ok=True)
+    jlog = JsonLog(os.path.join(cfg.output, "log.jsonl") if info.is_main else None)
+    jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),
+               world_size=info.world_size, device=str(info.device), train_images=len(train_set),
+               val_images=len(val_set) if val_set else 0, data_stats=dict(train_set.stats))
+    load_initial_weights(cfg, model, info)
+    model = to_memory_format(model, cfg.channels_last)
+    if cfg.sync_bn and info.distributed:
+        model = convert_sync_batchnorm(model)
+    net = model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    ema = ModelEma(model, decay=cfg.model_ema_decay, warmup=cfg.ema_warmup,
+                   backend=cfg.kernel_backend) if cfg.model_ema else None  # after DDP's broadcast
+    seed_everything(cfg.seed + info.rank)
+    train_loader = D.build_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
+                                  distributed=info.distributed)
+    val_loader = (D.build_loader(val_set, cfg.batch_size * cfg.validation_batch_size_multiplier, train=False,
+                                 workers=cfg.workers, seed=cfg.seed, distributed=info.distributed)
+                  if val_set is not None else None)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+    optimizer = build_optimizer(cfg, model)
+    use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
+    run = Run(cfg=cfg, info=info, model=model, net=net, ema=ema, optimizer=optimizer,
+              scheduler=build_scheduler(cfg, optimizer, len(train_loader)),
+              scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), train_set=train_set, val_set=val_set,
+              train_loader=train_loader, val_loader=val_loader, jlog=jlog, t0=t0,
+              start_epoch=cfg.start_epoch or 0)
+    if cfg.resume:
+        resume(run, os.path.join(cfg.output, "last.pth") if cfg.resume == "auto" else cfg.resume)
+    elif cfg.start_epoch:
+        run.step = cfg.start_epoch * run.steps_per_epoch
+        seek_scheduler(run.scheduler, run.step)
+    run.bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    run.bn_before = [b.clone() for b in run.bn_buffers]  # BN statistics before the current step
+    return run
+
+
+def load_data(args):
+    """(train set, val set or None) from the data flags."""
+    paths = train_data_paths(args)
+    if "train" not in paths:
+        raise ValueError("no training data: give --data, --train-ann, or nothing for the built-in synthetic set")
+    train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
+    val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
+    if val_set is not None and len(val_set) == 0:
+        raise ValueError(f"{paths['val'][0]}: the validation set is empty")
+    return train_set, val_set
+
+
+def build_training_model(cfg: TrainConfig, train_set, info: dist.DistInfo):
+    num_classes = cfg.num_classes or train_set.num_classes
+    if num_classes < train_set.num_classes:
+        raise ValueError(f"--num_classes {num_classes} is smaller than the {train_set.num_classes} categories of "
+                         f"{train_set.ann_file}; every class index must have a logit")
+    return build_model(cfg.model, num_classes, cfg.input_size, cfg.kernel_backend, info.device,
+                       **training_overrides(cfg))
+
+
+def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
+    """``--pretrained-backbone-path``, ``--initial-checkpoint`` (minus ``--remove-weights``), ``--freeze-layers``."""
+    if cfg.pretrained_backbone_path:
+        load_backbone(model, cfg.pretrained_backbone_path)
+    if cfg.initial_checkpoint:
+        msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights is not None,
+                        remove=cfg.remove_weights or None)
+        if info.is_main:
+            console.print(f"initial checkpoint: {msg}")
+    freeze(model, cfg.freeze_layers)
+
+
+# ---------------------------------------------------------------- the epochs
+def fit(run: Run) -> dict | None:
+    interrupt = InterruptFlag()
+    for epoch in range(run.start_epoch, run.last_epoch):
+        if not train_one_epoch(run, epoch, interrupt):
+            return None  # interrupted; the state is saved
+        if run.cfg.benchmark:
+            return report_benchmark(run.bench_times, run.cfg, run.jlog, run.info)
+        improved = maybe_evaluate(run, epoch)
+        save_state(run, epoch, None, improved)
+        dist.barrier()
+    interrupt.restore()
+    finish(run)
+    return run.stats
+
+
+def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
+    """Train ``epoch`` (from the batch where an interrupted run stopped); False when interrupted."""
+    cfg, info = run.cfg, run.info
+    run.net.train()
+    skip = run.skip_batches if epoch == run.start_epoch else 0
+    run.train_loader.set_epoch(epoch, skip_batches=skip)
+    prefetch = D.DevicePrefetcher(run.train_loader, info.device, channels_last=cfg.channels_last)
+    t_epoch, seen = time.perf_counter(), 0
+    with progress(info.is_main) as bar:
+        task = bar.add_task(f"epoch {epoch}", total=run.steps_per_epoch, completed=skip, info="")
+        for i, batch in enumerate(prefetch, start=skip):
+            t0 = time.perf_counter()
+            parts = train_step(run, batch, epoch, interrupt)
+            if parts is None:
+                continue  # a skipped non-finite step
+            seen += batch["images"].shape[0] * info.world_size
+            if cfg.benchmark:
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize(info.device)
+                run.bench_times.append((time.perf_counter(), batch["images"].shape[0] * info.world_size))
+            if info.is_main and (run.step % cfg.log_interval == 0 or i == run.steps_per_epoch - 1):
+                event = log_step(run, epoch, parts, batch, ips=seen / (time.perf_counter() - t_epoch),
+                                 step_time=time.perf_counter() - t0)
+                bar.update(task, info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s")
+            bar.update(task, advance=1)
+            if cfg.benchmark and len(run.bench_times) >= cfg.benchmark_steps:
+                break
+            if parts[3] > 0:  # Ctrl-C or SIGTERM on any rank: save after this step, on every rank
+                save_state(run, epoch, i + 1, False)
+                if info.is_main:
+                    console.print(f"[yellow]interrupted at epoch {epoch}, batch {i + 1}/{run.steps_per_epoch}; "
+                                  f"state saved to {os.path.join(cfg.output, 'last.pth')}: continue with --resume[/]")
+                    run.jlog.write(event="interrupted", step=run.step, epoch=epoch, batch_in_epoch=i + 1)
+                interrupt.restore()
+                return False
+    return True
+
+
+def train_step(run: Run, batch: dict, epoch: int, interrupt: "InterruptFlag"):
+    """One optimizer step. Returns the summed (loss, cls_loss, box_loss, interrupted) over the workers, or
+    None when the loss or its gradient was not finite (the step is skipped and leaves no trace)."""
+    world = run.info.world_size
+    torch._foreach_copy_(run.bn_before, run.bn_buffers)
+    with autocast(run.info.device, run.cfg.amp):
+        res = compute_loss(run.net, batch["images"], batch["boxes"], batch["labels"],
+                           normalizer_fn=dist.all_reduce_sum if run.info.distributed else None,
+                           backend=run.cfg.kernel_backend)
+    loss = res["loss"]
+    parts = dist.all_reduce_sum(torch.stack([loss.detach(), res["cls_loss"].detach(), res["box_loss"].detach(),
+                                             loss.new_tensor(float(interrupt.raised))]).float())
+    finite = bool(torch.isfinite(parts[0]))
+    if finite:
+        run.scaler.scale(loss * world).backward()  # DDP averages gradients; the loss is already global
+        run.scaler.unscale_(run.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad or float("inf"))
+        # with a GradScaler, inf/NaN gradients are its business (it skips and lowers the scale)
+        finite = run.use_scaler or bool(dist.all_reduce_sum(torch.isfinite(norm).float()) == world)
+    if not finite:
+        skip_nonfinite_step(run, epoch)
+        return None
+    run.nonfinite_run = 0
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    run.step += 1
+    return parts
+
+
+def skip_nonfinite_step(run: Run, epoch: int) -> None:
+    """Drop the gradients and restore the BN statistics of a NaN/inf step; stop after too many in a row."""
+    run.nonfinite_total += 1
+    run.nonfinite_run += 1
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the forward of a bad step must not leave NaN in BN statistics
+        torch._foreach_copy_(run.bn_buffers, run.bn_before)
+    run.jlog.write(event="nonfinite_loss", step=run.step, epoch=epoch, skipped_total=run.nonfinite_total)
+    if run.nonfinite_run >= run.cfg.max_nonfinite_steps:
+        raise NonFiniteLoss(
+            f"the loss or its gradient was NaN/inf in {run.nonfinite_run} steps in a row (epoch {epoch}, "
+            f"step {run.step}); stopping. Lower --lr, raise --warmup-epochs, or check the data.")
+
+
+def log_step(run: Run, epoch: int, parts, batch, ips: float, step_time: float) -> dict:
+    event = dict(event="train", step=run.step, epoch=epoch, loss=parts[0].item(), cls_loss=parts[1].item(),
+                 box_loss=parts[2].item(), lr=run.optimizer.param_groups[0]["lr"], img_per_s=ips,
+                 data_time=batch["data_time"], step_time=step_time)
+    run.jlog.write(**event)
+    run.history.append(event)
+    return event
+
+
+def maybe_evaluate(run: Run, epoch: int) -> bool:
+    """Evaluate (the EMA model when there is one) when the schedule says so; True when AP improved."""
+    cfg = run.cfg
+    due = run.val_loader is not None and epoch + 1 >= cfg.eval_after and (
+        (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == run.last_epoch)
+    if not due:
+        return False
+    stats, _, timing, _ = evaluate_model(run.eval_model, run.val_loader, run.info, amp=cfg.amp,
+                                         channels_last=cfg.channels_last, backend=cfg.kernel_backend)
+    run.stats = stats
+    if run.info.is_main:
+        console.print(stats_table(stats, f"epoch {epoch} ({'EMA' if run.ema else 'model'}) on "
+                                         f"{len(run.val_set)} val images"))
+        run.jlog.write(event="eval", step=run.step, epoch=epoch, **stats, eval_img_per_s=timing["img_per_s"],
+                       minutes=(time.perf_counter() - run.t0) / 60)
+    improved = stats["AP"] > run.best
+    run.best = max(run.best, stats["AP"])
+    return improved
+
+
+def finish(run: Run) -> None:
+    """Loss curve and detection pictures (rank 0)."""
+    if not run.info.is_main:
+        return
+    if run.nonfinite_total:
+        console.print(f"[yellow]{run.nonfinite_total} steps with a NaN/inf loss were skipped[/]")
+    out, h = run.cfg.output, run.history
+    if h:
+        plot_curve([e["step"] for e in h], {"loss": [e["loss"] for e in h], "cls": [e["cls_loss"] for e in h],
+                                            "50*box": [50 * e["box_loss"] for e in h]},
+                   os.path.join(out, "loss_curve.png"), title="training loss")
+    if run.val_loader is not None and run.cfg.pictures and run.stats is not None:
+        loader = D.build_loader(run.val_set, run.cfg.batch_size, False, 0, run.cfg.seed)
+        _, _, pics = run_inference(run.eval_model, loader, run.info.device, amp=run.cfg.amp,
+                                   backend=run.cfg.kernel_backend, show_progress=False, keep_images=run.cfg.pictures)
+        save_pictures(run.val_set, pics, os.path.join(out, "pictures"), run.train_set.class_names)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool) -> None:
+    """Everything a run needs to continue exactly (collective: every rank calls it)."""
+    rngs = dist.all_gather_objects(rng_state())
+    if not run.info.is_main:
+        return
+    state = {"model": run.model.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": run.step,
+             "best": run.best, "rng": rngs if run.info.distributed else rngs[0], "args": run.cfg.to_dict(),
+             "config": run.model.config.to_dict(), "class_names": run.train_set.class_names,
+             "label_to_cat_id": run.train_set.label_to_cat_id}
+    out, every = run.cfg.output, run.cfg.save_checkpoint_interval
+    ckpt.save(state, os.path.join(out, "last.pth"))
+    if improved:
+        ckpt.save(state, os.path.join(out, "best.pth"))
+    if batch_in_epoch is None and every and (epoch + 1) % every == 0:
+        ckpt.save(state, os.path.join(out, f"checkpoint_{epoch:03d}.pth"))
+
+
+def resume(run: Run, path: str) -> None:
+    """Model, EMA, optimizer, schedule, scaler, position and random streams from ``path``."""
+    state = ckpt.read(path)
+    ckpt.load(run.model, state)
+    if run.ema is not None and state.get("ema"):
+        run.ema.load_state_dict(state["ema"])
+    if not run.cfg.no_resume_opt:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
+    if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first
+        run.start_epoch, run.skip_batches = state["epoch"], state["batch_in_epoch"]
+    if run.cfg.no_resume_opt:
+        seek_scheduler(run.scheduler, run.step)
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) != run.info.world_size:
+        console.print(f"[yellow]{path} was written by {len(rngs)} worker(s), this run has {run.info.world_size}: "
+                      "random streams restart from the seed, so the run is not bit-identical[/]")
+    else:
+        set_rng_state(rngs[run.info.rank])
+    if run.info.is_main:
+        console.print(f"resumed from {path} at epoch {run.start_epoch}")
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+             "numpy_pos": int(np.random.get_state()[2]),
+             "python": {"version": version, "internal": list(internal), "gauss": gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class InterruptFlag:
+    """Turns the first Ctrl-C / SIGTERM (e.g. a SLURM pre-emption) into a flag checked after each step, so the
+    run saves a resumable checkpoint instead of dying mid-step; a second one interrupts at once."""
+
+    active: list = []
+
+    def __init__(self):
+        self.raised, self._old = False, {}
+        InterruptFlag.active.append(self)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            self.restore()
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+        if self in InterruptFlag.active:
+            InterruptFlag.active.remove(self)

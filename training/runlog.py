@@ -1,0 +1,64 @@
+"""What a run tells the user: the console, a JSON-lines log, result tables and progress bars."""
+from __future__ import annotations
+
+import json
+import os
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+class JsonLog:
+    """One JSON object per line, appended; a no-op without a path (ranks other than 0)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, **event) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event, default=float) + "\n")
+
+
+def stats_table(stats: dict, title: str) -> Table:
+    """The 12 COCO numbers, per-class AP and, when computed, per-class AP at per-class IoU thresholds."""
+    from datasets import STAT_NAMES
+
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in STAT_NAMES:
+        if k in stats:
+            t.add_row(k, f"{stats[k]:.4f}")
+    for name, ap in stats.get("per_class", {}).items():
+        t.add_row(f"AP {name}", f"{ap:.4f}")
+    for name, ap in stats.get("per_class_iou", {}).items():
+        t.add_row(f"AP@class-IoU {name}", f"{ap:.4f}")
+    return t
+
+
+def progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                    disable=not enabled, transient=False)
+
+
+def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
+    """``times``: (wall clock after the step, images) per step; img/s over the steps after warm-up, data
+    loading included, as NVIDIA's ``--benchmark`` measures it."""
+    if len(times) < 3:
+        raise ValueError(f"--benchmark needs at least 3 steps, got {len(times)} (raise --benchmark-steps)")
+    warm = max(1, len(times) // 5)
+    dt = times[-1][0] - times[warm - 1][0]
+    n = sum(b for _, b in times[warm:])
+    ips = n / max(dt, 1e-9)
+    if info.is_main:
+        console.print(f"training throughput: {ips:.2f} img/s over {len(times) - warm} steps after {warm} warm-up "
+                      f"steps ({cfg.model}, batch {cfg.batch_size} x {info.world_size}, {info.device})")
+        jlog.write(event="benchmark", step=len(times), epoch=0, train_img_per_s=ips, measured_steps=len(times) - warm)
+    return {"train_img_per_s": ips}
