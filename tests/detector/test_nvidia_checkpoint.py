@@ -147,3 +147,22 @@ def test_anchors_equal_nvidias(tag):
     assert got["shape"] == want["shape"] and got["probe_index"] == want["probe_index"]
     for field in ("mean", "abs_mean", "probe_value"):
         torch.testing.assert_close(torch.tensor(got[field]), torch.tensor(want[field]), rtol=1e-6, atol=1e-3)
+
+
+def test_load_for_inference_rebuilds_our_checkpoint_from_its_config(tmp_path):
+    from detector import create_model
+    from detector.checkpoint import save
+
+    torch.manual_seed(0)
+    m = create_model("efficientdet_d0", num_classes=5, image_size=(128, 256), backend="torch",
+                     backbone_bn_eps=1e-3).eval()
+    save({"model": m.state_dict(), "config": m.config.to_dict(), "epoch": 4}, str(tmp_path / "ours.pth"))
+    loaded = load_for_inference(str(tmp_path / "ours.pth"), backend="torch")  # no name, size or class count given
+    cfg = loaded.model.config
+    assert (cfg.name, cfg.num_classes, cfg.image_size, cfg.backbone_bn_eps) == ("efficientdet_d0", 5, (128, 256), 1e-3)
+    x = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x)[0][0], m(x)[0][0])
+    torch.save(m.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="plain.pth does not record its model: pass --model"):
+        load_for_inference(str(tmp_path / "plain.pth"))
