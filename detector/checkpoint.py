@@ -5,9 +5,17 @@ Always ``torch.load(..., weights_only=True)``: a file whose pickle would run cod
 Accepted layouts (detected from the keys, converted where needed):
 * ours: ``{"model": state_dict, "ema": {...}, "config": {...}, ...}`` written by ``train.py`` / ``save``;
 * effdet: a plain state dict (its key layout is ours);
-* NVIDIA EfficientDet-PyTorch: ``{"state_dict": ..., "state_dict_ema": ...}`` with ``model.`` / ``module.``
-  prefixes, the backbone as ``input_conv`` + flat ``mbconv_blocks.{i}`` (SE as Linear layers), backbone BN
-  eps 1e-3, and class heads padded to a multiple of 8 classes (the padding is dropped).
+* NVIDIA EfficientDet-PyTorch: the training checkpoint ``{"epoch", "arch", "state_dict", "optimizer",
+  "version", "state_dict_ema", "metric"}`` (``metric`` a numpy float64) whose state dicts carry the ``model.``
+  prefix of its training bench and its ``anchors.boxes`` buffer (dropped: the anchors are rebuilt), and the
+  plain state dict its ``checkpoint_processing.py`` writes (the EMA weights, prefix stripped). The backbone is
+  ``input_conv`` + flat ``mbconv_blocks.{i}`` (SE as Linear layers) with BN eps 1e-3; trained with
+  ``--fused-focal-loss`` the class head is padded to a multiple of 8 classes (the padding is dropped).
+
+numpy scalars (NVIDIA's ``metric``) are let through ``weights_only=True`` by name: ``numpy._core`` (numpy 2)
+and ``numpy.core`` (files pickled under numpy 1) ``multiarray.scalar`` and the numeric dtypes.
+
+:func:`load_for_inference` builds the model a checkpoint needs (name, class count, size) and loads it.
 """
 from __future__ import annotations
 
@@ -16,12 +24,26 @@ import pickle
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from .backbone import EfficientNetFeatures
+from .configs import get_config
 from .model import EfficientDet
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import scalar as _np_scalar
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import scalar as _np_scalar
+
+# What a pickled numpy scalar references: the scalar constructor (under its numpy 1 and numpy 2 names),
+# ``numpy.dtype`` and the dtype class it builds. Nothing here runs code beyond making a number.
+_NUMPY_SAFE = [_np_scalar, (_np_scalar, "numpy.core.multiarray.scalar"),
+               (_np_scalar, "numpy._core.multiarray.scalar"), np.dtype,
+               *(type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool"))]
 
 
 class CheckpointError(RuntimeError):
@@ -33,16 +55,24 @@ def read(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_SAFE):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        what = re.search(r"[Uu]nsupported (global: )?GLOBAL [\w.]+|Can only build [^\n]*", str(e))
         raise CheckpointError(
             f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code "
-            f"(only tensors, numbers, strings and containers are allowed). Details: {e}") from None
+            f"(only tensors, numbers, strings, containers and numpy scalars are allowed): "
+            f"{what.group(0) if what else _first_line(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {e}") from None
+        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {_first_line(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def save(obj: dict, path: str) -> None:
@@ -68,16 +98,23 @@ def extract_state_dict(obj: dict, use_ema: bool = False) -> tuple[dict, str]:
     for key in (("state_dict_ema", "state_dict") if use_ema else ("state_dict", "state_dict_ema")):
         if isinstance(obj.get(key), dict):
             return _strip_prefixes(obj[key]), f"NVIDIA/timm-style {key!r}"
-    if all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _strip_prefixes(obj), "plain state dict"
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = _strip_prefixes(obj)
+        if is_nvidia(sd):  # NVIDIA's checkpoint_processing.py writes the EMA weights this way
+            return sd, "plain state dict (NVIDIA's processed file: the EMA weights)"
+        return sd, "plain state dict"
     raise CheckpointError(f"no state dict found; top-level keys: {sorted(obj)[:10]}")
 
 
 def _strip_prefixes(sd: dict) -> dict:
+    """Drop ``module.`` (DDP) / ``model.`` (NVIDIA's and timm's training bench) prefixes, and the bench's
+    ``anchors.*`` buffers (NVIDIA's ``anchors.boxes``): anchors are rebuilt from the config."""
     out = {}
     for k, v in sd.items():
         while k.startswith(("module.", "model.")):
             k = k.split(".", 1)[1]
+        if k.startswith("anchors."):
+            continue
         out[k] = v
     return out
 
@@ -119,7 +156,7 @@ def _nvidia_backbone(sd: dict, backbone: EfficientNetFeatures) -> dict:
 
 
 def head_classes(sd: dict, num_anchors: int = 9) -> int | None:
-    """Number of classes the class head of a state dict predicts (padding included)."""
+    """Number of classes the class head of a state dict predicts (padding included); ``None``: no head."""
     b = sd.get("class_net.predict.conv_pw.bias")
     return None if b is None else b.shape[0] // num_anchors
 
@@ -144,7 +181,7 @@ def _unpad_class_head(sd: dict, model: EfficientDet) -> dict:
 
 
 def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: bool = False,
-         remove: list[str] | None = None) -> str:
+         remove: list[str] | None = None, where: str | None = None) -> str:
     """Load ``source`` (a path or an already read dict) into ``model`` and return a description.
 
     ``reset_class_head=True`` (``--remove-weights``, or a class-count change) keeps the class head freshly
@@ -152,9 +189,9 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
     unexpected and wrongly shaped keys.
     """
     obj = read(source) if isinstance(source, (str, os.PathLike)) else source
-    where = source if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    where = where or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
     sd, layout = extract_state_dict(obj, use_ema)
-    if use_ema and "EMA" not in layout and "ema" not in layout:
+    if use_ema and "EMA" not in layout and "ema" not in layout:  # NVIDIA's processed file says "EMA"
         raise CheckpointError(f"{where} holds no EMA weights ({layout}); drop --use-ema to load the model weights")
     if is_nvidia(sd):
         sd = _unpad_class_head(_nvidia_backbone(sd, model.backbone), model)
@@ -193,3 +230,62 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
 
 def _short(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "") if items else "none"
+
+
+def infer_num_classes(sd: dict, category_ids=None, num_anchors: int = 9) -> int:
+    """Class count of a checkpoint that does not record it (effdet's, NVIDIA's), read from its class head.
+
+    NVIDIA pads the head to a multiple of 8 classes when trained with ``--fused-focal-loss`` (COCO: 90 -> 96)
+    and not otherwise (90, or 3 for Waymo). Given the data's category ids, an NVIDIA head is taken as is when
+    it equals the data's class count or its largest id, else as the padding of one of them, else as is when
+    it covers the largest id (class i = category id i + 1, the TF/effdet convention).
+    """
+    head = head_classes(sd, num_anchors)
+    if head is None:
+        raise CheckpointError("the checkpoint has no class head (class_net.predict.conv_pw.bias); pass --num_classes")
+    ids = sorted(set(category_ids or ()))
+    if not ids or not is_nvidia(sd):
+        return head
+    candidates = (len(ids), ids[-1])
+    if head in candidates:
+        return head
+    for c in candidates:
+        if nvidia_padded(c) == head:
+            return c
+    if head >= ids[-1]:
+        return head
+    raise CheckpointError(f"the class head predicts {head} classes, the data has {len(ids)} categories with ids up "
+                          f"to {ids[-1]}; pass --num_classes")
+
+
+@dataclass
+class Loaded:
+    model: EfficientDet
+    state: dict  # the file's top-level dict as stored (epoch, metric, label_to_cat_id, ...)
+    description: str
+
+
+def load_for_inference(source, model_name: str | None = None, num_classes: int | None = None, category_ids=None,
+                       image_size=None, use_ema: bool = False, backend: str = "auto") -> Loaded:
+    """Build the model a checkpoint needs and load it: ours, effdet's, NVIDIA's training or processed file.
+
+    ``model_name`` / ``num_classes`` / ``image_size`` override what the checkpoint records (ours record all
+    three; effdet's and NVIDIA's need ``model_name``, and their class count comes from the class head and
+    ``category_ids``, the data's category ids, see :func:`infer_num_classes`). Every other recorded config
+    field (BN eps, ...) is kept, so the network is rebuilt exactly as trained.
+    """
+    where = str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    state = read(source) if isinstance(source, (str, os.PathLike)) else source
+    cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+    name = model_name or cfg.get("name")
+    if name is None:
+        raise CheckpointError(f"{where} does not record its model: pass --model (e.g. efficientdet_d0)")
+    if num_classes is None:
+        num_classes = cfg.get("num_classes") or infer_num_classes(extract_state_dict(state, use_ema)[0], category_ids)
+    size = image_size or cfg.get("image_size") or get_config(name).image_size
+    overrides = {k: v for k, v in cfg.items() if k not in ("name", "num_classes", "image_size", "extra")}
+    model = EfficientDet(get_config(name, num_classes=num_classes, image_size=size, **overrides)).set_backend(backend)
+    desc = load(model, state, use_ema=use_ema, where=where)
+    if "metric" in state and isinstance(state["metric"], (float, int, np.floating)):
+        desc += f"; epoch {state.get('epoch')}, metric {float(state['metric']):.4f}"
+    return Loaded(model.eval(), state, desc)
