@@ -20,6 +20,7 @@ import argparse
 import copy
 import os
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -167,12 +168,36 @@ def export_torchscript(model: EfficientDet, path: str | None = None, fuse: bool 
     """A traced :class:`Detector` (any batch size); saved to ``path`` when given. Loading it needs
     ``import detector.export`` first (it registers the NMS op the graph calls)."""
     det = Detector(model, fuse=fuse).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about the shape checks of the layers: they test the image size, fixed at export,
+        # or the batch size, whose checks hold for any batch (tests/test_export.py runs other batch sizes).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(det, (_example(model, 2),), check_trace=False)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.jit.save(traced, path)
     return traced
+
+
+class TracedNetwork(nn.Module):
+    """The network of ``model`` (BatchNorm folded) as a TorchScript trace, usable wherever
+    :func:`detector.pipeline.predict` takes a model (it has ``config`` and ``flatten``): the
+    ``evaluate.py --torchscript`` path, whose detections then come from the usual post-processing."""
+
+    def __init__(self, model: EfficientDet, fuse: bool = True):
+        super().__init__()
+        self.config = model.config
+        net = fuse_for_inference(model) if fuse else copy.deepcopy(model).eval()
+        device = next(net.parameters()).device
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, see export_torchscript
+            self.traced = torch.jit.trace(net, (_example(model, 2).to(device),), check_trace=False)
+
+    flatten = staticmethod(EfficientDet.flatten)
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cls, box = self.traced(images)
+        return list(cls), list(box)
 
 
 def main(argv=None) -> int:

@@ -3,13 +3,13 @@ give the PyTorch detections, at batch sizes other than the one exported with."""
 import pytest
 import torch
 
-from detector.export import Detector, export_onnx, export_torchscript, main
+from detector.export import Detector, TracedNetwork, export_onnx, export_torchscript, main
 from detector.model import create_model
 from detector.pipeline import predict
 from tests.detector.conftest import randomize_bn
 
 SIZE = 128
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(trace|load)` is deprecated:FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:FutureWarning")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,17 @@ def test_torchscript_matches_pytorch(model, images, want, tmp_path):
     with torch.no_grad():
         for b in (1, 3):  # traced with batch 2
             assert_same_detections(loaded(images[:b]), want[:b])
+
+
+def test_traced_network_in_predict(model, images):
+    """evaluate.py --torchscript: the traced network through the usual post-processing, any batch size."""
+    traced = TracedNetwork(model, fuse=False)
+    clip = torch.full((3, 2), float(SIZE))
+    with torch.no_grad():
+        want = predict(model, images, clip_size=clip, backend="torch")
+        for b in (1, 3):  # traced with batch 2
+            got = predict(traced, images[:b], clip_size=clip[:b], backend="torch")
+            assert_same_detections(got, want[:b], atol=1e-4)
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
