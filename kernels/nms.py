@@ -390,8 +390,9 @@ def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Te
     keep_sorted = torch.empty(n, dtype=torch.int8, device=dev)
     thr = _threshold_f32(iou_threshold)
     # num_warps: 8 (mask) and 16 (scan) keep both kernels under 255 registers without spills on sm_90 and
-    # sm_80 (4 warps: the scan uses 255 registers on sm_90 and spills on sm_80); the scan's serial part is
-    # scalar, so the extra warps only share the 64x64 tiles.
+    # sm_80 (4 warps: the scan uses 255 registers on sm_90 and spills on sm_80, per cuobjdump
+    # --dump-resource-usage of an ahead-of-time compile with Triton 3.8); the scan's serial part is scalar
+    # (one load and a few integer ops per box, no barrier), so the extra warps only share the 64x64 tiles.
     with _quiet_interpreter(dev):
         _nms_mask_kernel[(nb, W)](sboxes, seg_end, mask, n, W, thr, BLOCK=_BLOCK, num_warps=8,
                                   enable_fp_fusion=False)
@@ -410,8 +411,8 @@ def _batched_nms_fake(boxes, scores, classes, batch_index, iou_threshold, band_w
 
 
 def _triton_path(boxes, scores, classes, iou_threshold, batch_index, band_words=0):
-    if boxes.shape[0] >= 2**30:
-        raise ValueError("kernels/nms.py: boxes has too many rows for the Triton path's int32 positions")
+    if boxes.shape[0] >= 2**29:  # 4 * position must fit the kernels' int32 offsets
+        raise ValueError(f"kernels/nms.py: boxes has {boxes.shape[0]} rows; the Triton path takes < 2**29")
     score_perm, keep = _batched_nms_op(boxes, scores, classes, batch_index, float(iou_threshold), int(band_words))
     return score_perm[keep]  # the one host synchronisation: the output's length
 
