@@ -37,8 +37,8 @@ of the sorted boxes.
   64x64 IoU tiles of row block ``b`` against column blocks ``b + w`` (program ``s`` takes ``w = s,
   s + 8, ...``), computed only while both blocks hold boxes of a common segment (boxes are sorted,
   so only tiles with column >= row block are needed), packed into one int64 word per row: bit ``j``
-  of ``mask[w, p]`` = box ``p`` would
-  suppress box ``64 (b + w) + j`` (later in the same segment, IoU > threshold). (2)
+  of ``mask[w, p]`` = box ``p`` would suppress box ``64 (b + w) + j`` (later in the same segment,
+  IoU > threshold). (2)
   ``_nms_scan_kernel``, one program per row block, handling the segments that *start* in that
   block: it walks each segment block by block keeping a "removed" bitset in device scratch; inside a
   block it decides the boxes in order from the diagonal words (a scalar loop on one 64-bit word),
