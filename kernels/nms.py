@@ -33,11 +33,12 @@ of the sorted boxes.
   chunks, and resolves the greedy suppression by a fixed-point iteration (see
   :func:`_greedy_fixed_point` for the exactness argument).
 * The Triton path runs two kernels for the whole batch. The sorted positions are cut into 64-box
-  blocks (global, not per segment). (1) ``_nms_mask_kernel``, grid (block ``b``, word ``w``): the
-  64x64 IoU tile of row block ``b`` against column block ``b + w``, computed only when both blocks
-  hold boxes of a common segment (boxes are sorted, so only tiles with column >= row block are
-  needed), packed into one int64 word per row: bit ``j`` of ``mask[w, p]`` = box ``p`` would
-  suppress box ``64 (b + w) + j`` (later in the same segment, IoU > threshold). (2)
+  blocks (global, not per segment). (1) ``_nms_mask_kernel``, grid (row block ``b``, 8): the
+  64x64 IoU tiles of row block ``b`` against column blocks ``b + w`` (program ``s`` takes ``w = s,
+  s + 8, ...``), computed only while both blocks hold boxes of a common segment (boxes are sorted,
+  so only tiles with column >= row block are needed), packed into one int64 word per row: bit ``j``
+  of ``mask[w, p]`` = box ``p`` would suppress box ``64 (b + w) + j`` (later in the same segment,
+  IoU > threshold). (2)
   ``_nms_scan_kernel``, one program per row block, handling the segments that *start* in that
   block: it walks each segment block by block keeping a "removed" bitset in device scratch; inside a
   block it decides the boxes in order from the diagonal words (a scalar loop on one 64-bit word),
@@ -69,6 +70,9 @@ _PAIR_CHUNK = 1 << 22
 _BLOCK = 64
 # Upper bound on the suppression mask of the Triton path (bytes); see the module docstring.
 _MASK_BUDGET_BYTES = 64 << 20
+# Programs per row block in the mask kernel (each loops over every _MASK_SPLIT-th column block it needs):
+# enough for a single long segment to fill the GPU, few idle programs when segments are short.
+_MASK_SPLIT = 8
 
 
 def _check_inputs(boxes, scores, classes, batch_index):
@@ -272,22 +276,22 @@ if triton_available():
         bit = tl.full([BLOCK], 1, tl.int64) << tl.arange(0, BLOCK).to(tl.int64)
         return tl.sum(tl.where(hit, bit[None, :], 0), 1)  # distinct bits: the sum is their OR
 
-    @triton.jit(do_not_specialize=["n", "W"])
-    def _nms_mask_kernel(boxes_ptr, seg_end_ptr, mask_ptr, n, W, thr, BLOCK: tl.constexpr):
-        """Program (b, w): tile of row block b x column block b + w -> mask[w, 64 b : 64 b + 64]."""
+    @triton.jit(do_not_specialize=["n", "W", "W_SPLIT"])
+    def _nms_mask_kernel(boxes_ptr, seg_end_ptr, mask_ptr, n, W, W_SPLIT, thr, BLOCK: tl.constexpr):
+        """Program (b, s): tiles of row block b x column blocks b + w, w = s, s + W_SPLIT, ... while the
+        block's segments reach them -> mask[w, 64 b : 64 b + 64]."""
         b = tl.program_id(0)
-        w = tl.program_id(1)
-        c = b + w
-        last_row = tl.minimum(b * BLOCK + BLOCK, n) - 1
+        offs = tl.arange(0, BLOCK)
+        rows = b * BLOCK + offs
+        rmask = rows < n
         # seg_end is non-decreasing in the sorted position: the block's last row reaches furthest
-        if c * BLOCK < tl.load(seg_end_ptr + last_row):
-            offs = tl.arange(0, BLOCK)
-            rows = b * BLOCK + offs
-            rmask = rows < n
-            cols = c * BLOCK + offs
-            end_r = tl.load(seg_end_ptr + rows, mask=rmask, other=0)
+        reach = tl.load(seg_end_ptr + tl.minimum(b * BLOCK + BLOCK, n) - 1)
+        w_end = tl.minimum(W, (reach + BLOCK - 1) // BLOCK - b)
+        end_r = tl.load(seg_end_ptr + rows, mask=rmask, other=0)
+        for w in range(tl.program_id(1), w_end, W_SPLIT):
+            cols = (b + w) * BLOCK + offs
             word = _suppress_words(boxes_ptr, rows, rmask, cols, cols < n, end_r, thr, BLOCK)
-            tl.store(mask_ptr + w.to(tl.int64) * n + rows, word, mask=rmask)
+            tl.store(mask_ptr + n.to(tl.int64) * w + rows, word, mask=rmask)
 
     @triton.jit(do_not_specialize=["n", "W"])
     def _nms_scan_kernel(boxes_ptr, mask_ptr, seg_start_ptr, seg_end_ptr, seg_id_ptr, removed_ptr, keep_ptr,
@@ -390,11 +394,13 @@ def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Te
     keep_sorted = torch.empty(n, dtype=torch.int8, device=dev)
     thr = _threshold_f32(iou_threshold)
     # num_warps: 8 (mask) and 16 (scan) keep both kernels under 255 registers without spills on sm_90 and
-    # sm_80 (4 warps: the scan uses 255 registers on sm_90 and spills on sm_80); the scan's serial part is
-    # scalar, so the extra warps only share the 64x64 tiles.
+    # sm_80 (4 warps: the scan uses 255 registers on sm_90 and spills on sm_80, per cuobjdump
+    # --dump-resource-usage of an ahead-of-time compile with Triton 3.8); the scan's serial part is scalar
+    # (one load and a few integer ops per box, no barrier), so the extra warps only share the 64x64 tiles.
     with _quiet_interpreter(dev):
-        _nms_mask_kernel[(nb, W)](sboxes, seg_end, mask, n, W, thr, BLOCK=_BLOCK, num_warps=8,
-                                  enable_fp_fusion=False)
+        split = min(W, _MASK_SPLIT)
+        _nms_mask_kernel[(nb, split)](sboxes, seg_end, mask, n, W, split, thr, BLOCK=_BLOCK, num_warps=8,
+                                      enable_fp_fusion=False)
         _nms_scan_kernel[(nb,)](sboxes, mask, seg_start, seg_end, seg_id, removed, keep_sorted, n, W, thr,
                                 BLOCK=_BLOCK, WCHUNK=16 if dev.type == "cuda" else 4, num_warps=16,
                                 enable_fp_fusion=False)
@@ -410,8 +416,8 @@ def _batched_nms_fake(boxes, scores, classes, batch_index, iou_threshold, band_w
 
 
 def _triton_path(boxes, scores, classes, iou_threshold, batch_index, band_words=0):
-    if boxes.shape[0] >= 2**30:
-        raise ValueError("kernels/nms.py: boxes has too many rows for the Triton path's int32 positions")
+    if boxes.shape[0] >= 2**29:  # 4 * position must fit the kernels' int32 offsets
+        raise ValueError(f"kernels/nms.py: boxes has {boxes.shape[0]} rows; the Triton path takes < 2**29")
     score_perm, keep = _batched_nms_op(boxes, scores, classes, batch_index, float(iou_threshold), int(band_words))
     return score_perm[keep]  # the one host synchronisation: the output's length
 

@@ -325,6 +325,24 @@ def test_cuda_decode_topk(cuda_device, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("clip", CLIP_KINDS)
+def test_cuda_decode_nan_inf(cuda_device, clip):
+    g = torch.Generator().manual_seed(9)
+    n = 3000
+    a = make_anchors(n, g)
+    d = make_deltas((2, n, 4), g)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    hit = torch.rand(d.shape, generator=g) < 0.1
+    d = torch.where(hit, special[torch.randint(0, 3, d.shape, generator=g)], d)
+    a[::17, 1] = float("nan")
+    c = clip_arg(clip, (2,), g)
+    c = c.to(cuda_device) if isinstance(c, torch.Tensor) else c
+    got = decode_boxes(d.to(cuda_device), a.to(cuda_device), c, backend="triton")
+    ref = decode_boxes_reference(d.to(cuda_device), a.to(cuda_device), c)
+    assert_close_special(got, ref, *box_tol(torch.float32, ref), f"cuda NaN/inf clip={clip}")
+
+
+@pytest.mark.cuda
 def test_cuda_compile_inductor(cuda_device):
     g = torch.Generator().manual_seed(8)
     a = make_anchors(500, g).to(cuda_device)
