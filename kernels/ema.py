@@ -174,7 +174,8 @@ class _Plan:
         return all(map(operator.is_, ema, self.ema)) and all(map(operator.is_, model, self.model))
 
     def groups(self):
-        """[(table, n_tensors, n_tiles, ema dtype, model dtype, aligned, block)], [fallback ema], [fallback model]."""
+        """-> ([(table, n_tensors, n_tiles, ema dtype, model dtype, aligned, block)], fallback ema,
+        fallback model): one kernel launch per entry, torch ops for the fallback pairs."""
         if self._groups is None:
             by_key: dict[tuple, tuple[list, list]] = {}
             fb_e, fb_m = [], []
