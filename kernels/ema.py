@@ -4,41 +4,48 @@ Computed in fp32 as ``ema + (1-decay)*(model - ema)`` (torch's lerp) and stored 
 same as ``torch._foreach_lerp_(ema, model, 1 - decay)`` up to fp32 rounding. ``decay`` is a Python
 float or a 0-dim device tensor (a warm-up schedule computed on the device needs no host sync).
 
-Layout choice: a **pointer table**, not a flat buffer. Each launch gets one int64 device tensor that
-holds, per tensor, the ema address, the model address and the element count, and per tile of
-``_BLOCK`` elements the tensor it belongs to and its start. A program reads its tile's row and casts
-the addresses to typed pointers inside the kernel (``int64 -> tl.pointer_type``, the long-standing
-idiom of Triton's grouped-GEMM tutorial; it works on GPUs with Triton 3.6 and 3.8 and in the
-interpreter, where CPU tensors are read at their real host addresses). A flat buffer would need the
-model's parameters to live in one allocation (they do not) or a gather copy every step (2x traffic).
-The table depends only on addresses and sizes, so it is built once per parameter set and cached
-(``_TABLE_CACHE``); steady-state steps do no host->device copy at all.
+Triton design: a **pointer table**, not a flat buffer. One int64 device tensor per launch holds, per
+tensor, the ema address, the model address and the element count, and per tile of ``_BLOCK`` elements
+the tensor it belongs to and its start. A program reads its tile's row and casts the addresses to typed
+pointers (``int64 -> tl.pointer_type``, the idiom of Triton's grouped-GEMM tutorial; in the interpreter
+CPU tensors are read at their real host addresses). Full tiles are read and written without a mask and,
+when both tensors start on a 16-byte boundary, with alignment hints, so the accesses are 16-byte vectors
+(``LDG.E.128`` on sm_90); the last tile of each tensor is masked. A flat buffer would need the model's
+parameters in one allocation (they are not) or a gather copy every step (2x traffic).
 
-One launch per (ema dtype, model dtype) pair, normally exactly one. Pairs must be dense (contiguous,
-channels-last or any non-overlapping dense layout) with identical strides so that element ``i`` of
-both storages is the same logical element; any other pair (rare: views, expanded tensors) is updated
-with plain torch ops in fp32 instead, so nothing is rejected for its layout. Integer and bool tensors
-are rejected (the EMA class copies integer buffers itself); complex too.
+Host side: everything that depends only on the tensors (validation, grouping by dtype/alignment, the
+tables) is a *plan*, built once and cached (``_PLANS``) under the tensors' addresses; a call recomputes
+the addresses, checks that the cached plan holds the very same tensor objects, and launches: no table
+copy, no per-tensor validation. A tensor moved to new storage (``.to()``, ``.data = ...``) changes the
+addresses and the plan is rebuilt. The plan keeps its tensors alive, so their addresses cannot be reused
+by other tensors while it is cached.
 
-Custom op: ``effdet::ema_update_(ema, model, decay_tensor, decay_value) -> ()`` mutating ``ema``; CPU =
-reference, CUDA = Triton launcher, a fake implementation for torch.compile.
+One launch per (ema dtype, model dtype, aligned) group, normally exactly one. Pairs must be dense
+(contiguous, channels-last or any non-overlapping dense layout) with identical strides so that element
+``i`` of both storages is the same logical element; any other pair (rare: views, expanded tensors) is
+updated with the reference's torch ops instead. Integer, bool and complex tensors are rejected (the EMA
+class copies integer buffers itself).
+
+Custom op: ``effdet::ema_update_(ema, model, decay_tensor, decay_value) -> ()`` mutating ``ema``, what
+``torch.compile`` traces. Eager calls run the same launcher without the op's Python dispatch, which for
+two lists of ~640 tensors costs more than the whole host budget of a step (see the tests).
 """
-from __future__ import annotations
-
 import collections
 import logging
+import operator
 from typing import Optional, Sequence
 
 import torch
 
-from ._dispatch import resolve, triton_available
+from ._dispatch import dispatch, triton_available, triton_op
 
 __all__ = ["ema_update", "ema_update_reference"]
 
 OP_NAME = "ema_update"
 _BLOCK = 2048
-_TABLE_CACHE: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
-_TABLE_CACHE_SIZE = 8
+_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+_PLAN_CACHE_SIZE = 4
+_BY_ID: "dict[tuple, _Plan]" = {}       # (id(ema sequence), id(model sequence)) of the last call -> plan
 log = logging.getLogger("kernels")
 
 # --------------------------------------------------------------------------------------------------
@@ -76,30 +83,48 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_tensors"])
     def _ema_kernel(table_ptr, n_tensors, decay_ptr, decay_value,
                     EMA_DTYPE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
-                    DECAY_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+                    DECAY_FROM_PTR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         # table layout (int64): [ema_ptr * n | model_ptr * n | numel * n | tile_tensor * T | tile_start * T]
         tile = tl.program_id(0)
         idx = tl.load(table_ptr + 3 * n_tensors + tile)
         start = tl.load(table_ptr + 3 * n_tensors + tl.num_programs(0) + tile)
-        ema_ptr = tl.load(table_ptr + idx).to(tl.pointer_type(EMA_DTYPE))
-        model_ptr = tl.load(table_ptr + n_tensors + idx).to(tl.pointer_type(MODEL_DTYPE))
+        ema_addr = tl.load(table_ptr + idx)
+        model_addr = tl.load(table_ptr + n_tensors + idx)
         numel = tl.load(table_ptr + 2 * n_tensors + idx)
+        start = tl.multiple_of(start, BLOCK)                   # tiles start at multiples of BLOCK
+        ema_ptr = ema_addr.to(tl.pointer_type(EMA_DTYPE))
+        model_ptr = model_addr.to(tl.pointer_type(MODEL_DTYPE))
+        if ALIGNED:   # both storages start on 16 bytes (the hint must sit on the pointer, not the int64)
+            ema_ptr = tl.multiple_of(ema_ptr, 16)
+            model_ptr = tl.multiple_of(model_ptr, 16)
         if DECAY_FROM_PTR:
             decay = tl.load(decay_ptr).to(tl.float32)
         else:
             decay = decay_value
         w = 1.0 - decay
         offs = start + tl.arange(0, BLOCK)
-        m = offs < numel
-        e = tl.load(ema_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(model_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(ema_ptr + offs, (e + w * (x - e)).to(EMA_DTYPE), mask=m)
+        if start + BLOCK <= numel:                             # full tile: no mask, vector accesses
+            e = tl.load(ema_ptr + offs).to(tl.float32)
+            x = tl.load(model_ptr + offs).to(tl.float32)
+            tl.store(ema_ptr + offs, (e + w * (x - e)).to(EMA_DTYPE))
+        else:                                                  # the tensor's last tile
+            m = offs < numel
+            e = tl.load(ema_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(model_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(ema_ptr + offs, (e + w * (x - e)).to(EMA_DTYPE), mask=m)
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
                   torch.float64: tl.float64}
+else:  # pragma: no cover - no Triton: the reference path only
+    _TL_DTYPES = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# plan (validation, grouping, tables: once per set of tensors) and launcher
+# --------------------------------------------------------------------------------------------------
 
 
 def _dense_same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -117,93 +142,7 @@ def _dense_same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
-def _build_table(ema: list[torch.Tensor], model: list[torch.Tensor], device) -> torch.Tensor:
-    key = (device, _BLOCK, tuple((e.data_ptr(), m.data_ptr(), e.numel()) for e, m in zip(ema, model)))
-    table = _TABLE_CACHE.get(key)
-    if table is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return table
-    sizes = torch.tensor([e.numel() for e in ema], dtype=torch.int64)
-    tiles = (sizes + _BLOCK - 1) // _BLOCK
-    tile_tensor = torch.repeat_interleave(torch.arange(len(ema), dtype=torch.int64), tiles)
-    first_tile = torch.cumsum(tiles, 0) - tiles
-    tile_start = (torch.arange(len(tile_tensor), dtype=torch.int64) - first_tile[tile_tensor]) * _BLOCK
-    host = torch.cat([torch.tensor([e.data_ptr() for e in ema], dtype=torch.int64),
-                      torch.tensor([m.data_ptr() for m in model], dtype=torch.int64),
-                      sizes, tile_tensor, tile_start])
-    if torch.device(device).type == "cuda":
-        table = host.pin_memory().to(device, non_blocking=True)
-    else:
-        table = host
-    _TABLE_CACHE[key] = table
-    while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return table
-
-
-def _launch(ema: list[torch.Tensor], model: list[torch.Tensor], decay_tensor: Optional[torch.Tensor],
-            decay_value: float) -> None:
-    """One kernel launch per (ema dtype, model dtype) group; non-dense pairs go through torch."""
-    groups: dict[tuple, tuple[list, list]] = {}
-    fallback_e, fallback_m = [], []
-    for e, m in zip(ema, model):
-        if e.numel() == 0:
-            continue
-        if _dense_same_layout(e, m) and e.dtype in _TL_DTYPES and m.dtype in _TL_DTYPES:
-            g = groups.setdefault((e.dtype, m.dtype), ([], []))
-            g[0].append(e)
-            g[1].append(m)
-        else:
-            fallback_e.append(e)
-            fallback_m.append(m)
-    for (edt, mdt), (es, ms) in groups.items():
-        table = _build_table(es, ms, es[0].device)
-        n_tiles = (table.numel() - 3 * len(es)) // 2
-        _ema_kernel[(n_tiles,)](
-            table, len(es), decay_tensor if decay_tensor is not None else table, float(decay_value),
-            EMA_DTYPE=_TL_DTYPES[edt], MODEL_DTYPE=_TL_DTYPES[mdt],
-            DECAY_FROM_PTR=decay_tensor is not None, BLOCK=_BLOCK, num_warps=4)
-    if fallback_e:
-        log.debug("kernels.ema_update: %d non-dense or mismatched-layout pairs updated with torch ops",
-                  len(fallback_e))
-        ema_update_reference(fallback_e, fallback_m,
-                             decay_tensor if decay_tensor is not None else decay_value)
-
-
-# --------------------------------------------------------------------------------------------------
-# custom op
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("effdet::ema_update_", mutates_args=("ema_tensors",))
-def _ema_update_op(ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor],
-                   decay_tensor: Optional[torch.Tensor], decay_value: float) -> None:
-    raise NotImplementedError("effdet::ema_update_ has CPU and CUDA implementations only")
-
-
-@_ema_update_op.register_kernel("cpu")
-def _ema_update_cpu(ema_tensors, model_tensors, decay_tensor, decay_value):
-    ema_update_reference(ema_tensors, model_tensors, decay_tensor if decay_tensor is not None else decay_value)
-
-
-@_ema_update_op.register_kernel("cuda")
-def _ema_update_cuda(ema_tensors, model_tensors, decay_tensor, decay_value):
-    _launch(list(ema_tensors), list(model_tensors), decay_tensor, decay_value)
-
-
-@_ema_update_op.register_fake
-def _ema_update_fake(ema_tensors, model_tensors, decay_tensor, decay_value):
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# public function
-# --------------------------------------------------------------------------------------------------
-
-
-def _validate(ema: list, model: list, decay) -> torch.device | None:
-    if len(ema) != len(model):
-        raise ValueError(f"ema_update: {len(ema)} ema tensors but {len(model)} model tensors")
+def _validate(ema: Sequence, model: Sequence) -> torch.device:
     device = None
     for i, (e, m) in enumerate(zip(ema, model)):
         if not isinstance(e, torch.Tensor) or not isinstance(m, torch.Tensor):
@@ -220,14 +159,142 @@ def _validate(ema: list, model: list, decay) -> torch.device | None:
             raise ValueError(f"ema_update: tensor {i}: all tensors must be on one device, got "
                              f"{e.device} and {m.device}" + (f" (first was {device})" if device else ""))
         device = e.device
-        if e.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"ema_update: ema tensor {i} requires grad; call under torch.no_grad()")
-    if isinstance(decay, torch.Tensor):
-        if decay.numel() != 1:
-            raise ValueError(f"ema_update: decay must be a scalar, got shape {tuple(decay.shape)}")
-    else:
-        float(decay)
     return device
+
+
+class _Plan:
+    """Everything about one list of tensor pairs that does not change between steps."""
+
+    def __init__(self, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]):
+        self.device = _validate(ema, model)
+        self.ema, self.model = tuple(ema), tuple(model)          # keeps the tensors (and addresses) alive
+        self._groups = None                                      # built on the first Triton launch
+
+    def same_tensors(self, ema, model) -> bool:
+        return all(map(operator.is_, ema, self.ema)) and all(map(operator.is_, model, self.model))
+
+    def groups(self):
+        """-> ([(table, n_tensors, n_tiles, ema dtype, model dtype, aligned, block)], fallback ema,
+        fallback model): one kernel launch per entry, torch ops for the fallback pairs."""
+        if self._groups is None:
+            by_key: dict[tuple, tuple[list, list]] = {}
+            fb_e, fb_m = [], []
+            for e, m in zip(self.ema, self.model):
+                if e.numel() == 0:
+                    continue
+                if _dense_same_layout(e, m) and e.dtype in _TL_DTYPES and m.dtype in _TL_DTYPES:
+                    aligned = e.data_ptr() % 16 == 0 and m.data_ptr() % 16 == 0
+                    g = by_key.setdefault((e.dtype, m.dtype, aligned), ([], []))
+                    g[0].append(e)
+                    g[1].append(m)
+                else:
+                    fb_e.append(e)
+                    fb_m.append(m)
+            launches = []
+            for (edt, mdt, aligned), (es, ms) in by_key.items():
+                table, n_tiles = _build_table(es, ms, self.device)
+                launches.append((table, len(es), n_tiles, edt, mdt, aligned, _BLOCK))
+            if fb_e:
+                log.debug("kernels.ema_update: %d non-dense or mismatched-layout pairs updated with torch ops",
+                          len(fb_e))
+            self._groups = (launches, fb_e, fb_m)
+        return self._groups
+
+
+def _plan(ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> "_Plan":
+    """The cached plan for these tensors (rebuilt, with full validation, when any address changed).
+
+    Fast path: the same two sequence objects as last time and the same addresses (one C-level pass over
+    the tensors, no per-tensor Python work). Otherwise the plan is looked up by the addresses and reused
+    when it holds the very same tensor objects (e.g. the lists torch.compile rebuilds every call)."""
+    data_ptr = torch.Tensor.data_ptr
+    try:
+        ptrs = (tuple(map(data_ptr, ema)), tuple(map(data_ptr, model)))
+    except TypeError:                     # not tensors: let _validate name the item
+        _validate(ema, model)
+        raise
+    ids = (id(ema), id(model))
+    plan = _BY_ID.get(ids)
+    if plan is not None and plan.ptrs == ptrs and plan.seqs[0] is ema and plan.seqs[1] is model:
+        return plan
+    plan = _PLANS.get(ptrs)
+    if plan is None or not plan.same_tensors(ema, model):
+        plan = _Plan(ema, model)
+        plan.ptrs = ptrs
+        _PLANS[ptrs] = plan
+        while len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    plan.seqs = (ema, model)              # kept alive with the plan, so their ids stay unique
+    _BY_ID.clear()
+    _BY_ID[ids] = plan
+    return plan
+
+
+def _build_table(ema: list[torch.Tensor], model: list[torch.Tensor], device) -> tuple[torch.Tensor, int]:
+    sizes = torch.tensor([e.numel() for e in ema], dtype=torch.int64)
+    tiles = (sizes + _BLOCK - 1) // _BLOCK
+    tile_tensor = torch.repeat_interleave(torch.arange(len(ema), dtype=torch.int64), tiles)
+    first_tile = torch.cumsum(tiles, 0) - tiles
+    tile_start = (torch.arange(len(tile_tensor), dtype=torch.int64) - first_tile[tile_tensor]) * _BLOCK
+    host = torch.cat([torch.tensor([e.data_ptr() for e in ema], dtype=torch.int64),
+                      torch.tensor([m.data_ptr() for m in model], dtype=torch.int64),
+                      sizes, tile_tensor, tile_start])
+    table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    return table, int(tile_tensor.numel())
+
+
+def _launch(plan: "_Plan", decay_tensor: Optional[torch.Tensor], decay_value: float) -> None:
+    """One kernel launch per (ema dtype, model dtype, aligned) group; non-dense pairs go through torch."""
+    launches, fb_e, fb_m = plan.groups()
+    for table, n, n_tiles, edt, mdt, aligned, block in launches:
+        _ema_kernel[(n_tiles,)](
+            table, n, decay_tensor if decay_tensor is not None else table, decay_value,
+            EMA_DTYPE=_TL_DTYPES[edt], MODEL_DTYPE=_TL_DTYPES[mdt], DECAY_FROM_PTR=decay_tensor is not None,
+            ALIGNED=aligned, BLOCK=block, num_warps=4)
+    if fb_e:
+        ema_update_reference(fb_e, fb_m, decay_tensor if decay_tensor is not None else decay_value)
+
+
+# --------------------------------------------------------------------------------------------------
+# custom op
+# --------------------------------------------------------------------------------------------------
+
+
+@triton_op("effdet::ema_update_", mutates_args=("ema_tensors",))
+def _ema_update_op(ema_tensors: list[torch.Tensor], model_tensors: list[torch.Tensor],
+                   decay_tensor: Optional[torch.Tensor], decay_value: float) -> None:
+    _launch(_plan(ema_tensors, model_tensors), decay_tensor, decay_value)
+
+
+@_ema_update_op.register_fake
+def _(ema_tensors, model_tensors, decay_tensor, decay_value):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------------
+
+
+def _triton_path(ema, model, decay):
+    device = ema[0].device
+    if isinstance(decay, torch.Tensor):
+        decay_tensor, decay_value = decay.detach().reshape(()).to(device=device, dtype=torch.float32), 0.0
+    else:
+        decay_tensor, decay_value = None, float(decay)
+    if torch.compiler.is_compiling():
+        _ema_update_op(list(ema), list(model), decay_tensor, decay_value)
+    elif device.type == "cuda":
+        with torch.cuda.device(device):
+            _launch(_plan(ema, model), decay_tensor, decay_value)
+    else:                               # CPU tensors: the interpreter (resolve() checked it is on)
+        _launch(_plan(ema, model), decay_tensor, decay_value)
+
+
+def _reference_path(ema, model, decay):
+    if not torch.compiler.is_compiling():
+        _plan(ema, model)               # validation, once per set of tensors
+    ema_update_reference(ema, model, decay)
 
 
 def ema_update(ema_tensors: Sequence[torch.Tensor], model_tensors: Sequence[torch.Tensor], decay,
@@ -239,20 +306,21 @@ def ema_update(ema_tensors: Sequence[torch.Tensor], model_tensors: Sequence[torc
         model_tensors: the current model tensors, same shapes, same device.
         decay: Python float or 0-dim tensor (read on the device, never on the host).
         backend: ``"auto" | "triton" | "torch"``.
+
+    Pass the same two lists every step: the per-list work (validation, tables) is done once and cached.
     """
-    ema, model = list(ema_tensors), list(model_tensors)
-    device = _validate(ema, model, decay)
-    if device is None:
-        return
-    choice = resolve(OP_NAME, backend, device)
-    if choice == "torch":
-        ema_update_reference(ema, model, decay)
+    if len(ema_tensors) != len(model_tensors):
+        raise ValueError(f"ema_update: {len(ema_tensors)} ema tensors but {len(model_tensors)} model tensors")
+    if len(ema_tensors) == 0:
         return
     if isinstance(decay, torch.Tensor):
-        decay_tensor, decay_value = decay.detach().reshape(()).to(device=device, dtype=torch.float32), 0.0
+        if decay.numel() != 1:
+            raise ValueError(f"ema_update: decay must be a scalar, got shape {tuple(decay.shape)}")
     else:
-        decay_tensor, decay_value = None, float(decay)
-    if device.type == "cuda":
-        _ema_update_op(ema, model, decay_tensor, decay_value)
-    else:
-        _launch(ema, model, decay_tensor, decay_value)
+        decay = float(decay)
+    first = ema_tensors[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError("ema_update: item 0 is not a pair of tensors")
+    if first.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("ema_update: ema tensors require grad; call under torch.no_grad()")
+    dispatch(OP_NAME, backend, first.device, _triton_path, _reference_path, ema_tensors, model_tensors, decay)

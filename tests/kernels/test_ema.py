@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from kernels.ema import ema_update, ema_update_reference
 
 from .aot import aot_compile
-from .compare import TOL, assert_close
+from .compare import assert_close, tolerance
 
 ema_mod = importlib.import_module("kernels.ema")
 
@@ -35,8 +35,7 @@ def check(ema, model, decay, backend="triton", tol_dtype=None):
     ema_update(ema, model, decay, backend=backend)
     for i, (e, x, b) in enumerate(zip(ema, expected, before)):
         assert e.dtype == b.dtype and e.shape == b.shape
-        rtol, atol = TOL[tol_dtype or e.dtype]
-        assert_close(e, x, rtol, atol, f"tensor {i} {tuple(e.shape)} {e.dtype}")
+        assert_close(e, x, *tolerance(tol_dtype or e.dtype), f"tensor {i} {tuple(e.shape)} {e.dtype}")
 
 
 shapes_st = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6)
@@ -55,13 +54,14 @@ def test_reference_matches_foreach_lerp():
     expected = lerp_expected(ema, model, 0.7)
     ema_update_reference(ema, model, torch.tensor(0.7))
     for e, x in zip(ema, expected):
-        assert_close(e, x, 1e-6, 1e-7, "reference")
+        assert_close(e, x, *tolerance(torch.float32), "reference")
 
 
 def test_multi_tile_tensors_and_one_launch(monkeypatch):
     """Tensors spanning several tiles; all of one dtype go through exactly one kernel launch."""
     monkeypatch.setattr(ema_mod, "_BLOCK", 16)
-    ema_mod._TABLE_CACHE.clear()
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
     launches = []
     real = ema_mod._ema_kernel
 
@@ -83,8 +83,7 @@ def test_mixed_dtypes_one_launch_per_group():
     expected = lerp_expected(ema32 + ema16 + ema_h, model32 + model16 + model_f, 0.75)
     ema_update(ema32 + ema16 + ema_h, model32 + model16 + model_f, 0.75, backend="triton")
     for i, (e, x) in enumerate(zip(ema32 + ema16 + ema_h, expected)):
-        rtol, atol = TOL[e.dtype]
-        assert_close(e, x, rtol, atol, f"tensor {i}")
+        assert_close(e, x, *tolerance(e.dtype), f"tensor {i}")
 
 
 def test_bf16_interpreter():
@@ -94,17 +93,45 @@ def test_bf16_interpreter():
     check(ema, model, 0.5, tol_dtype=torch.bfloat16)
 
 
-def test_repeated_updates_use_cached_table():
-    ema_mod._TABLE_CACHE.clear()
+def test_repeated_updates_use_cached_plan_and_rebuild_on_new_storage():
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
     ema, model = make([(5,), (40,)], torch.float32, seed=7)
     e_ref = [e.clone() for e in ema]
     for step in range(3):
         decay = torch.tensor(0.5 + 0.1 * step)
         ema_update(ema, model, decay, backend="triton")
         ema_update_reference(e_ref, model, decay)
-    assert len(ema_mod._TABLE_CACHE) == 1
+    assert len(ema_mod._PLANS) == 1
+    plan = next(iter(ema_mod._PLANS.values()))
     for e, r in zip(ema, e_ref):
-        assert_close(e, r, 1e-5, 1e-6, "3 steps")
+        assert_close(e, r, *tolerance(torch.float32, 3), "3 steps")
+    # the same tensors in new list objects: the same plan
+    ema_update(list(ema), list(model), 0.5, backend="triton")
+    ema_update_reference(e_ref, model, 0.5)
+    assert next(iter(ema_mod._PLANS.values())) is plan and len(ema_mod._PLANS) == 1
+    # a model tensor moved to new storage (as .to() / .data = ... do): new addresses, a new plan, right values
+    model[1].data = model[1].data.clone() * 2
+    ema_update(ema, model, 0.25, backend="triton")
+    ema_update_reference(e_ref, model, 0.25)
+    assert len(ema_mod._PLANS) == 2
+    for e, r in zip(ema, e_ref):
+        assert_close(e, r, *tolerance(torch.float32, 5), "after new storage")
+
+
+def test_unaligned_tensors_use_the_unhinted_variant():
+    """Views that start 4 bytes into their storage are not 16-byte aligned: their group launches the
+    kernel without alignment hints (on a GPU the hinted variant would fault on them)."""
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
+    g = torch.Generator().manual_seed(12)
+    base_e, base_m = torch.randn(5000, generator=g), torch.randn(5000, generator=g)
+    ema = [base_e[1:4097], torch.randn(3000, generator=g)]           # 4097 elements: 2 full tiles + 1
+    model = [base_m[1:4097], torch.randn(3000, generator=g)]
+    assert ema[0].data_ptr() % 16 != 0 and ema[1].data_ptr() % 16 == 0
+    check(ema, model, 0.3)
+    launches, fb_e, _ = next(iter(ema_mod._PLANS.values())).groups()
+    assert sorted(l[5] for l in launches) == [False, True] and not fb_e
 
 
 def test_layouts_channels_last_and_non_dense():
@@ -146,13 +173,13 @@ def test_torch_compile_fullgraph_cpu():
 
     step(ema, model)
     for e, x in zip(ema, expected):
-        assert_close(e, x, 1e-5, 1e-6, "compiled custom op")
+        assert_close(e, x, *tolerance(torch.float32), "compiled custom op")
 
     ema2, model2 = make([(3, 4), (5,)], torch.float32, seed=9)
     torch.compile(lambda e, m: ema_update(e, m, decay, backend="torch"), fullgraph=True, backend="eager")(
         ema2, model2)
     for e, x in zip(ema2, expected):
-        assert_close(e, x, 1e-5, 1e-6, "compiled public fn")
+        assert_close(e, x, *tolerance(torch.float32), "compiled public fn")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +202,7 @@ def test_cuda_compile_inductor(cuda_device):
     decay = torch.tensor(0.9, device=cuda_device)
     torch.compile(lambda e, m: ema_update(e, m, decay, backend="triton"), fullgraph=True)(ema, model)
     for e, x in zip(ema, expected):
-        assert_close(e, x, 1e-5, 1e-6, "inductor")
+        assert_close(e, x, *tolerance(torch.float32), "inductor")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +213,100 @@ def test_kernel_compiles_for_cuda_without_gpu():
     sig = {"table_ptr": "*i64", "n_tensors": "i32", "decay_ptr": "*fp32", "decay_value": "fp32"}
     aot_compile("kernels.ema", [
         ("_ema_kernel", sig, {"EMA_DTYPE": "tl.float32", "MODEL_DTYPE": "tl.float32", "DECAY_FROM_PTR": True,
-                              "BLOCK": 2048}),
+                              "ALIGNED": True, "BLOCK": 2048}),
         ("_ema_kernel", sig, {"EMA_DTYPE": "tl.bfloat16", "MODEL_DTYPE": "tl.float32", "DECAY_FROM_PTR": False,
-                              "BLOCK": 2048})])
+                              "ALIGNED": False, "BLOCK": 2048})])
+
+
+VECTOR_SCRIPT = r"""
+import importlib, re, sys
+import triton, triton.language as tl
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+mod = importlib.import_module("kernels.ema")
+sig = {"table_ptr": "*i64", "n_tensors": "i32", "decay_ptr": "*fp32", "decay_value": "fp32"}
+for dt in ("float32", "bfloat16"):
+    for aligned in (True, False):
+        const = {"EMA_DTYPE": getattr(tl, dt), "MODEL_DTYPE": getattr(tl, dt), "DECAY_FROM_PTR": True,
+                 "ALIGNED": aligned, "BLOCK": 2048}
+        k = triton.compile(ASTSource(fn=mod._ema_kernel, signature=dict(sig, **{c: "constexpr" for c in const}),
+                                     constexprs=const), target=GPUTarget("cuda", 90, 32))
+        ptx = k.asm["ptx"]
+        print(dt, aligned, len(re.findall(r"ld\.global\.v4", ptx)), len(re.findall(r"st\.global\.v4", ptx)))
+"""
+
+
+def test_aligned_full_tiles_compile_to_vector_accesses():
+    """sm_90: the aligned variant reads and writes full tiles with 16-byte vectors (ld.global.v4 ->
+    LDG.E.128), for fp32 and bf16 (8 elements per access); the unaligned variant has none."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    if torch.cuda.is_available():
+        pytest.skip("real CUDA present: the cuda-marked tests run the kernel")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", VECTOR_SCRIPT], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = {(dt, al == "True"): (int(ld), int(st))
+              for dt, al, ld, st in (line.split() for line in proc.stdout.split("\n") if line.strip())}
+    for dt in ("float32", "bfloat16"):
+        assert min(counts[(dt, True)]) > 0, counts
+        assert counts[(dt, False)] == (0, 0), counts
+
+
+# --------------------------------------------------------------------------------------------------
+# host overhead per step
+
+
+def test_host_time_per_call_for_d0_lists(monkeypatch):
+    """ema_update on D0's float parameters + buffers (the lists ModelEma passes every step) costs at most
+    0.3 ms of host time per call with the kernel launch stubbed out: no per-call validation, grouping or
+    table building once the plan is cached; what is left is one pass reading every tensor's address (to
+    notice storage moved by ``.to()``) plus a constant. Median of 50 calls, the smallest of 3 such medians,
+    as this thread's CPU time. On the shared 2-core CPU that pass alone varies 2x with the load, so a
+    call is also accepted within 2x of that bare pass timed alongside (the old per-call validation and
+    grouping was >10x)."""
+    import statistics
+    import time
+
+    from detector import create_model
+    from detector.ema import ModelEma
+
+    torch.manual_seed(0)
+    model = create_model("efficientdet_d0", num_classes=90, image_size=128, backend="torch")
+    ema = ModelEma(model, decay=0.999, backend="triton")
+    floats, sources, _, _ = ema._split(model)
+    assert len(floats) > 600                                     # D0: ~640 floating tensors
+    launches = []
+
+    class StubKernel:                                            # records the launch, runs nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(grid)
+    monkeypatch.setattr(ema_mod, "_ema_kernel", StubKernel())
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
+    decay = torch.tensor(0.999)
+    data_ptr = torch.Tensor.data_ptr
+    for _ in range(3):                                           # warm-up: the plan is built once here
+        ema_update(floats, sources, decay, backend="triton")
+    calls, scans = [], []
+    for _ in range(3):
+        times, base = [], []
+        for _ in range(50):
+            t0 = time.thread_time()
+            ema_update(floats, sources, decay, backend="triton")
+            t1 = time.thread_time()
+            tuple(map(data_ptr, floats)), tuple(map(data_ptr, sources))
+            base.append(time.thread_time() - t1)
+            times.append(t1 - t0)
+        calls.append(statistics.median(times) * 1e3)
+        scans.append(statistics.median(base) * 1e3)
+    assert len(launches) == 153 and len(ema_mod._PLANS) == 1      # one launch per call: one dtype group
+    call_ms, scan_ms = min(calls), min(scans)
+    print(f"ema_update host time per call {call_ms:.3f} ms; bare address pass {scan_ms:.3f} ms")
+    assert call_ms <= 0.3 or call_ms <= 2.0 * scan_ms, \
+        f"host time per ema_update call {call_ms:.3f} ms > 0.3 ms and > 2x the address pass ({scan_ms:.3f} ms)"
