@@ -2,44 +2,56 @@
 """Evaluate a checkpoint (ours, effdet's or NVIDIA's) on COCO-format data, or score a detections file.
 
 Writes detections in COCO results format (image_id, category_id, bbox xywh in original pixels, score), prints
-the 12 COCO stats and per-class AP as a table, and appends them as a JSON line to OUTPUT/eval.jsonl.
+the 12 COCO stats and per-class AP as a table (with ``--waymo``, Waymo's per-class AP too), and appends them
+as a JSON line to OUTPUT/eval.jsonl. Flags follow NVIDIA's ``validate.py`` (``validate.py`` runs this script).
 """
 import json
 import os
 import sys
 
-from training.config import eval_parser, size_pair, split_paths, synthetic_paths
+from training.config import eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
 
 
 def main(argv=None):
-    args = eval_parser().parse_args(argv)
+    parser = eval_parser()
+    args = parser.parse_args(argv)
     import torch
 
     import datasets as D
     from training.evaluation import run_inference, save_pictures, waymo_iou_by_class
-    from training.models import model_from_checkpoint, to_memory_format
-    from training.runlog import JsonLog, console, stats_table
+    from training.models import model_from_checkpoint, resolve_amp, to_memory_format
+    from training.runlog import JsonLog, console, stats_table, waymo_table
 
     try:
-        paths = split_paths("val", args.data, args.val_ann, args.val_images, args.waymo,
-                            args.waymo_val_annotation, args.waymo_val)
+        ann, images = eval_data_paths(args)
+        fill = fill_color(args.fill_color)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    ann, images = paths or synthetic_paths("val")
+    torch.manual_seed(args.seed)
+    for line in infra_lines(args, parser.parse_args([])):
+        console.print(f"[yellow]{line}[/]")
     os.makedirs(args.output, exist_ok=True)
     gt = D.load_coco_json(ann)
-    iou_by_class = waymo_iou_by_class(gt["categories"]) if args.waymo_iou else None
-    jlog = JsonLog(os.path.join(args.output, "eval.jsonl"))
+    iou_by_class = waymo_iou_by_class(gt["categories"]) if args.waymo or args.waymo_iou else None
+    jlog = JsonLog(os.path.join(args.output, "eval.jsonl"), dllogger=args.dllogger_file)
+
+    def report(stats, title):
+        console.print(stats_table(stats, title))
+        if args.waymo:
+            console.print(waymo_table(stats, iou_by_class))
 
     if args.detections:
         dets = D.load_detections(args.detections)
         stats = D.evaluate_detections(gt, dets, iou_by_class=iou_by_class)
-        console.print(stats_table(stats, f"{args.detections} on {len(gt['images'])} images"))
+        report(stats, f"{args.detections} on {len(gt['images'])} images")
         jlog.write(event="eval", step=0, epoch=0, detections=args.detections, **stats)
         return 0
 
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
     device = torch.device("cuda" if use_cuda else "cpu")
+    amp, note = resolve_amp(args.amp, use_cuda)
+    if note:
+        console.print(f"[yellow]{note}[/]")
     dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
     path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
                                     if os.path.exists(os.path.join(args.output, f))), None)
@@ -48,28 +60,30 @@ def main(argv=None):
                          "(python train.py) or pass --checkpoint")
     model, message, dataset.label_to_cat_id = model_from_checkpoint(
         path, dataset, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
-        backend=args.kernel_backend, device=device)
+        backend=args.kernel_backend, device=device, redundant_bias=args.redundant_bias)
     console.print(f"loaded {message}")
     channels_last = args.memory_format == "nhwc"
     model = to_memory_format(model, channels_last)
-    dataset.transform = D.EvalTransform(model.config.image_size)
+    dataset.transform = D.EvalTransform(model.config.image_size, fill=fill, interpolation=args.interpolation)
     loader = D.build_loader(dataset, args.batch_size, train=False, workers=args.workers, seed=0)
     results, timing, pictures = run_inference(
-        model, loader, device, amp=args.amp, soft_nms=args.use_soft_nms, channels_last=channels_last,
-        backend=args.kernel_backend, keep_images=args.visualize)
-    out_json = os.path.join(args.output, "detections.json")
+        model, loader, device, amp=amp, soft_nms=args.use_soft_nms, channels_last=channels_last,
+        backend=args.kernel_backend, keep_images=args.visualize, torchscript=args.torchscript)
+    out_json = args.results or os.path.join(args.output, "detections.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
         json.dump(results, f)
     console.print(f"{len(results)} detections on {timing['images']} images -> {out_json} "
-                  f"(inference {timing['img_per_s']:.1f} img/s, model + post-processing)")
+                  f"(inference {timing['img_per_s']:.1f} img/s, model + post-processing"
+                  f"{', TorchScript' if args.torchscript else ''})")
     if args.visualize:
         pics = save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         console.print(f"{len(pics)} pictures in {os.path.join(args.output, 'pictures')}")
     event = dict(event="eval", step=0, epoch=0, checkpoint=path, detections=out_json,
                  **{k: v for k, v in timing.items() if k != "image_ids"})
-    if not args.inference:
+    if not args.inference and "test" not in args.anno:  # test sets carry no boxes: detections only
         stats = D.evaluate_detections(gt, results, iou_by_class=iou_by_class, image_ids=timing["image_ids"])
-        console.print(stats_table(stats, f"{os.path.basename(path)} on {len(dataset)} images"))
+        report(stats, f"{os.path.basename(path)} on {len(dataset)} images")
         event.update(stats)
     jlog.write(**event)
     return 0

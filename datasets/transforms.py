@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TrainTransform", "EvalTransform", "build_transform", "IMAGENET_MEAN_PIXEL",
+__all__ = ["TrainTransform", "EvalTransform", "build_transform", "IMAGENET_MEAN_PIXEL", "INTERPOLATIONS",
            "resize_image", "clip_and_filter_boxes"]
 
 # ImageNet mean in 0..255; the default pad colour, so padding is ~0 after normalization.
@@ -26,8 +26,13 @@ def _size_pair(size):
     return int(h), int(w)
 
 
-def resize_image(image: np.ndarray, out_hw, box=None) -> np.ndarray:
-    """Bilinear pillow resize of a uint8 HWC image to ``out_hw``; ``box`` = the source region
+# resize filters by name (NVIDIA's --interpolation / --train-interpolation values); "random" (training only)
+# draws bilinear or bicubic per sample, as NVIDIA's (timm's) loader does
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+
+
+def resize_image(image: np.ndarray, out_hw, box=None, interpolation: str = "bilinear") -> np.ndarray:
+    """Pillow resize (bilinear by default) of a uint8 HWC image to ``out_hw``; ``box`` = the source region
     ``(x0, y0, x1, y1)`` (floats allowed) that is resized, default the whole image."""
     from PIL import Image
 
@@ -35,7 +40,14 @@ def resize_image(image: np.ndarray, out_hw, box=None) -> np.ndarray:
     if box is None and (oh, ow) == image.shape[:2]:
         return image
     im = Image.fromarray(image)
-    return np.asarray(im.resize((ow, oh), Image.BILINEAR, box=box), dtype=np.uint8)
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
+    return np.asarray(im.resize((ow, oh), resample, box=box), dtype=np.uint8)
+
+
+def _check_interpolation(name: str, allowed=INTERPOLATIONS) -> str:
+    if name not in allowed:
+        raise ValueError(f"interpolation {name!r}: choose one of {', '.join(allowed)}")
+    return name
 
 
 def clip_and_filter_boxes(boxes: np.ndarray, labels: np.ndarray, h: float, w: float, min_size: float = 1.0):
@@ -70,9 +82,10 @@ def _out(sample, image, boxes, labels, scale):
 class EvalTransform:
     """Resize to fit (longest side -> target) and pad bottom/right to the target size."""
 
-    def __init__(self, target_size, fill=IMAGENET_MEAN_PIXEL):
+    def __init__(self, target_size, fill=IMAGENET_MEAN_PIXEL, interpolation: str = "bilinear"):
         self.target_size = _size_pair(target_size)
         self.fill = tuple(int(v) for v in fill)
+        self.interpolation = _check_interpolation(interpolation, INTERPOLATIONS[:-1])
 
     def set_epoch(self, epoch: int) -> None:  # uniform interface; nothing random here
         pass
@@ -83,7 +96,7 @@ class EvalTransform:
         th, tw = self.target_size
         s = min(th / h, tw / w)
         rh, rw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
-        resized = resize_image(image, (rh, rw))
+        resized = resize_image(image, (rh, rw), interpolation=self.interpolation)
         boxes = sample["boxes"].reshape(-1, 4) * np.array([rw / w, rh / h, rw / w, rh / h], dtype=np.float32)
         boxes, labels = clip_and_filter_boxes(boxes, sample["labels"], rh, rw)
         return _out(sample, _place(resized, (th, tw), self.fill), boxes, labels, s)
@@ -103,7 +116,7 @@ class TrainTransform:
     """
 
     def __init__(self, target_size, seed: int = 0, scale_range=(0.1, 2.0), flip_prob: float = 0.5,
-                 fill=IMAGENET_MEAN_PIXEL, min_box_size: float = 1.0):
+                 fill=IMAGENET_MEAN_PIXEL, min_box_size: float = 1.0, interpolation: str = "bilinear"):
         self.target_size = _size_pair(target_size)
         self.seed = int(seed)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
@@ -112,6 +125,7 @@ class TrainTransform:
         self.flip_prob = float(flip_prob)
         self.fill = tuple(int(v) for v in fill)
         self.min_box_size = float(min_box_size)
+        self.interpolation = _check_interpolation(interpolation)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -126,6 +140,9 @@ class TrainTransform:
         flip = rng.random() < self.flip_prob
         jitter = rng.uniform(*self.scale_range)
         uy, ux = rng.random(), rng.random()
+        interpolation = self.interpolation
+        if interpolation == "random":  # drawn last, so the other draws do not depend on the choice
+            interpolation = ("bilinear", "bicubic")[int(rng.integers(2))]
 
         image = sample["image"]
         h, w = image.shape[:2]
@@ -141,7 +158,7 @@ class TrainTransform:
         ox = int(np.floor(ux * (rw - tw + 1))) if rw > tw else 0
         ch, cw = min(th, rh), min(tw, rw)
         region = (ox / fx, oy / fy, (ox + cw) / fx, (oy + ch) / fy)
-        crop = resize_image(np.ascontiguousarray(image), (ch, cw), box=region)
+        crop = resize_image(np.ascontiguousarray(image), (ch, cw), box=region, interpolation=interpolation)
         boxes = boxes * np.array([fx, fy, fx, fy], dtype=np.float32) - np.array([ox, oy, ox, oy], dtype=np.float32)
         boxes, labels = clip_and_filter_boxes(boxes, sample["labels"], ch, cw, self.min_box_size)
         return _out(sample, _place(crop, (th, tw), self.fill), boxes, labels, s)
@@ -155,4 +172,4 @@ def build_transform(train: bool, target_size, seed: int = 0, **kwargs):
     """``TrainTransform`` when ``train`` else ``EvalTransform``."""
     if train:
         return TrainTransform(target_size, seed=seed, **kwargs)
-    return EvalTransform(target_size, **{k: v for k, v in kwargs.items() if k == "fill"})
+    return EvalTransform(target_size, **{k: v for k, v in kwargs.items() if k in ("fill", "interpolation")})

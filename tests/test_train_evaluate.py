@@ -157,11 +157,10 @@ def test_nan_losses_in_a_row_stop_the_run(tiny, tmp_path, monkeypatch):
 
 
 def test_scheduler_restart_position():
-    from argparse import Namespace
-
+    from training.config import TrainConfig
     from training.schedule import lr_lambda, seek_scheduler
 
-    args = Namespace(warmup_epochs=1, epochs=10, lr=0.1, warmup_lr=1e-4, min_lr=1e-5, sched="cosine")
+    args = TrainConfig(warmup_epochs=1, epochs=10, lr=0.1, warmup_lr=1e-4, min_lr=1e-5, sched="cosine")
     f = lr_lambda(args, steps_per_epoch=5)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)

@@ -4,7 +4,7 @@ Read in this order:
 
 * ``config.py``     the flags (NVIDIA's names), the two recipes, and ``TrainConfig``: every setting of a run,
                     filled once from the parsed flags;
-* ``loop.py``       ``train(cfg)``: setup -> ``train_one_epoch`` -> ``train_step``, checkpoints and resume;
+* ``loop.py``       ``train(args)``: setup -> ``train_one_epoch`` -> ``train_step``, checkpoints and resume;
 * ``schedule.py``   optimizer and per-step learning-rate schedule;
 * ``evaluation.py`` inference over a loader and COCO (or Waymo) scoring, shared by both scripts;
 * ``models.py``     the one place a model is built: from flags, or from a checkpoint;

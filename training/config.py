@@ -1,8 +1,9 @@
 """Every setting of a training run: the flags (NVIDIA's names), the two recipes, and ``TrainConfig``.
 
-``train_parser()`` parses the command line; ``TrainConfig.from_args(args, num_train)`` turns the parsed flags
-into one frozen dataclass, once, after the training set is known (the recipe depends on its size). Nothing
-else reads the argparse namespace.
+``train_parser()`` parses the command line; ``TrainConfig.from_args(args, num_train, cuda)`` turns the parsed
+flags into one frozen dataclass, once, after the training set and the device are known (the recipe depends on
+the set's size, GPU-only flags on the device). Before that, only the data flags (``train_data_paths``) and the
+device flags are read from the namespace; after it, only ``TrainConfig``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 # ---------------------------------------------------------------- recipes (data, not code)
 # Flags left unset take one of these. NVIDIA's COCO recipe is its train.py defaults.
-COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=1.0, weight_decay=4e-5,
+COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=5.0, weight_decay=4e-5,
                    model_ema=False, model_ema_decay=0.9998, ema_warmup=False, scale_range=(0.1, 2.0),
                    input_size=None, bn_momentum=None, eval_interval=1, pictures=0, memory_format="nchw")
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
@@ -35,109 +36,268 @@ def size_pair(size) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------- flags
+# How each of NVIDIA's flags is honoured here, per script; the README's compatibility table is generated
+# from these notes and the parsers' defaults (``python -m training.config --markdown-flags``).
+SAME = "as NVIDIA's"
+NOTES: dict[str, dict[str, str]] = {"train.py": {}, "validate.py": {}}
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, script: str, **kw):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+        self.script = script
+
+    def nvidia(self, group, *names, note: str = SAME, **kw):
+        """One of NVIDIA's flags; ``note`` says how it is honoured here (shown in --help and the README)."""
+        action = group.add_argument(*names, **kw)
+        if note != SAME:
+            action.help = f"{action.help + '. ' if action.help else ''}NVIDIA compatibility: {note}"
+        NOTES[self.script][names[0] if names[0].startswith("--") or len(names) == 1 else names[1]] = note
+        return action
+
+
+INFRA = {  # flags that only concern NVIDIA's infrastructure: dest -> what it does here (said once at start)
+    "dllogger_file": "--dllogger-file: the JSON log's events are also written there in dllogger's format",
+    "pin_mem": "--no-pin-mem / --pin-mem: host memory is pinned whenever CUDA is present; the flag changes nothing",
+    "no_prefetcher": "--no-prefetcher: the device prefetcher (normalization on the device) always runs",
+    "dist_group_size": "--dist-group-size: sync-BN always spans all workers here (NVIDIA's code never uses it)",
+    "eval_metric": "--eval-metric: best.pth always follows COCO AP (NVIDIA's 'map'); other metrics are ignored",
+    "num_gpu": "--num-gpu: evaluation runs on one device (NVIDIA's validate.py is single-GPU too)",
+    "log_freq": "--log-freq: the progress bar updates after every batch",
+}
+
+
+def _infra(dest: str) -> str:
+    return INFRA[dest].split(": ", 1)[1]
+
+
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="Train EfficientDet. Flags follow NVIDIA's EfficientDet-PyTorch train.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser("train.py", prog="train.py", description=(
+        "Train EfficientDet. Flags follow NVIDIA's EfficientDet-PyTorch train.py (every one of its flags is "
+        "accepted; see the README's compatibility table). Optimization flags left unset take a recipe: "
+        "NVIDIA's COCO recipe, or the small-data recipe for < 5,000 training images from scratch."))
     d = p.add_argument_group("data")
-    d.add_argument("data", nargs="?", default=None, help="COCO-2017 root (annotations/, train2017/, val2017/)")
+    p.nvidia(d, "data", nargs="?", default=None, help="COCO-2017 root (annotations/, train2017/, val2017/)",
+             note="optional here: without it, --train-ann/--val-ann or the built-in synthetic set")
     d.add_argument("--train-ann", default=None, help="COCO-format annotation file for training")
     d.add_argument("--train-images", default=None, help="image folder for --train-ann")
     d.add_argument("--val-ann", default=None, help="COCO-format annotation file for validation")
     d.add_argument("--val-images", default=None, help="image folder for --val-ann")
-    d.add_argument("--waymo", action="store_true", help="Waymo converted to COCO format (paths relative to data)")
-    d.add_argument("--waymo-train-annotation", default=None)
-    d.add_argument("--waymo-val-annotation", default=None)
-    d.add_argument("--waymo-train", default=None)
-    d.add_argument("--waymo-val", default=None)
+    p.nvidia(d, "--waymo", action="store_true", help="Waymo converted to COCO format; reports Waymo's per-class AP",
+             note="also reports Waymo's per-class AP (vehicle IoU 0.7, pedestrian/cyclist 0.5) and their mean")
+    p.nvidia(d, "--waymo-train-annotation", default=None, help="annotation file (absolute, or relative to data)")
+    p.nvidia(d, "--waymo-val-annotation", default=None, help="annotation file (absolute, or relative to data)")
+    p.nvidia(d, "--waymo-train", default=None, help="image folder relative to data")
+    p.nvidia(d, "--waymo-val", default=None, help="image folder relative to data")
     d.add_argument("--skip-bad-images", action="store_true", help="skip and count missing or corrupt images")
-    d.add_argument("-j", "--workers", type=int, default=2, help="data loader worker processes")
+    p.nvidia(d, "-j", "--workers", "--worker", type=int, default=2, help="data loader worker processes",
+             note="default 2 (NVIDIA: 4), for small machines; --worker (as NVIDIA's scripts spell it) works too")
+    p.nvidia(d, "--interpolation", default="", choices=["", "bilinear", "bicubic", "nearest"],
+             help="resize filter of evaluation images ('' = bilinear, the model's)")
+    p.nvidia(d, "--train-interpolation", default="bilinear", choices=["random", "bilinear", "bicubic", "nearest"],
+             help="resize filter of training images; random = bilinear or bicubic per image",
+             note="default bilinear (NVIDIA: random), so earlier runs reproduce; pass random for NVIDIA's")
+    p.nvidia(d, "--fill-color", default="mean", help="padding colour: 'mean' (ImageNet mean) or an integer 0-255",
+             note="default mean (NVIDIA's train.py: 0; its validate.py: mean): padding is ~0 after normalization")
+    p.nvidia(d, "--mixup", type=float, default=0.0, help="mixup alpha",
+             note="accepted, no effect: NVIDIA's detection loader implements no mixup either")
+    p.nvidia(d, "--mixup-off-epoch", type=int, default=0, help="epoch after which mixup stops",
+             note="accepted, no effect (see --mixup)")
+    p.nvidia(d, "--no-pin-mem", dest="pin_mem", action="store_false", help="do not pin host memory",
+             note=_infra("pin_mem"))
+    p.nvidia(d, "--no-prefetcher", action="store_true", help="disable the device prefetcher",
+             note=_infra("no_prefetcher"))
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="efficientdet_d0")
-    m.add_argument("--num_classes", type=int, default=None, help="default: the data set's category count")
-    m.add_argument("--input_size", type=int, nargs="+", default=None, help="image size (H [W]); default per recipe")
-    m.add_argument("--redundant-bias", dest="redundant_bias", action="store_true", default=None)
-    m.add_argument("--no-redundant-bias", dest="redundant_bias", action="store_false")
-    m.add_argument("--pretrained-backbone-path", default=None)
-    m.add_argument("--initial-checkpoint", default=None, help="ours, effdet's or NVIDIA's checkpoint")
-    m.add_argument("--remove-weights", nargs="*", default=None, help="re-initialize the class head")
-    m.add_argument("--freeze-layers", nargs="*", default=None, help="parameter name prefixes to freeze")
+    p.nvidia(m, "--model", default="efficientdet_d0", help="model name (efficientdet_d0..d7x, tf_efficientdet_*)",
+             note="default efficientdet_d0 (NVIDIA's train.py: tf_efficientdet_d1; every NVIDIA script passes d0)")
+    p.nvidia(m, "--num_classes", type=int, default=None, help="default: the data set's category count")
+    p.nvidia(m, "--input_size", type=int, nargs="+", default=None,
+             help="image size (H [W]); default per recipe (the model's for NVIDIA's recipe)")
+    p.nvidia(m, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
+             help="override the model config's redundant bias")
+    p.nvidia(m, "--no-redundant-bias", dest="redundant_bias", action="store_false",
+             help="override the model config's redundant bias")
+    p.nvidia(m, "--pretrained", action="store_true", help="start from published COCO weights",
+             note="nothing is downloaded here: pass the weights file with --initial-checkpoint (an error says so)")
+    p.nvidia(m, "--pretrained-backbone-path", default=None, help="backbone weights (ours, timm's or NVIDIA's)")
+    p.nvidia(m, "--initial-checkpoint", default=None, help="ours, effdet's or NVIDIA's checkpoint")
+    p.nvidia(m, "--remove-weights", nargs="*", default=None,
+             help="layers (name prefixes) left freshly initialized when loading --initial-checkpoint",
+             note="given with no names, the class head is re-initialized (NVIDIA: nothing removed)")
+    p.nvidia(m, "--freeze-layers", nargs="*", default=None, help="parameter name prefixes to freeze")
+    p.nvidia(m, "--drop", type=float, default=0.0, help="dropout rate",
+             note="accepted, no effect: EfficientDet has no dropout layer (NVIDIA's train.py ignores it too); "
+                  "stochastic depth is --drop-path")
     m.add_argument("--drop-path", type=float, default=None, help="backbone stochastic-depth rate (default: config)")
-    m.add_argument("--memory-format", choices=["nchw", "nhwc"], default=None, help="default: per recipe")
-    m.add_argument("--fused-focal-loss", dest="kernel_backend", action="store_const", const="triton",
-                   default="auto", help="force the Triton kernels (default: auto = Triton on CUDA)")
-    m.add_argument("--kernel-backend", dest="kernel_backend", choices=["auto", "triton", "torch"])
+    p.nvidia(m, "--memory-format", choices=["nchw", "nhwc"], default=None, help="memory layout; default per recipe",
+             note="default per recipe: nchw for NVIDIA's, nhwc (faster on CPUs) for the small-data one")
+    p.nvidia(m, "--fused-focal-loss", action="store_true",
+             help="the Triton kernels, as --kernel-backend triton, when CUDA is present",
+             note="the Triton kernels (loss, NMS, BiFPN fusion, EMA); without CUDA it says so and runs PyTorch")
+    m.add_argument("--kernel-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="auto = Triton on CUDA; triton without CUDA needs TRITON_INTERPRET=1 (slow)")
     o = p.add_argument_group("optimization (unset = recipe default)")
-    o.add_argument("-b", "--batch-size", type=int, default=None)
-    o.add_argument("-vb", "--validation-batch-size-multiplier", type=int, default=1)
-    o.add_argument("--opt", default=None, help="momentum (default), sgd/nesterov, adam, adamw")
-    o.add_argument("--opt-eps", type=float, default=1e-3)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=None)
-    o.add_argument("--clip-grad", type=float, default=10.0)
-    o.add_argument("--lr", type=float, default=None)
-    o.add_argument("--sched", choices=["cosine", "step"], default="cosine")
-    o.add_argument("--warmup-lr", type=float, default=1e-4)
-    o.add_argument("--warmup-epochs", type=float, default=None)
-    o.add_argument("--min-lr", type=float, default=1e-5)
-    o.add_argument("--decay-epochs", type=int, default=30)
-    o.add_argument("--decay-rate", "--dr", type=float, default=0.1)
-    o.add_argument("--epochs", type=int, default=None)
-    o.add_argument("--start-epoch", type=int, default=None)
-    o.add_argument("--smoothing", type=float, default=0.0, help="label smoothing of the focal loss")
-    o.add_argument("--model-ema", action="store_true", default=None)
+    p.nvidia(o, "-b", "--batch-size", type=int, default=None, help="batch size per worker (NVIDIA's recipe: 32)",
+             note="unset = recipe (NVIDIA's: 32)")
+    p.nvidia(o, "-vb", "--validation-batch-size-multiplier", type=int, default=1)
+    p.nvidia(o, "--opt", default=None, help="momentum, sgd/nesterov, adam, adamw, or NVIDIA's fused* / lamb / "
+             "novograd (mapped to the closest PyTorch optimizer, said at start); unset = recipe",
+             note="fused*/lamb/novograd run as the closest torch.optim optimizer (said once at start)")
+    p.nvidia(o, "--opt-eps", type=float, default=1e-3, help="optimizer epsilon (not SGD)")
+    p.nvidia(o, "--momentum", type=float, default=0.9)
+    p.nvidia(o, "--weight-decay", type=float, default=None, help="unset = recipe (NVIDIA's: 4e-5)",
+             note="unset = recipe (NVIDIA's: 4e-5)")
+    p.nvidia(o, "--clip-grad", type=float, default=10.0, help="clip the gradient norm (0: off)")
+    p.nvidia(o, "--lr", type=float, default=None, help="unset = recipe (NVIDIA's: 0.01)",
+             note="unset = recipe (NVIDIA's: 0.01); the LR moves every step here (NVIDIA: every epoch)")
+    p.nvidia(o, "--sched", choices=["cosine", "step"], default="cosine", help="LR schedule",
+             note="also step (decay by --decay-rate every --decay-epochs)")
+    p.nvidia(o, "--lr-noise", type=float, nargs="+", default=None, metavar="PCT",
+             help="epoch fractions: LR noise on from the first (to the second); e.g. 0.4 0.9")
+    p.nvidia(o, "--lr-noise-pct", type=float, default=0.67, help="noise limit: |noise| < this fraction")
+    p.nvidia(o, "--lr-noise-std", type=float, default=1.0, help="noise standard deviation",
+             note="scales the noise (NVIDIA's code ignores it; both draw N(0, 1) at the default 1.0)")
+    p.nvidia(o, "--lr-cycle-mul", type=float, default=1.0, help="length of each further cosine cycle x this")
+    p.nvidia(o, "--lr-cycle-limit", type=int, default=1, help="number of cosine cycles")
+    p.nvidia(o, "--warmup-lr", type=float, default=1e-4)
+    p.nvidia(o, "--warmup-epochs", type=float, default=None, help="unset = recipe (NVIDIA's: 5)",
+             note="unset = recipe (NVIDIA's: 5); fractions allowed")
+    p.nvidia(o, "--min-lr", type=float, default=1e-5)
+    p.nvidia(o, "--decay-epochs", type=float, default=30, help="--sched step: epochs between decays")
+    p.nvidia(o, "--decay-rate", "--dr", type=float, default=0.1,
+             help="--sched step: decay per step; cosine: peak LR factor per further cycle")
+    p.nvidia(o, "--epochs", type=int, default=None, help="epochs of the first LR cycle; unset = recipe (NVIDIA's: 300)",
+             note="unset = recipe (NVIDIA's: 300)")
+    p.nvidia(o, "--start-epoch", type=int, default=None, help="start at this epoch (the LR schedule too)")
+    p.nvidia(o, "--cooldown-epochs", type=int, default=0, help="epochs at --min-lr after the LR cycles",
+             note="default 0 (NVIDIA: 10, so its --epochs 300 trains 310): here --epochs N trains N epochs")
+    p.nvidia(o, "--patience-epochs", type=int, default=10, help="patience of a plateau LR schedule",
+             note="accepted, no effect: there is no plateau schedule (NVIDIA's code has none either)")
+    p.nvidia(o, "--smoothing", type=float, default=0.0, help="label smoothing of the focal loss")
+    p.nvidia(o, "--model-ema", action="store_true", default=None, help="keep an EMA of the weights; unset = recipe",
+             note="unset = recipe (NVIDIA's: off); --no-model-ema turns it off")
     o.add_argument("--no-model-ema", dest="model_ema", action="store_false")
-    o.add_argument("--model-ema-decay", type=float, default=None)
-    o.add_argument("--amp", nargs="?", const="fp16", default=None, choices=["fp16", "bf16"],
-                   help="mixed precision: fp16 with a GradScaler (default) or bf16")
+    p.nvidia(o, "--model-ema-decay", type=float, default=None, help="unset = recipe (NVIDIA's: 0.9998)",
+             note="unset = recipe (NVIDIA's: 0.9998)")
+    p.nvidia(o, "--amp", nargs="?", const="fp16", default=None, choices=["fp16", "bf16"],
+             help="mixed precision: fp16 with a GradScaler (default) or bf16",
+             note="also --amp bf16; fp16 without CUDA says so and trains in fp32")
     o.add_argument("--max-nonfinite-steps", type=int, default=5, help="stop after this many NaN losses in a row")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=42)
+    p.nvidia(r, "--seed", type=int, default=42)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--nproc", type=int, default=1, help="start this many worker processes (NCCL/gloo)")
-    r.add_argument("--sync-bn", action="store_true")
-    r.add_argument("--output", default="output", help="folder for checkpoints, log.jsonl, pictures")
-    r.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint (default: OUTPUT/last.pth)")
-    r.add_argument("--no-resume-opt", action="store_true")
-    r.add_argument("--log-interval", type=int, default=10)
-    r.add_argument("--eval-after", type=int, default=0, help="evaluate only after this many epochs")
-    r.add_argument("--eval-interval", type=int, default=None, help="epochs between evaluations")
-    r.add_argument("--save-checkpoint-interval", type=int, default=10)
-    r.add_argument("--benchmark", action="store_true", help="measure training img/s and exit")
-    r.add_argument("--benchmark-steps", type=int, default=20)
+    p.nvidia(r, "--local_rank", "--local-rank", type=int, default=0,
+             help="this worker's GPU (set by torch.distributed.launch / bind_launch; LOCAL_RANK wins)")
+    p.nvidia(r, "--sync-bn", action="store_true", help="synchronized BatchNorm across workers")
+    p.nvidia(r, "--dist-bn", default="", choices=["", "broadcast", "reduce"],
+             help="after each epoch: copy rank 0's BN statistics to all workers, or average them")
+    p.nvidia(r, "--dist-group-size", type=int, default=0, help="group size for sync-BN",
+             note=_infra("dist_group_size"))
+    p.nvidia(r, "--output", default="output", help="folder for checkpoints, log.jsonl, pictures",
+             note="default output (NVIDIA: output/train inside --output); last.pth / best.pth inside")
+    p.nvidia(r, "--resume", nargs="?", const="auto", default=None,
+             help="continue from a checkpoint (default: OUTPUT/last.pth; when that does not exist: start fresh)",
+             note="also --resume PATH; with no checkpoint yet it starts fresh, as NVIDIA's does")
+    p.nvidia(r, "--no-resume-opt", action="store_true", help="do not restore the optimizer state")
+    p.nvidia(r, "--log-interval", type=int, default=10, help="steps between log lines",
+             note="default 10 (NVIDIA: 50)")
+    p.nvidia(r, "--eval-after", type=int, default=0, help="evaluate only once this many epochs are done")
+    r.add_argument("--eval-interval", type=int, default=None, help="epochs between evaluations (default per recipe)")
+    p.nvidia(r, "--eval-metric", default="map", help="metric that picks best.pth",
+             note=_infra("eval_metric"))
+    p.nvidia(r, "--save-checkpoint-interval", type=int, default=10, help="epochs between kept checkpoints")
+    p.nvidia(r, "--benchmark", action="store_true", help="measure training img/s and exit")
+    p.nvidia(r, "--benchmark-steps", type=int, default=20, help="steps measured by --benchmark",
+             note="default 20 (NVIDIA: 0, which measures one step)")
+    p.nvidia(r, "--dllogger-file", default=None, help="also write the log in dllogger's JSON format here",
+             note="default none (NVIDIA: log.json); " + _infra("dllogger_file"))
     r.add_argument("--stop-after", type=int, default=None, help="stop after N epochs of this run (as if interrupted)")
+    r.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N optimizer steps of this run, saving a checkpoint --resume continues from")
     r.add_argument("--pictures", type=int, default=None, help="detection pictures written at the end")
     return p
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a checkpoint (ours, effdet's or NVIDIA's) on COCO-format data, or score a detections file.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", nargs="?", default=None, help="COCO-2017 root; default: the built-in synthetic set")
-    p.add_argument("--checkpoint", default=None, help="default: output/best.pth, else output/last.pth")
-    p.add_argument("--model", default=None, help="needed for effdet/NVIDIA checkpoints (ours record it)")
-    p.add_argument("--num_classes", type=int, default=None)
+    p = _Parser("validate.py", prog="evaluate.py", description=(
+        "Evaluate a checkpoint (ours, effdet's or NVIDIA's) on COCO-format data, or score a detections file. "
+        "Flags follow NVIDIA's validate.py (validate.py here is the same script)."))
+    p.nvidia(p, "data", nargs="?", default=None, help="COCO-2017 root; default: the built-in synthetic set",
+             note="optional here: without it, --val-ann or the built-in synthetic set")
+    p.nvidia(p, "--anno", default="val2017", help="annotation set of the COCO root: val2017, train2017 or "
+             "test-dev2017 (test sets have no boxes: detections are written, not scored)")
+    p.nvidia(p, "--checkpoint", default=None, help="default: output/best.pth, else output/last.pth")
+    p.nvidia(p, "--model", "-m", default=None, help="needed for effdet/NVIDIA checkpoints (ours record it)",
+             note="default: the model the checkpoint records (NVIDIA: tf_efficientdet_d1)")
+    p.nvidia(p, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
+             help="override the model config's redundant bias")
+    p.nvidia(p, "--no-redundant-bias", dest="redundant_bias", action="store_false",
+             help="override the model config's redundant bias")
+    p.nvidia(p, "--num_classes", type=int, default=None)
     p.add_argument("--val-ann", default=None)
     p.add_argument("--val-images", default=None)
-    p.add_argument("--waymo", action="store_true")
-    p.add_argument("--waymo-val-annotation", default=None)
-    p.add_argument("--waymo-val", default=None)
+    p.nvidia(p, "--waymo", action="store_true", help="Waymo data: report Waymo's per-class AP and their mean",
+             note="reports Waymo's per-class AP (vehicle IoU 0.7, pedestrian/cyclist 0.5) and their mean")
+    p.nvidia(p, "--waymo-val-annotation", default=None, help="annotation file (absolute, or relative to data)")
+    p.nvidia(p, "--waymo-val", default=None, help="image folder relative to data")
     p.add_argument("--waymo-iou", action="store_true",
-                   help="also per-class AP at a per-class IoU (0.7 for vehicle classes, 0.5 for the others)")
+                   help="per-class AP at a per-class IoU (0.7 for vehicle classes, 0.5 for the others) "
+                        "on any data; implied by --waymo")
     p.add_argument("--detections", default=None, help="score this COCO results file; no model is run")
-    p.add_argument("--inference", action="store_true", help="write detections only, do not score")
-    p.add_argument("-b", "--batch-size", type=int, default=8)
-    p.add_argument("--input_size", type=int, nargs="+", default=None)
-    p.add_argument("--use-ema", action="store_true", help="use the EMA weights of the checkpoint")
-    p.add_argument("--amp", nargs="?", const="fp16", default=None, choices=["fp16", "bf16"])
-    p.add_argument("--use-soft-nms", action="store_true", default=None)
-    p.add_argument("--memory-format", choices=["nchw", "nhwc"], default="nchw")
+    p.nvidia(p, "--inference", action="store_true", help="write detections only, do not score")
+    p.nvidia(p, "--results", default=None, help="detections file (COCO results format)",
+             note="default OUTPUT/detections.json (NVIDIA: ./results.json)")
+    p.nvidia(p, "-b", "--batch-size", type=int, default=8, note="default 8 (NVIDIA: 128; its scripts pass 8)")
+    p.nvidia(p, "--input_size", type=int, nargs="+", default=None)
+    p.nvidia(p, "--use-ema", action="store_true", help="use the EMA weights of the checkpoint")
+    p.nvidia(p, "--amp", nargs="?", const="fp16", default=None, choices=["fp16", "bf16"],
+             note="also --amp bf16; fp16 without CUDA says so and runs fp32")
+    p.nvidia(p, "--torchscript", action="store_true", help="run the model as a TorchScript trace (same detections)")
+    p.nvidia(p, "--use-soft-nms", action="store_true", default=None)
+    p.nvidia(p, "--interpolation", default="bilinear", choices=["bilinear", "bicubic", "nearest"],
+             help="image resize filter")
+    p.nvidia(p, "--fill-color", default="mean", help="padding colour: 'mean' (ImageNet mean) or an integer 0-255")
+    p.nvidia(p, "--memory-format", choices=["nchw", "nhwc"], default="nchw")
     p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto")
     p.add_argument("--visualize", type=int, default=0, help="write N images with predicted and true boxes")
     p.add_argument("--output", default="output")
     p.add_argument("--device", default="auto")
-    p.add_argument("-j", "--workers", type=int, default=2)
+    p.nvidia(p, "-j", "--workers", type=int, default=2, note="default 2 (NVIDIA: 4)")
     p.add_argument("--skip-bad-images", action="store_true")
+    p.nvidia(p, "--seed", type=int, default=42)
+    p.nvidia(p, "--log-freq", type=int, default=10, help="batches between progress lines", note=_infra("log_freq"))
+    p.nvidia(p, "--pretrained", action="store_true", help="use published weights",
+             note="implied by --checkpoint (as in NVIDIA's); nothing is downloaded")
+    p.nvidia(p, "--num-gpu", type=int, default=1, note=_infra("num_gpu"))
+    p.nvidia(p, "--no-prefetcher", action="store_true", note=_infra("no_prefetcher"))
+    p.nvidia(p, "--pin-mem", action="store_true", help="pin host memory", note=_infra("pin_mem"))
+    p.nvidia(p, "--dllogger-file", default=None, help="also write the result in dllogger's JSON format here",
+             note="default none (NVIDIA: log.json); " + _infra("dllogger_file"))
+    p.nvidia(p, "--local_rank", "--local-rank", type=int, default=0,
+             note="accepted (bind_launch passes it); evaluation runs on one device")
     return p
+
+
+def infra_lines(args: argparse.Namespace, defaults: argparse.Namespace) -> list[str]:
+    """One line for each NVIDIA-infrastructure flag given with a non-default value."""
+    return [line for dest, line in INFRA.items()
+            if dest in vars(args) and getattr(args, dest) != getattr(defaults, dest)]
+
+
+def fill_color(value: str) -> tuple[int, int, int]:
+    """``--fill-color``: "mean" (ImageNet mean pixel) or an integer 0-255 for all three channels."""
+    from datasets.transforms import IMAGENET_MEAN_PIXEL
+
+    if value == "mean":
+        return IMAGENET_MEAN_PIXEL
+    try:
+        v = int(value)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 255:
+        raise ValueError(f"--fill-color {value!r}: give 'mean' or an integer 0-255")
+    return v, v, v
 
 
 # ---------------------------------------------------------------- the run's settings
@@ -158,18 +318,28 @@ class TrainConfig:
     waymo_val: str | None = None
     skip_bad_images: bool = False
     workers: int = 2
+    interpolation: str = ""
+    train_interpolation: str = "bilinear"
+    fill_color: tuple[int, int, int] = (124, 116, 104)
+    mixup: float = 0.0
+    mixup_off_epoch: int = 0
+    pin_mem: bool = True
+    no_prefetcher: bool = False
     # model
     model: str = "efficientdet_d0"
     num_classes: int | None = None
     input_size: tuple[int, int] | None = None
     redundant_bias: bool | None = None
+    pretrained: bool = False
     pretrained_backbone_path: str | None = None
     initial_checkpoint: str | None = None
     remove_weights: list[str] | None = None
     freeze_layers: list[str] | None = None
+    drop: float = 0.0
     drop_path: float | None = None
     bn_momentum: float | None = None
     memory_format: str = "nchw"
+    fused_focal_loss: bool = False
     kernel_backend: str = "auto"
     # optimization
     batch_size: int = 32
@@ -181,13 +351,20 @@ class TrainConfig:
     clip_grad: float = 10.0
     lr: float = 0.01
     sched: str = "cosine"
+    lr_noise: tuple[float, ...] | None = None
+    lr_noise_pct: float = 0.67
+    lr_noise_std: float = 1.0
+    lr_cycle_mul: float = 1.0
+    lr_cycle_limit: int = 1
     warmup_lr: float = 1e-4
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 5.0
     min_lr: float = 1e-5
-    decay_epochs: int = 30
+    decay_epochs: float = 30
     decay_rate: float = 0.1
     epochs: int = 300
     start_epoch: int | None = None
+    cooldown_epochs: int = 0
+    patience_epochs: int = 10
     smoothing: float = 0.0
     model_ema: bool = False
     model_ema_decay: float = 0.9998
@@ -199,29 +376,54 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     nproc: int = 1
+    local_rank: int = 0
     sync_bn: bool = False
+    dist_bn: str = ""
+    dist_group_size: int = 0
     output: str = "output"
     resume: str | None = None
     no_resume_opt: bool = False
     log_interval: int = 10
     eval_after: int = 0
     eval_interval: int = 1
+    eval_metric: str = "map"
     save_checkpoint_interval: int = 10
     benchmark: bool = False
     benchmark_steps: int = 20
+    dllogger_file: str | None = None
     stop_after: int | None = None
+    max_steps: int | None = None
     pictures: int = 0
-    # which recipe filled the unset flags
+    # which recipe filled the unset flags, and what the run says at start about NVIDIA's flags
     recipe: str = "NVIDIA COCO recipe"
+    notes: tuple[str, ...] = ()
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, num_train: int) -> "TrainConfig":
-        """The flags, with the recipe's value for every flag left unset (``None``)."""
+    def from_args(cls, args: argparse.Namespace, num_train: int, cuda: bool) -> "TrainConfig":
+        """The flags, with the recipe's value for every flag left unset (``None``), and GPU-only flags turned
+        into what runs without one (``cuda=False``), each change said in ``notes``."""
         values = dict(vars(args))
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:  # a flag without a field would be silently ignored
             raise TypeError(f"TrainConfig has no field for the flags {sorted(unknown)}")
+        if values["pretrained"] and not values["initial_checkpoint"]:
+            raise ValueError("--pretrained: nothing is downloaded here; pass the weights file with "
+                             "--initial-checkpoint (NVIDIA's model_best.pth.tar / Effdet_B0.pth, or effdet's)")
+        notes = infra_lines(args, train_parser().parse_args([]))
         values["input_size"] = size_pair(values["input_size"])
+        values["fill_color"] = fill_color(values["fill_color"])
+        values["lr_noise"] = tuple(values["lr_noise"]) if values["lr_noise"] else None
+        if values["fused_focal_loss"] and cuda:
+            values["kernel_backend"] = "triton"
+        elif values["fused_focal_loss"]:
+            notes.append("--fused-focal-loss: no CUDA device, so the PyTorch reference computes the loss")
+        from .models import resolve_amp
+
+        values["amp"], note = resolve_amp(values["amp"], cuda)
+        notes += [note] if note else []
+        for flag, dest, idle in (("--mixup", "mixup", 0.0), ("--drop", "drop", 0.0)):
+            if values[dest] != idle:
+                notes.append(f"{flag} {values[dest]}: no effect (NVIDIA's train.py does not use it either)")
         from_scratch = not (values["initial_checkpoint"] or values["pretrained_backbone_path"])
         small = num_train < SMALL_DATA_IMAGES and from_scratch
         recipe = SMALL_RECIPE if small else COCO_RECIPE
@@ -231,11 +433,19 @@ class TrainConfig:
         values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
         if values["log_interval"] < 1:
             raise ValueError(f"--log-interval must be >= 1, got {values['log_interval']}")
-        return cls(**values)
+        from .schedule import optimizer_note
+
+        note = optimizer_note(values["opt"])
+        notes += [note] if note else []
+        return cls(**values, notes=tuple(notes))
 
     @property
     def channels_last(self) -> bool:
         return self.memory_format == "nhwc"
+
+    @property
+    def eval_interpolation(self) -> str:
+        return self.interpolation or "bilinear"  # '' = the model's, bilinear for every EfficientDet
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,6 +475,24 @@ def split_paths(split: str, data: str | None, ann: str | None = None, images: st
     return None
 
 
+def coco_anno_paths(data: str, anno: str):
+    """validate.py's ``--anno``: ``annotations/instances_{anno}.json`` with images in ``{anno}/``, or for a test
+    set (no boxes) ``annotations/image_info_{anno}.json`` with images in ``test2017/``."""
+    if "test" in anno:
+        return os.path.join(data, "annotations", f"image_info_{anno}.json"), os.path.join(data, "test2017")
+    return os.path.join(data, "annotations", f"instances_{anno}.json"), os.path.join(data, anno)
+
+
+def eval_data_paths(flags):
+    """(annotation file, image folder) that evaluate.py reads."""
+    if flags.waymo or flags.val_ann:
+        return split_paths("val", flags.data, flags.val_ann, flags.val_images, flags.waymo,
+                           flags.waymo_val_annotation, flags.waymo_val)
+    if flags.data:
+        return coco_anno_paths(flags.data, flags.anno)
+    return synthetic_paths("val")
+
+
 def synthetic_paths(split: str):
     """The built-in synthetic set (generated on first use): what runs when no data flag is given."""
     import datasets as D
@@ -284,3 +512,26 @@ def train_data_paths(flags) -> dict:
              "val": split_paths("val", data, flags.val_ann, flags.val_images, flags.waymo,
                                 flags.waymo_val_annotation, flags.waymo_val)}
     return {k: v for k, v in found.items() if v is not None}
+
+
+# ---------------------------------------------------------------- the README's compatibility table
+def markdown_flags() -> str:
+    """NVIDIA's flags, per script: the default here and how each is honoured (the README's table)."""
+    rows = ["| script | NVIDIA flag | default here | here |", "|---|---|---|---|"]
+    for script, parser in (("train.py", train_parser()), ("validate.py", eval_parser())):
+        actions = {name: a for a in parser._actions for name in (a.option_strings or [a.dest])}
+        for flag, note in NOTES[script].items():
+            a = actions[flag]
+            names = " / ".join(f"`{n}`" for n in (a.option_strings or [flag]))
+            default = "—" if a.default in (None, "", argparse.SUPPRESS) or a.nargs == 0 else f"`{a.default}`"
+            rows.append(f"| {script} | {names} | {default} | {note.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Print the README's NVIDIA compatibility table.")
+    cli.add_argument("--markdown-flags", action="store_true", help="the table of NVIDIA's flags, as Markdown")
+    if cli.parse_args().markdown_flags:
+        print(markdown_flags(), end="")
+    else:
+        cli.print_help()

@@ -37,10 +37,15 @@ def _env_int(*names, default=None):
     return default
 
 
-def init(device: str = "auto") -> DistInfo:
-    """Read the environment, pick the device and join the process group when there is more than one."""
-    if os.environ.get("WORLD_SIZE"):  # torchrun, or our own --nproc spawn
-        world, rank, local = _env_int("WORLD_SIZE"), _env_int("RANK", default=0), _env_int("LOCAL_RANK", default=0)
+def init(device: str = "auto", local_rank: int = 0) -> DistInfo:
+    """Read the environment, pick the device and join the process group when there is more than one.
+
+    ``local_rank``: the ``--local_rank`` flag that ``torch.distributed.launch`` and NVIDIA's ``bind_launch``
+    pass; the ``LOCAL_RANK`` variable wins when set.
+    """
+    if os.environ.get("WORLD_SIZE"):  # torchrun, torch.distributed.launch, bind_launch or our --nproc spawn
+        world, rank = _env_int("WORLD_SIZE"), _env_int("RANK", default=0)
+        local = _env_int("LOCAL_RANK", default=local_rank)
     elif os.environ.get("SLURM_STEP_NUM_TASKS"):  # a task of `srun` (not a plain command in an salloc shell)
         world = _env_int("SLURM_STEP_NUM_TASKS")
         rank, local = _env_int("SLURM_PROCID", default=0), _env_int("SLURM_LOCALID", default=0)
@@ -104,3 +109,17 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def distribute_bn(model: torch.nn.Module, reduce: bool) -> None:
+    """BN running statistics of every worker made equal: their mean (``reduce``) or rank 0's (broadcast)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for name, buf in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            if reduce:
+                dist.all_reduce(buf)
+                buf /= world
+            else:
+                dist.broadcast(buf, 0)

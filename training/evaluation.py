@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
 
 import datasets as D
 from detector.fuse import fuse_for_inference
+from detector.model import EfficientDet
 from detector.pipeline import predict
 from detector.visualize import draw_detections
 
@@ -20,8 +23,32 @@ WAYMO_VEHICLE_CLASSES = ("vehicle", "car", "truck", "bus")
 
 
 def waymo_iou_by_class(categories: list[dict]) -> dict:
-    """Class name -> IoU threshold for Waymo's per-class AP: 0.7 for vehicle classes, 0.5 for the others."""
-    return {c["name"]: 0.7 if c["name"].lower() in WAYMO_VEHICLE_CLASSES else 0.5 for c in categories}
+    """Class name -> IoU threshold for Waymo's per-class AP: 0.7 for vehicle classes (``vehicle``,
+    ``TYPE_VEHICLE``, ``car``, ...), 0.5 for the others."""
+    def is_vehicle(name: str) -> bool:
+        return bool(set(re.split(r"[^a-z0-9]+", name.lower())) & set(WAYMO_VEHICLE_CLASSES))
+
+    return {c["name"]: 0.7 if is_vehicle(c["name"]) else 0.5 for c in categories}
+
+
+class TracedModel(torch.nn.Module):
+    """``--torchscript``: the model as TorchScript (``torch.jit.trace``), one trace per input shape; keeps the
+    ``config`` and ``flatten`` that ``predict`` uses, so post-processing is unchanged."""
+
+    flatten = staticmethod(EfficientDet.flatten)
+
+    def __init__(self, model: EfficientDet):
+        super().__init__()
+        self.model, self.config, self.traces = model, model.config, {}
+
+    def forward(self, images: torch.Tensor):
+        key = tuple(images.shape)
+        if key not in self.traces:
+            with warnings.catch_warnings():  # shape checks in the launchers hold for this traced shape
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+                self.traces[key] = torch.jit.trace(self.model, images, strict=False, check_trace=False)
+        return self.traces[key](images)
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -33,13 +60,15 @@ def autocast(device: torch.device, amp: str | None):
 
 @torch.no_grad()
 def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=False, score_threshold=0.001,
-                  backend="auto", show_progress=True, keep_images=0):
+                  backend="auto", show_progress=True, keep_images=0, torchscript=False):
     """Detections of every image in ``loader`` as COCO results (original pixels), plus timing.
 
     ``timing["image_ids"]`` lists the images really processed: with ``--skip-bad-images`` a corrupt image is
     replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
     """
     model = fuse_for_inference(model)  # an eval-mode copy with BN folded into the convs
+    if torchscript:
+        model = TracedModel(model)
     dataset = loader.dataset
     results, pictures, n_images, t_model, done = [], [], 0, 0.0, set()
     prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)

@@ -23,10 +23,10 @@ from detector.visualize import plot_curve
 
 from . import distributed as dist
 from .config import TrainConfig, train_data_paths
-from .evaluation import autocast, evaluate_model, run_inference, save_pictures
+from .evaluation import autocast, evaluate_model, run_inference, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
-from .runlog import JsonLog, console, progress, report_benchmark, stats_table
-from .schedule import build_optimizer, build_scheduler, seek_scheduler
+from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
+from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
 
 
 class NonFiniteLoss(RuntimeError):
@@ -71,10 +71,12 @@ class Run:
     def use_scaler(self) -> bool:
         return self.scaler.is_enabled()
 
+    steps_this_run: int = 0
+
     @property
     def last_epoch(self) -> int:
-        stop = self.cfg.stop_after
-        return self.cfg.epochs if not stop else min(self.cfg.epochs, self.start_epoch + stop)
+        stop, end = self.cfg.stop_after, scheduled_epochs(self.cfg)
+        return end if not stop else min(end, self.start_epoch + stop)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -84,7 +86,7 @@ class Run:
 # ---------------------------------------------------------------- entry point
 def train(args) -> dict | None:
     """One worker's whole training run from the parsed flags. Returns the last evaluation stats on rank 0."""
-    info = dist.init(args.device)
+    info = dist.init(args.device, args.local_rank)
     try:
         run = setup(args, info)
         return fit(run)
@@ -100,16 +102,20 @@ def setup(args, info: dist.DistInfo) -> Run:
     t0 = time.perf_counter()
     seed_everything(args.seed)  # identical initial weights on every rank; per-rank streams below
     train_set, val_set = load_data(args)
-    cfg = TrainConfig.from_args(args, num_train=len(train_set))
+    cfg = TrainConfig.from_args(args, num_train=len(train_set), cuda=info.device.type == "cuda")
     if info.is_main:
         console.print(f"recipe: {cfg.recipe} ({len(train_set)} training images); flags you gave take precedence")
+        for note in cfg.notes:
+            console.print(f"[yellow]{note}[/]")
     model = build_training_model(cfg, train_set, info)
     size = model.config.image_size
-    train_set.transform = D.TrainTransform(size, seed=cfg.seed, scale_range=cfg.scale_range)
+    train_set.transform = D.TrainTransform(size, seed=cfg.seed, scale_range=cfg.scale_range, fill=cfg.fill_color,
+                                           interpolation=cfg.train_interpolation)
     if val_set is not None:
-        val_set.transform = D.EvalTransform(size)
+        val_set.transform = D.EvalTransform(size, fill=cfg.fill_color, interpolation=cfg.eval_interpolation)
     os.makedirs(cfg.output, exist_ok=True)
-    jlog = JsonLog(os.path.join(cfg.output, "log.jsonl") if info.is_main else None)
+    jlog = JsonLog(os.path.join(cfg.output, "log.jsonl") if info.is_main else None,
+                   dllogger=cfg.dllogger_file if info.is_main else None)
     jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),
                world_size=info.world_size, device=str(info.device), train_images=len(train_set),
                val_images=len(val_set) if val_set else 0, data_stats=dict(train_set.stats))
@@ -138,8 +144,13 @@ def setup(args, info: dist.DistInfo) -> Run:
               scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), train_set=train_set, val_set=val_set,
               train_loader=train_loader, val_loader=val_loader, jlog=jlog, t0=t0,
               start_epoch=cfg.start_epoch or 0)
-    if cfg.resume:
-        resume(run, os.path.join(cfg.output, "last.pth") if cfg.resume == "auto" else cfg.resume)
+    resume_from = os.path.join(cfg.output, "last.pth") if cfg.resume == "auto" else cfg.resume
+    if resume_from == os.path.join(cfg.output, "last.pth") and not os.path.exists(resume_from):
+        if info.is_main:  # NVIDIA's scripts always pass --resume: the first run starts fresh
+            console.print(f"--resume: no {resume_from} yet, starting fresh")
+        resume_from = None
+    if resume_from:
+        resume(run, resume_from)
     elif cfg.start_epoch:
         run.step = cfg.start_epoch * run.steps_per_epoch
         seek_scheduler(run.scheduler, run.step)
@@ -190,6 +201,7 @@ def fit(run: Run) -> dict | None:
             return None  # interrupted; the state is saved
         if run.cfg.benchmark:
             return report_benchmark(run.bench_times, run.cfg, run.jlog, run.info)
+        distribute_bn(run)
         improved = maybe_evaluate(run, epoch)
         save_state(run, epoch, None, improved)
         dist.barrier()
@@ -223,12 +235,14 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
                                  step_time=time.perf_counter() - t0)
                 bar.update(task, info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s")
             bar.update(task, advance=1)
-            if cfg.benchmark and len(run.bench_times) >= cfg.benchmark_steps:
+            step_limit = cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps
+            if cfg.benchmark and (len(run.bench_times) >= cfg.benchmark_steps or step_limit):
                 break
-            if parts[3] > 0:  # Ctrl-C or SIGTERM on any rank: save after this step, on every rank
+            if parts[3] > 0 or step_limit:  # Ctrl-C / SIGTERM on any rank, or --max-steps: save and stop
                 save_state(run, epoch, i + 1, False)
                 if info.is_main:
-                    console.print(f"[yellow]interrupted at epoch {epoch}, batch {i + 1}/{run.steps_per_epoch}; "
+                    why = f"--max-steps {cfg.max_steps} reached" if step_limit else "interrupted"
+                    console.print(f"[yellow]{why} at epoch {epoch}, batch {i + 1}/{run.steps_per_epoch}; "
                                   f"state saved to {os.path.join(cfg.output, 'last.pth')}: continue with --resume[/]")
                     run.jlog.write(event="interrupted", step=run.step, epoch=epoch, batch_in_epoch=i + 1)
                 interrupt.restore()
@@ -266,6 +280,7 @@ def train_step(run: Run, batch: dict, epoch: int, interrupt: "InterruptFlag"):
     if run.ema is not None:
         run.ema.update(run.model)
     run.step += 1
+    run.steps_this_run += 1
     return parts
 
 
@@ -299,17 +314,29 @@ def maybe_evaluate(run: Run, epoch: int) -> bool:
         (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == run.last_epoch)
     if not due:
         return False
+    iou_by_class = waymo_iou_by_class(run.val_set.coco.dataset["categories"]) if cfg.waymo else None
     stats, _, timing, _ = evaluate_model(run.eval_model, run.val_loader, run.info, amp=cfg.amp,
-                                         channels_last=cfg.channels_last, backend=cfg.kernel_backend)
+                                         channels_last=cfg.channels_last, backend=cfg.kernel_backend,
+                                         iou_by_class=iou_by_class)
     run.stats = stats
     if run.info.is_main:
         console.print(stats_table(stats, f"epoch {epoch} ({'EMA' if run.ema else 'model'}) on "
                                          f"{len(run.val_set)} val images"))
+        if cfg.waymo:
+            console.print(waymo_table(stats, iou_by_class))
         run.jlog.write(event="eval", step=run.step, epoch=epoch, **stats, eval_img_per_s=timing["img_per_s"],
                        minutes=(time.perf_counter() - run.t0) / 60)
     improved = stats["AP"] > run.best
     run.best = max(run.best, stats["AP"])
     return improved
+
+
+def distribute_bn(run: Run) -> None:
+    """``--dist-bn``: after each epoch, give every worker rank 0's BN statistics (broadcast) or their mean."""
+    if run.info.distributed and run.cfg.dist_bn:
+        for model in (run.model, run.ema.module if run.ema else None):
+            if model is not None:
+                dist.distribute_bn(model, reduce=run.cfg.dist_bn == "reduce")
 
 
 def finish(run: Run) -> None:

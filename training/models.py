@@ -60,7 +60,7 @@ def freeze(model: EfficientDet, prefixes) -> None:
 
 
 def model_from_checkpoint(path: str, dataset, model_name=None, num_classes=None, image_size=None,
-                          use_ema: bool = False, backend: str = "auto", device="cpu"):
+                          use_ema: bool = False, backend: str = "auto", device="cpu", redundant_bias=None):
     """(model, message, class index -> category id) for evaluating ``path`` on ``dataset``.
 
     Ours record their config, which is rebuilt exactly (BN eps included); effdet's and NVIDIA's need
@@ -71,10 +71,14 @@ def model_from_checkpoint(path: str, dataset, model_name=None, num_classes=None,
     name = model_name or (cfg or {}).get("name")
     if name is None:
         raise SystemExit(f"{path} does not record its model: pass --model (e.g. tf_efficientdet_d0)")
+    if cfg and model_name and cfg.get("name") != model_name:
+        raise ckpt.CheckpointError(f"{path} holds {cfg.get('name')}; --model {model_name} does not fit it")
     sd, _ = ckpt.extract_state_dict(state)
     num_classes = num_classes or (cfg or {}).get("num_classes") or infer_num_classes(sd, dataset)
     size = image_size or (cfg or {}).get("image_size")
     overrides = {k: v for k, v in (cfg or {}).items() if k not in ("name", "num_classes", "image_size", "extra")}
+    if redundant_bias is not None:
+        overrides["redundant_bias"] = redundant_bias
     model = build_model(name, num_classes, size, backend, "cpu", **overrides)
     message = ckpt.load(model, state, use_ema=use_ema)
     return model.to(device), message, class_to_category(state, num_classes, dataset)
@@ -105,6 +109,13 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
         return {i: i + 1 for i in range(num_classes) if i + 1 in known}
     raise SystemExit(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
                      f"with ids up to {max(dataset.cat_ids)}: no mapping between them is known")
+
+
+def resolve_amp(amp: str | None, cuda: bool) -> tuple[str | None, str | None]:
+    """(the precision that runs, the line that says why it differs from ``--amp``): fp16 needs CUDA."""
+    if amp == "fp16" and not cuda:
+        return None, "--amp: fp16 mixed precision needs a CUDA GPU; running in fp32 (--amp bf16 runs on CPUs)"
+    return amp, None
 
 
 def to_memory_format(model, channels_last: bool):

@@ -1,8 +1,10 @@
 """What a run tells the user: the console, a JSON-lines log, result tables and progress bars."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -12,17 +14,30 @@ console = Console()
 
 
 class JsonLog:
-    """One JSON object per line, appended; a no-op without a path (ranks other than 0)."""
+    """One JSON object per line, appended; a no-op without a path (ranks other than 0).
 
-    def __init__(self, path: str | None):
-        self.path = path
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ``dllogger``: a second file that gets each event as NVIDIA's dllogger writes it (``DLLL {...}`` lines with
+    timestamp, elapsed time, type, step and the numeric data), for tools that read NVIDIA's logs.
+    """
+
+    def __init__(self, path: str | None, dllogger: str | None = None):
+        self.path, self.dllogger, self.t0 = path, dllogger, time.time()
+        for p in (path, dllogger):
+            if p:
+                os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
 
     def write(self, **event) -> None:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(event, default=float) + "\n")
+        if self.dllogger:
+            now = time.time()
+            step = [event["epoch"], event["step"]] if "step" in event and event.get("event") != "start" else "PARAMETER"
+            data = {k: v for k, v in event.items() if isinstance(v, (int, float, str)) and k not in ("epoch", "step")}
+            line = {"timestamp": now, "datetime": datetime.datetime.fromtimestamp(now).isoformat(),
+                    "elapsedtime": now - self.t0, "type": "LOG", "step": step, "data": data}
+            with open(self.dllogger, "a") as f:
+                f.write("DLLL " + json.dumps(line, default=float) + "\n")
 
 
 def stats_table(stats: dict, title: str) -> Table:
@@ -39,6 +54,17 @@ def stats_table(stats: dict, title: str) -> Table:
         t.add_row(f"AP {name}", f"{ap:.4f}")
     for name, ap in stats.get("per_class_iou", {}).items():
         t.add_row(f"AP@class-IoU {name}", f"{ap:.4f}")
+    return t
+
+
+def waymo_table(stats: dict, iou_by_class: dict) -> Table:
+    """Waymo's numbers as NVIDIA's README reports them: the mean, then each class's AP at its IoU."""
+    t = Table(title="Waymo: per-class AP at the class's IoU (vehicle 0.7, pedestrian / cyclist 0.5)")
+    t.add_column("category")
+    t.add_column("AP", justify="right")
+    t.add_row("mean (L2_ALL_NS mAP)", f"{stats['mAP_iou_by_class']:.4f}")
+    for name, ap in stats["per_class_iou"].items():
+        t.add_row(f"{name} @ IoU {iou_by_class[name]}", f"{ap:.4f}")
     return t
 
 

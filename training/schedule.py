@@ -1,7 +1,10 @@
 """Optimizer and learning-rate schedule.
 
-The schedule is a per-step factor on the base LR (a ``LambdaLR``): linear warm-up from ``warmup_lr``, then a
-cosine to ``min_lr`` (or step decay).
+The schedule is a per-step factor on the base LR (a ``LambdaLR``): linear warm-up from ``warmup_lr``, then
+cosine cycles to ``min_lr`` (``--lr-cycle-limit`` of them, each ``--lr-cycle-mul`` times longer than the one
+before and its peak ``--decay-rate`` times lower), then ``--cooldown-epochs`` at ``min_lr``; or step decay.
+``--lr-noise`` multiplies the LR of each epoch in its range by ``1 + n``, ``n ~ N(0, std)`` redrawn until
+``|n| < --lr-noise-pct``, seeded by ``seed + epoch``: NVIDIA's rules, applied per step.
 """
 from __future__ import annotations
 
@@ -9,6 +12,40 @@ import math
 
 import torch
 from torch import nn
+
+# --opt -> (torch.optim class, nesterov, what it stands for). NVIDIA's fused* optimizers (apex) compute the
+# same update as these; LAMB and NovoGrad have no PyTorch counterpart, AdamW is the closest.
+OPTIMIZERS = {
+    "momentum": ("SGD", False, None),
+    "sgd": ("SGD", True, None),
+    "nesterov": ("SGD", True, None),
+    "adam": ("Adam", None, None),
+    "adamw": ("AdamW", None, None),
+    "fusedmomentum": ("SGD", False, "apex FusedSGD without Nesterov: the same update"),
+    "fusedsgd": ("SGD", True, "apex FusedSGD with Nesterov: the same update"),
+    "fusedadam": ("Adam", None, "apex FusedAdam: the same update"),
+    "fusedadamw": ("AdamW", None, "apex FusedAdam in AdamW mode: the same update"),
+    "lamb": ("AdamW", None, "LAMB's layer-wise trust ratio is not applied (PyTorch has no LAMB)"),
+    "fusedlamb": ("AdamW", None, "LAMB's layer-wise trust ratio is not applied (PyTorch has no LAMB)"),
+    "novograd": ("AdamW", None, "NovoGrad's per-layer moments are not applied (PyTorch has no NovoGrad)"),
+    "fusednovograd": ("AdamW", None, "NovoGrad's per-layer moments are not applied (PyTorch has no NovoGrad)"),
+}
+
+
+def _lookup(opt: str):
+    name = opt.lower()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"--opt {opt!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def optimizer_note(opt: str) -> str | None:
+    """The line said at start when ``--opt`` names one of NVIDIA's apex optimizers."""
+    cls, nesterov, why = _lookup(opt)
+    if why is None:
+        return None
+    kind = f"torch.optim.{cls}" + ("" if nesterov is None else f"(nesterov={nesterov})")
+    return f"--opt {opt}: runs as {kind}; {why}"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -22,29 +59,78 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    opt = cfg.opt.lower()
-    if opt in ("momentum", "sgd", "nesterov"):
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=opt in ("nesterov", "sgd"))
-    if opt == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.opt_eps)
-    if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.opt_eps)
-    raise ValueError(f"--opt {cfg.opt!r}: choose momentum, sgd, nesterov, adam or adamw")
+    cls, nesterov, _ = _lookup(cfg.opt)
+    if cls == "SGD":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+    betas = (0.95, 0.98) if "novograd" in cfg.opt.lower() else (0.9, 0.999)  # NVIDIA's NovoGrad betas
+    return getattr(torch.optim, cls)(groups, lr=cfg.lr, eps=cfg.opt_eps, betas=betas)
+
+
+def cycle_epochs(cfg) -> float:
+    """Epochs of all LR cycles: ``epochs`` for the first, times ``lr_cycle_mul`` for each next one."""
+    n, mul = max(1, cfg.lr_cycle_limit), cfg.lr_cycle_mul
+    if cfg.sched != "cosine" or n == 1:
+        return cfg.epochs
+    return cfg.epochs * n if mul == 1 else math.floor(cfg.epochs * (mul ** n - 1) / (mul - 1))
+
+
+def scheduled_epochs(cfg) -> int:
+    """Epochs the run trains: the LR cycles, then the cool-down (NVIDIA's rule)."""
+    return int(cycle_epochs(cfg)) + cfg.cooldown_epochs
+
+
+def _cycle(t: float, length: float, mul: float) -> tuple[int, float, float]:
+    """(cycle index, position in it, its length) of time ``t`` for cycles of ``length * mul**i``."""
+    if mul == 1:
+        i = int(t // length)
+        return i, t - i * length, length
+    i = math.floor(math.log(1 - t / length * (1 - mul), mul))
+    return i, t - (1 - mul ** i) / (1 - mul) * length, length * mul ** i
+
+
+def lr_noise(cfg, epoch: int) -> float:
+    """NVIDIA's LR noise for ``epoch``: 0 outside the ``--lr-noise`` range."""
+    if not cfg.lr_noise:
+        return 0.0
+    lo = cfg.lr_noise[0] * cfg.epochs
+    hi = cfg.lr_noise[1] * cfg.epochs if len(cfg.lr_noise) > 1 else math.inf
+    if not lo <= epoch < hi:
+        return 0.0
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    while True:
+        n = torch.randn(1, generator=g).item() * cfg.lr_noise_std
+        if abs(n) < cfg.lr_noise_pct:
+            return n
 
 
 def lr_lambda(cfg, steps_per_epoch: int):
-    """Per-step LR factor: linear warm-up from warmup_lr, then cosine to min_lr (or step decay)."""
+    """Per-step LR factor (see the module docstring)."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
-    total = max(1, cfg.epochs * steps_per_epoch)
+    first = max(1, cfg.epochs * steps_per_epoch)
     base = cfg.lr
+    noise: dict[int, float] = {}
+
+    def cosine(step: int) -> float:
+        i, t, length = _cycle(step, first, cfg.lr_cycle_mul)
+        if i == 0:  # the first cycle starts after the warm-up
+            t, length = step - warm, max(1, first - warm)
+        if 0 < cfg.lr_cycle_limit <= i:
+            return cfg.min_lr
+        gamma = cfg.decay_rate ** i
+        t = min(1.0, t / length)
+        return cfg.min_lr * gamma + 0.5 * (base - cfg.min_lr) * gamma * (1 + math.cos(math.pi * t))
 
     def f(step: int) -> float:
         if step < warm:
-            return (cfg.warmup_lr + (base - cfg.warmup_lr) * step / warm) / base
-        if cfg.sched == "step":
-            return cfg.decay_rate ** ((step // steps_per_epoch) // max(1, cfg.decay_epochs))
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return (cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * t))) / base
+            lr = cfg.warmup_lr + (base - cfg.warmup_lr) * step / warm
+        elif cfg.sched == "step":
+            lr = base * cfg.decay_rate ** int((step // steps_per_epoch) // max(1e-9, cfg.decay_epochs))
+        else:
+            lr = cosine(step)
+        epoch = step // steps_per_epoch
+        if epoch not in noise:
+            noise[epoch] = lr_noise(cfg, epoch)
+        return lr * (1 + noise[epoch]) / base
 
     return f
 

@@ -1,0 +1,82 @@
+"""Every NVIDIA flag is accepted under its name; TrainConfig is filled once; the README table is generated."""
+import pathlib
+import re
+
+import pytest
+
+from training.config import TrainConfig, eval_parser, markdown_flags, train_parser
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "nvidia_flags.txt"
+
+
+def nvidia_flags():
+    rows = [line.split() for line in FIXTURE.read_text().splitlines() if line and not line.startswith("#")]
+    return [(script, flag) for script, flag in rows]
+
+
+def test_fixture_holds_both_scripts():
+    flags = nvidia_flags()
+    assert sum(s == "train.py" for s, _ in flags) >= 69 and sum(s == "validate.py" for s, _ in flags) >= 30
+
+
+@pytest.mark.parametrize("script", ["train.py", "validate.py"])
+def test_every_nvidia_flag_is_accepted_and_in_help(script):
+    parser = train_parser() if script == "train.py" else eval_parser()
+    text = parser.format_help()
+    for s, flag in nvidia_flags():
+        if s == script:
+            assert flag in parser._option_string_actions, f"{script} does not accept {flag}"
+            assert re.search(rf"(^|[\s\[,]){re.escape(flag)}([\s\],=]|$)", text, re.M), f"{flag} not in --help"
+
+
+def test_no_abbreviations():
+    args = train_parser().parse_args(["--drop", "0.2"])
+    assert args.drop == 0.2 and args.drop_path is None  # --drop is NVIDIA's own flag, not --drop-path
+    with pytest.raises(SystemExit):
+        train_parser().parse_args(["--drop-p", "0.1"])
+    assert train_parser().parse_args(["--worker", "3"]).workers == 3  # as NVIDIA's scripts spell it
+
+
+def config(*argv, num_train=10, cuda=False):
+    return TrainConfig.from_args(train_parser().parse_args(list(argv)), num_train=num_train, cuda=cuda)
+
+
+def test_config_takes_the_recipe_for_unset_flags_only():
+    small, coco = config(), config(num_train=10_000)
+    assert small.opt == "adamw" and small.input_size == (128, 128) and "small-data" in small.recipe
+    assert (coco.opt, coco.lr, coco.batch_size, coco.epochs, coco.warmup_epochs) == ("momentum", 0.01, 32, 300, 5)
+    given = config("--lr", "0.3", "--input_size", "96", "--epochs", "2")
+    assert (given.lr, given.input_size, given.epochs, given.opt) == (0.3, (96, 96), 2, "adamw")
+
+
+def test_gpu_only_and_infrastructure_flags_say_what_they_do():
+    cfg = config("--amp", "--fused-focal-loss", "--opt", "fusedmomentum", "--dllogger-file", "x.json",
+                 "--no-prefetcher", "--dist-group-size", "4", "--mixup", "0.2")
+    text = "\n".join(cfg.notes)
+    assert cfg.amp is None and "--amp" in text and "--fused-focal-loss" in text
+    assert "torch.optim.SGD(nesterov=False)" in text
+    for flag in ("--dllogger-file", "--no-prefetcher", "--dist-group-size", "--mixup"):
+        assert flag in text
+    assert config().notes == ()
+    on_gpu = config("--amp", "--fused-focal-loss", cuda=True)
+    assert on_gpu.amp == "fp16" and on_gpu.kernel_backend == "triton" and on_gpu.notes == ()
+    assert config("--amp", "bf16").amp == "bf16"
+
+
+def test_bad_values_are_one_line_errors():
+    with pytest.raises(ValueError, match="--initial-checkpoint"):
+        config("--pretrained")
+    with pytest.raises(ValueError, match="--fill-color"):
+        config("--fill-color", "grey")
+    with pytest.raises(ValueError, match="--opt"):
+        config("--opt", "rmsprop")
+    assert config("--fill-color", "0").fill_color == (0, 0, 0)
+
+
+def test_readme_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- nvidia-flags:start -->\n", "<!-- nvidia-flags:end -->"
+    assert start in readme and end in readme, "README.md lost the NVIDIA flag table markers"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == markdown_flags(), "README table is stale: python -m training.config --markdown-flags"

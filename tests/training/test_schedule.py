@@ -1,0 +1,66 @@
+"""NVIDIA's LR noise, cycles and cool-down, applied per step; the optimizer mapping of --opt."""
+import math
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.schedule import build_optimizer, lr_lambda, lr_noise, scheduled_epochs
+
+SPE = 4  # steps per epoch
+
+
+def cfg(**kw):
+    base = dict(lr=0.1, warmup_epochs=0, warmup_lr=1e-4, min_lr=1e-5, epochs=10, sched="cosine", seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_noise_only_inside_its_range_bounded_and_seeded():
+    plain, noisy = lr_lambda(cfg(), SPE), lr_lambda(cfg(lr_noise=(0.4, 0.9)), SPE)
+    for epoch in range(10):
+        ratio = noisy(epoch * SPE + 1) / plain(epoch * SPE + 1)
+        if 4 <= epoch < 9:
+            assert ratio != 1.0 and abs(ratio - 1) < 0.67
+            assert ratio == pytest.approx(noisy(epoch * SPE + 3) / plain(epoch * SPE + 3))  # one draw per epoch
+        else:
+            assert ratio == 1.0
+    assert lr_noise(cfg(lr_noise=(0.4, 0.9)), 5) == lr_noise(cfg(lr_noise=(0.4, 0.9)), 5)
+    assert lr_noise(cfg(lr_noise=(0.4, 0.9)), 5) != lr_noise(cfg(lr_noise=(0.4, 0.9), seed=8), 5)
+    assert abs(lr_noise(cfg(lr_noise=(0.0,), lr_noise_pct=0.1), 3)) < 0.1  # one value: on from there
+
+
+def test_cycles_and_cooldown():
+    c = cfg(epochs=4, lr_cycle_limit=2, lr_cycle_mul=2.0, decay_rate=0.5, cooldown_epochs=3)
+    assert scheduled_epochs(c) == 4 + 8 + 3
+    f = lr_lambda(c, SPE)
+    assert 0.1 * f(0) == pytest.approx(0.1)
+    assert 0.1 * f(4 * SPE) == pytest.approx(0.05)  # the second cycle peaks at lr * decay_rate
+    mid = 4 * SPE + 4 * SPE  # half way through the 8-epoch second cycle
+    assert 0.1 * f(mid) == pytest.approx(0.5e-5 + 0.5 * (0.05 - 0.5e-5))
+    for epoch in range(12, 15):
+        assert 0.1 * f(epoch * SPE) == pytest.approx(1e-5)  # cool-down at min_lr
+    assert scheduled_epochs(cfg(cooldown_epochs=2)) == 12
+
+
+def test_default_schedule_is_unchanged():
+    f = lr_lambda(cfg(warmup_epochs=1), SPE)
+    assert f(0) == pytest.approx(1e-3) and f(SPE) == pytest.approx(1.0)
+    t = (5 * SPE - SPE) / (10 * SPE - SPE)
+    assert 0.1 * f(5 * SPE) == pytest.approx(1e-5 + 0.5 * (0.1 - 1e-5) * (1 + math.cos(math.pi * t)))
+    assert f(10 * SPE) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("opt, kind, nesterov", [("fusedmomentum", torch.optim.SGD, False),
+                                                 ("fusedsgd", torch.optim.SGD, True),
+                                                 ("momentum", torch.optim.SGD, False),
+                                                 ("lamb", torch.optim.AdamW, None),
+                                                 ("fusedlamb", torch.optim.AdamW, None),
+                                                 ("novograd", torch.optim.AdamW, None),
+                                                 ("fusedadam", torch.optim.Adam, None)])
+def test_optimizer_mapping(opt, kind, nesterov):
+    o = build_optimizer(cfg(opt=opt, weight_decay=1e-4), torch.nn.Linear(2, 2))
+    assert type(o) is kind
+    if nesterov is not None:
+        assert o.defaults["nesterov"] is nesterov
+    if "novograd" in opt:
+        assert o.defaults["betas"] == (0.95, 0.98)
