@@ -32,30 +32,33 @@ def postprocess(cls_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: tor
     return out
 
 
-def _scatter_detections(B, max_det, image, boxes, scores, classes, device):
-    """Rows already sorted by score within each image -> (B, max_det, 6), rank = position within the image."""
-    order = torch.sort(image, stable=True).indices
-    image, boxes, scores, classes = image[order], boxes[order], scores[order], classes[order]
-    counts = torch.bincount(image, minlength=B)
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(image.numel(), device=device) - first[image]
-    sel = rank < max_det
-    out = torch.zeros(B, max_det, 6, device=device)
-    out[..., 5] = -1
-    rows = torch.cat([boxes, scores[:, None], classes[:, None].float()], dim=1)
-    out[image[sel], rank[sel]] = rows[sel]
-    return out
-
-
 def _hard_nms(boxes, scores, classes, max_det, iou_threshold, score_threshold, backend):
+    """Batched NMS over (image, class) groups, then the ``max_det`` best kept boxes of each image.
+
+    No row is filtered out before NMS: a box under ``score_threshold`` scores lower than every box above it,
+    so it can never suppress one (greedy NMS only suppresses lower scores); dropping it afterwards gives the
+    same detections with shapes that never depend on the data (no host synchronisation). Ties keep the
+    candidate order (stable sort), as the index order of ``kernels.batched_nms`` does.
+    """
     B, K = scores.shape
     image = torch.arange(B, device=scores.device).repeat_interleave(K)
-    boxes, scores, classes = boxes.reshape(-1, 4), scores.reshape(-1), classes.reshape(-1)
-    if score_threshold > 0:
-        ok = scores >= score_threshold
-        image, boxes, scores, classes = image[ok], boxes[ok], scores[ok], classes[ok]
-    keep = kernels.batched_nms(boxes, scores, classes, iou_threshold, batch_index=image, backend=backend)
-    return _scatter_detections(B, max_det, image[keep], boxes[keep], scores[keep], classes[keep], scores.device)
+    keep = kernels.batched_nms_mask(boxes.reshape(-1, 4), scores.reshape(-1), classes.reshape(-1), iou_threshold,
+                                    batch_index=image, backend=backend).view(B, K)
+    keep &= scores >= score_threshold
+    key = torch.where(keep, scores, torch.full_like(scores, -float("inf")))
+    key, idx = torch.sort(key, dim=1, descending=True, stable=True)
+    n = min(max_det, K)
+    key, idx = key[:, :n], idx[:, :n]
+    valid = key > -float("inf")
+    rows = torch.cat([boxes.gather(1, idx[..., None].expand(-1, -1, 4)), key[..., None],
+                      classes.gather(1, idx)[..., None].float()], dim=2)
+    out = torch.where(valid[..., None], rows, torch.zeros_like(rows))
+    out[..., 5] = torch.where(valid, out[..., 5], torch.full_like(key, -1))
+    if n < max_det:
+        pad = torch.zeros(B, max_det - n, 6, device=out.device)
+        pad[..., 5] = -1
+        out = torch.cat([out, pad], dim=1)
+    return out
 
 
 def _soft_nms(boxes, scores, classes, max_det, sigma, score_threshold):

@@ -439,6 +439,32 @@ def _reference_path(boxes, scores, classes, iou_threshold, batch_index, band_wor
     return _batched_nms_reference_op(boxes, scores, classes, batch_index, float(iou_threshold))
 
 
+def _triton_mask_path(boxes, scores, classes, iou_threshold, batch_index):
+    score_perm, keep = _batched_nms_op(boxes, scores, classes, batch_index, float(iou_threshold), 0)
+    return torch.zeros_like(keep).index_put_((score_perm,), keep)
+
+
+def _reference_mask_path(boxes, scores, classes, iou_threshold, batch_index):
+    kept = _reference_path(boxes, scores, classes, iou_threshold, batch_index)
+    return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device).index_fill_(0, kept, True)
+
+
+def batched_nms_mask(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float,
+                     batch_index: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """``batched_nms`` as a keep mask: ``(N,)`` bool, True for the boxes it keeps, aligned with the input.
+
+    Its size does not depend on the data, so on the Triton path nothing is read back to the host (the
+    post-processing of a batch uses it and stays free of host synchronisation).
+    """
+    _check_inputs(boxes, scores, classes, batch_index)
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=boxes.device)
+    if boxes.shape[0] >= 2**29:
+        raise ValueError(f"kernels/nms.py: boxes has {boxes.shape[0]} rows; the Triton path takes < 2**29")
+    return dispatch(OP_NAME, backend, boxes.device, _triton_mask_path, _reference_mask_path,
+                    boxes, scores, classes, iou_threshold, batch_index)
+
+
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float,
                 batch_index: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Exact greedy NMS per (image, class) group; returns kept indices (int64), highest score first.

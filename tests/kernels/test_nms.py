@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.nms import (_columns, _pair_iou, _threshold_f32, _triton_path, batched_nms,
+from kernels.nms import (_columns, _pair_iou, _threshold_f32, _triton_path, batched_nms, batched_nms_mask,
                          batched_nms_reference)
 
 from .aot import aot_compile
@@ -426,3 +426,18 @@ def test_kernels_compile_for_cuda_without_gpu():
     aot_compile("kernels.nms", [
         ("_nms_mask_kernel", mask, {"BLOCK": 64}),
         ("_nms_scan_kernel", scan, {"BLOCK": 64, "WCHUNK": 16})])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_keep_mask_marks_exactly_the_kept_boxes(backend):
+    """batched_nms_mask (fixed size, no host sync) keeps exactly what batched_nms keeps."""
+    gen = torch.Generator().manual_seed(7)
+    boxes = cluster_boxes(300, gen)
+    scores = torch.rand(300, generator=gen).round(decimals=2)   # ties on purpose
+    classes = torch.randint(0, 4, (300,), generator=gen)
+    image = torch.randint(0, 3, (300,), generator=gen)
+    kept = batched_nms(boxes, scores, classes, 0.5, batch_index=image, backend=backend)
+    mask = batched_nms_mask(boxes, scores, classes, 0.5, batch_index=image, backend=backend)
+    assert mask.dtype == torch.bool and mask.shape == (300,)
+    assert 0 < int(mask.sum()) < 300
+    assert_same(mask.nonzero().flatten(), kept.sort().values, f"mask ({backend})")
