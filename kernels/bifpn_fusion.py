@@ -27,24 +27,26 @@ are, else NCHW - a no-op for a model's tensors), so a kernel addresses a tensor 
 and each input slot costs two integer arguments (its H, W); the layout is one constexpr (``CL``). The
 edge weights are normalized by a few tiny torch ops (autograd handles their backward; no host sync).
 
-* forward, ONE kernel: each program owns a [pixels x channels] tile; for each of the 9 depthwise taps
-  (a rolled loop) it recomputes the fused pre-activation ``f = sum_i nw_i * resample(x_i)`` at the
-  shifted pixels (nearest index math, or a rolled 3x3 max over the pooling window), applies SiLU and
-  accumulates ``dw[tap] * silu(f)``; the centre tap's ``f`` is stored (float32) only when a gradient
-  will be needed (``save_f``, a runtime flag: no second variant).
-* backward kernel 1 (fused): ``dL/df = (dw^T * g) * silu'(f)`` from the saved ``f``; per-program partial
-  sums of the depthwise weight gradient (``g * silu(f)`` at the 9 shifted positions) and of the
-  normalized weights' gradient (``dL/df * resampled input``, inputs re-read); partials summed by torch
-  (deterministic, no atomics). ``"same"`` inputs get their gradient ``nw_i * dL/df`` here directly.
+* forward, two kernels over [pixels x channels] tiles: (1) ``f = sum_i nw_i * resample(x_i)`` in float32
+  (nearest index math, or a rolled 3x3 max over the pooling window), stored; (2) ``silu(f)`` and the
+  depthwise 3x3 (9 rolled taps reading f). Training keeps ``f`` for the backward (``save_f``); the older
+  one-kernel design recomputed the resampling at all 9 taps (81 window loads per pooled input) and spilled.
+* backward kernel 1 (fused): ``dL/df = (dw^T * g) * silu'(f)`` from ``f``; per-program partial sums of the
+  depthwise weight gradient (``g * silu(f)`` at the 9 shifted positions) and of the normalized weights'
+  gradient (``dL/df * resampled input``, inputs re-read); the partials are summed by torch (deterministic,
+  no atomics). ``"same"`` inputs get their gradient ``nw_i * dL/df`` here directly; ``"down"`` inputs get
+  their windows' arg-max stored (int8, PyTorch's rule).
 * backward kernel 2, once per ``"up"``/``"down"`` input: gathers ``dL/dx``. ``"up"`` sums the output
   pixels whose nearest source is this pixel (the range is found in the kernel with the forward's float32
-  index math, so no tables); ``"down"`` visits the <= 9 windows holding the pixel and recomputes each
-  window's arg-max with PyTorch's rule.
+  index math: no tables, nothing built on the host); ``"down"`` visits the <= 9 windows holding the pixel
+  and takes the gradient of those whose stored arg-max is this pixel.
 
 Compile-time constants are only what changes the code: the number of inputs and their resample modes,
 the layout, the tile shape. Sizes that change per level (H, W, each input's H, W, the padding flag,
 the slot index) are ``do_not_specialize``, so one model at any image size compiles a fixed, small
-set of variants. Offsets are int32: the launchers refuse tensors of 2**31 or more elements.
+set of variants: a BiFPN (nodes (same, up), (same, same, down), (same, down)) in one dtype and layout
+compiles 9 - three fuse, one silu+depthwise, three fused-backward, two gather. Offsets are int32: the
+launchers refuse tensors of 2**31 or more elements.
 """
 from __future__ import annotations
 
@@ -185,6 +187,12 @@ if triton_available():
             return ((b * C + cc) * (hs * ws))[None, :] + (h * ws + w)[:, None]
 
     @triton.jit
+    def _tile(pid, size, BLOCK_P: tl.constexpr):
+        """Image index and the (flat) pixel vector of pixel tile ``pid`` over images of ``size`` pixels."""
+        tiles = tl.cdiv(size, BLOCK_P)
+        return pid // tiles, (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+
+    @triton.jit
     def _nearest(o, size_out, size_in):
         """PyTorch's nearest source index: min(floor(o * float32(in / out)), in - 1), float32 math."""
         scale = tl.math.div_rn(size_in.to(tl.float32), size_out.to(tl.float32))
@@ -209,6 +217,27 @@ if triton_available():
         return o * 2 - pad
 
     @triton.jit
+    def _pool_argmax(x_ptr, b, hh, ww, cc, m2, C, H, W, hin, win, pool_same, CL: tl.constexpr):
+        """Max over the 3x3 stride-2 window of outputs (hh, ww) and its cell (0..8, row-major) by
+        PyTorch's rule: the max starts at -inf with its index at the first cell inside the (padded, for
+        "same") input, and a cell takes over when it is greater or NaN."""
+        h0 = _pool_origin(hh, hin, H, pool_same)
+        w0 = _pool_origin(ww, win, W, pool_same)
+        first = tl.where(pool_same != 0, 0, 3 * (h0 < 0).to(tl.int32) + (w0 < 0).to(tl.int32))
+        arg = tl.zeros(m2.shape, tl.int32) + first[:, None]
+        best = tl.full(m2.shape, float("-inf"), tl.float32)
+        for u in range(9):  # rolled: unrolled windows inside the 9 taps spilled and compiled for minutes
+            ih = h0 + u // 3
+            iw = w0 + u % 3
+            ok = (ih >= 0) & (ih < hin) & (iw >= 0) & (iw < win)
+            x = tl.load(x_ptr + _offsets(b, ih, iw, cc, C, hin, win, CL), mask=m2 & ok[:, None],
+                        other=float("-inf")).to(tl.float32)
+            take = (x > best) | (x != x)
+            best = tl.where(take, x, best)
+            arg = tl.where(take, u, arg)
+        return tl.where(m2, best, 0.0), arg
+
+    @triton.jit
     def _resampled(x_ptr, b, hh, ww, cc, m2, C, H, W, hin, win, pool_same,
                    MODE: tl.constexpr, CL: tl.constexpr):
         """Input resampled to the node grid at pixels (hh, ww), channels cc: a float32 [pixels x channels]
@@ -220,40 +249,33 @@ if triton_available():
             sw = _nearest(ww, W, win)
             v = tl.load(x_ptr + _offsets(b, sh, sw, cc, C, hin, win, CL), mask=m2, other=0.0).to(tl.float32)
         else:
-            h0 = _pool_origin(hh, hin, H, pool_same)
-            w0 = _pool_origin(ww, win, W, pool_same)
-            v = tl.full(m2.shape, float("-inf"), tl.float32)
-            for u in range(9):  # rolled: unrolled windows inside the 9 taps spill and compile slowly
-                ih = h0 + u // 3
-                iw = w0 + u % 3
-                ok = (ih >= 0) & (ih < hin) & (iw >= 0) & (iw < win)
-                x = tl.load(x_ptr + _offsets(b, ih, iw, cc, C, hin, win, CL), mask=m2 & ok[:, None],
-                            other=float("-inf")).to(tl.float32)
-                v = tl.where((x > v) | (x != x), x, v)  # NaN wins, as in PyTorch
-            v = tl.where(m2, v, 0.0)
+            v, _ = _pool_argmax(x_ptr, b, hh, ww, cc, m2, C, H, W, hin, win, pool_same, CL)
         return v
-
-    @triton.jit
-    def _fused(nw_ptr, b, hh, ww, cc, m2, C, H, W, x0, h0, w0, x1, h1, w1, x2, h2, w2, pool_same,
-               N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, CL: tl.constexpr):
-        """f = sum_i nw_i * resampled x_i at (hh, ww), in input order (as the reference)."""
-        f = tl.load(nw_ptr + 0) * _resampled(x0, b, hh, ww, cc, m2, C, H, W, h0, w0, pool_same, M0, CL)
-        if N > 1:
-            f = f + tl.load(nw_ptr + 1) * _resampled(x1, b, hh, ww, cc, m2, C, H, W, h1, w1, pool_same, M1, CL)
-        if N > 2:
-            f = f + tl.load(nw_ptr + 2) * _resampled(x2, b, hh, ww, cc, m2, C, H, W, h2, w2, pool_same, M2, CL)
-        return f
 
     _PER_LEVEL = ["H", "W", "h0", "w0", "h1", "w1", "h2", "w2", "pool_same"]
 
-    @triton.jit(do_not_specialize=_PER_LEVEL + ["save_f"])
-    def _bifpn_fwd_kernel(out_ptr, f_ptr, nw_ptr, dw_ptr, x0, x1, x2, C, H, W, h0, w0, h1, w1, h2, w2,
-                          pool_same, save_f, N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr,
-                          M2: tl.constexpr, CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        tiles = tl.cdiv(H * W, BLOCK_P)
-        b = pid // tiles
-        pix = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    @triton.jit(do_not_specialize=_PER_LEVEL)
+    def _bifpn_fuse_kernel(f_ptr, nw_ptr, x0, x1, x2, C, H, W, h0, w0, h1, w1, h2, w2, pool_same,
+                           N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                           CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """f = sum_i nw_i * resampled x_i (float32), in input order as the reference."""
+        b, pix = _tile(tl.program_id(0), H * W, BLOCK_P)
+        oh = pix // W
+        ow = pix % W
+        cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m2 = (pix < H * W)[:, None] & (cc < C)[None, :]
+        f = tl.load(nw_ptr + 0) * _resampled(x0, b, oh, ow, cc, m2, C, H, W, h0, w0, pool_same, M0, CL)
+        if N > 1:
+            f = f + tl.load(nw_ptr + 1) * _resampled(x1, b, oh, ow, cc, m2, C, H, W, h1, w1, pool_same, M1, CL)
+        if N > 2:
+            f = f + tl.load(nw_ptr + 2) * _resampled(x2, b, oh, ow, cc, m2, C, H, W, h2, w2, pool_same, M2, CL)
+        tl.store(f_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), f, mask=m2)
+
+    @triton.jit(do_not_specialize=["H", "W"])
+    def _bifpn_silu_dwconv_kernel(out_ptr, f_ptr, dw_ptr, C, H, W, CL: tl.constexpr, BLOCK_P: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+        """out = depthwise 3x3 (zero padding) of silu(f)."""
+        b, pix = _tile(tl.program_id(0), H * W, BLOCK_P)
         pmask = pix < H * W
         oh = pix // W
         ow = pix % W
@@ -264,36 +286,38 @@ if triton_available():
             qh = oh + (t // 3 - 1)
             qw = ow + (t % 3 - 1)
             qm = pmask & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
-            f = _fused(nw_ptr, b, qh, qw, cc, qm[:, None] & cmask[None, :], C, H, W,
-                       x0, h0, w0, x1, h1, w1, x2, h2, w2, pool_same, N, M0, M1, M2, CL)
+            f = tl.load(f_ptr + _offsets(b, qh, qw, cc, C, H, W, CL), mask=qm[:, None] & cmask[None, :], other=0.0)
             wt = tl.load(dw_ptr + cc * 9 + t, mask=cmask, other=0.0)
-            acc += (f * tl.sigmoid(f)) * wt[None, :]  # f = 0 outside the image: the conv's zero padding
-            if (t == 4) & (save_f != 0):
-                tl.store(f_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), f, mask=pmask[:, None] & cmask[None, :])
+            acc += (f * tl.sigmoid(f)) * wt[None, :]
         tl.store(out_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), acc.to(out_ptr.dtype.element_ty),
                  mask=pmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def _slot_backward(x_ptr, gx_ptr, nw_ptr, k, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, hin, win,
+    def _slot_backward(x_ptr, gx_ptr, am_ptr, nw_ptr, k, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, hin, win,
                        pool_same, MODE: tl.constexpr, CL: tl.constexpr):
-        """This program's partial dL/d nw_k; a "same" input's gradient nw_k * dL/df."""
-        r = _resampled(x_ptr, b, oh, ow, cc, m2, C, H, W, hin, win, pool_same, MODE, CL)
+        """This program's partial dL/d nw_k; a "same" input's gradient nw_k * dL/df; a "down" input's
+        window arg-max (int8) for the gather kernel."""
+        off = _offsets(b, oh, ow, cc, C, H, W, CL)
+        if MODE == 2:
+            r, arg = _pool_argmax(x_ptr, b, oh, ow, cc, m2, C, H, W, hin, win, pool_same, CL)
+            tl.store(am_ptr + off, arg.to(tl.int8), mask=m2)
+        else:
+            r = _resampled(x_ptr, b, oh, ow, cc, m2, C, H, W, hin, win, pool_same, MODE, CL)
         tl.store(pnw_ptr + slot + k, tl.sum(tl.sum(gf * r, axis=1), axis=0))
         if MODE == 0:
             gx = gf * tl.load(nw_ptr + k)
-            tl.store(gx_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), gx.to(gx_ptr.dtype.element_ty), mask=m2)
+            tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty), mask=m2)
 
     @triton.jit(do_not_specialize=_PER_LEVEL)
     def _bifpn_bwd_fused_kernel(g_ptr, f_ptr, gf_ptr, pnw_ptr, pdw_ptr, nw_ptr, dw_ptr, x0, x1, x2, gx0, gx1, gx2,
-                                C, H, W, h0, w0, h1, w1, h2, w2, pool_same,
+                                am0, am1, am2, C, H, W, h0, w0, h1, w1, h2, w2, pool_same,
                                 N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
                                 CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """dL/df (stored), partial dL/d(dw) and dL/d(nw_i) per program, dL/dx of "same" inputs."""
+        """dL/df (stored), partial dL/d(dw) and dL/d(nw_i) per program, dL/dx of "same" inputs, arg-max of
+        "down" inputs."""
         pid = tl.program_id(0)
         pid_c = tl.program_id(1)
-        tiles = tl.cdiv(H * W, BLOCK_P)
-        b = pid // tiles
-        pix = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+        b, pix = _tile(pid, H * W, BLOCK_P)
         pmask = pix < H * W
         oh = pix // W
         ow = pix % W
@@ -326,29 +350,26 @@ if triton_available():
         gf = tl.where(m2, gs * (sig * (1.0 + f * (1.0 - sig))), 0.0)
         tl.store(gf_ptr + off, gf, mask=m2)
         slot = (pid * tl.num_programs(1) + pid_c) * 3
-        _slot_backward(x0, gx0, nw_ptr, 0, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h0, w0, pool_same, M0, CL)
+        _slot_backward(x0, gx0, am0, nw_ptr, 0, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h0, w0, pool_same,
+                       M0, CL)
         if N > 1:
-            _slot_backward(x1, gx1, nw_ptr, 1, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h1, w1, pool_same,
-                           M1, CL)
+            _slot_backward(x1, gx1, am1, nw_ptr, 1, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h1, w1,
+                           pool_same, M1, CL)
         if N > 2:
-            _slot_backward(x2, gx2, nw_ptr, 2, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h2, w2, pool_same,
-                           M2, CL)
+            _slot_backward(x2, gx2, am2, nw_ptr, 2, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h2, w2,
+                           pool_same, M2, CL)
 
     @triton.jit(do_not_specialize=["k", "H", "W", "hin", "win", "pool_same"])
-    def _bifpn_bwd_input_kernel(gx_ptr, x_ptr, gf_ptr, nw_ptr, k, C, H, W, hin, win, pool_same,
+    def _bifpn_bwd_input_kernel(gx_ptr, am_ptr, gf_ptr, nw_ptr, k, C, H, W, hin, win, pool_same,
                                 MODE: tl.constexpr, CL: tl.constexpr, BLOCK_P: tl.constexpr,
                                 BLOCK_C: tl.constexpr):
         """dL/dx_k of an "up" (MODE 1) or "down" (MODE 2) input, at its own pixels."""
-        pid = tl.program_id(0)
-        tiles = tl.cdiv(hin * win, BLOCK_P)
-        b = pid // tiles
-        pix = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+        b, pix = _tile(tl.program_id(0), hin * win, BLOCK_P)
         pmask = pix < hin * win
         ih = pix // win
         iw = pix % win
         cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cc < C
-        m2 = pmask[:, None] & cmask[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
         if MODE == 1:
             # output rows [r0, r1) and columns [c0, c1) take this pixel: at most ceil(out / in) + 1 each
@@ -364,33 +385,19 @@ if triton_available():
         else:
             ph = ih - _pool_origin(0, hin, H, pool_same)  # this pixel's row in the padded input
             pw = iw - _pool_origin(0, win, W, pool_same)
-            for t in range(9):  # window cell t of output (oh, ow) is this pixel
+            for t in range(9):  # this pixel is cell t of output (oh, ow)'s window
                 nh = ph - t // 3
                 nv = pw - t % 3
                 oh = nh // 2  # negative nh is masked below (// of a negative int differs across backends)
                 ow = nv // 2
                 ok = pmask & (nh >= 0) & (nv >= 0) & (nh % 2 == 0) & (nv % 2 == 0) & (oh < H) & (ow < W)
                 okm = ok[:, None] & cmask[None, :]
-                # that window's arg-max by PyTorch's rule: max starts at -inf and its index at the first
-                # cell inside the (padded, for "same") input; a cell wins if greater or NaN
-                hs = _pool_origin(oh, hin, H, pool_same)
-                ws = _pool_origin(ow, win, W, pool_same)
-                first = tl.where(pool_same != 0, 0, 3 * (hs < 0).to(tl.int32) + (ws < 0).to(tl.int32))
-                arg = tl.zeros((BLOCK_P, BLOCK_C), tl.int32) + first[:, None]
-                best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
-                for u in range(9):
-                    jh = hs + u // 3
-                    jw = ws + u % 3
-                    okj = (jh >= 0) & (jh < hin) & (jw >= 0) & (jw < win)
-                    v = tl.load(x_ptr + _offsets(b, jh, jw, cc, C, hin, win, CL), mask=okm & okj[:, None],
-                                other=float("-inf")).to(tl.float32)
-                    take = (v > best) | (v != v)
-                    best = tl.where(take, v, best)
-                    arg = tl.where(take, u, arg)
-                gq = tl.load(gf_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), mask=okm & (arg == t), other=0.0)
-                acc += gq
+                off = _offsets(b, oh, ow, cc, C, H, W, CL)
+                arg = tl.load(am_ptr + off, mask=okm, other=-1).to(tl.int32)
+                acc += tl.load(gf_ptr + off, mask=okm & (arg == t), other=0.0)
         acc = acc * tl.load(nw_ptr + k)
-        tl.store(gx_ptr + _offsets(b, ih, iw, cc, C, hin, win, CL), acc.to(gx_ptr.dtype.element_ty), mask=m2)
+        tl.store(gx_ptr + _offsets(b, ih, iw, cc, C, hin, win, CL), acc.to(gx_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +445,7 @@ def _check_launch(tensors, names, cl, modes, out_h, out_w):
             raise ValueError(f"{_WHERE}: {name} must be dense in the kernels' layout ({fmt}); "
                              "bifpn_fusion() makes it so")
     for x, m in zip(tensors, modes):
-        if m == 1 and max(x.shape[2] * out_h, x.shape[3] * out_w) >= _INT32_LIMIT:
+        if m == 1 and max((x.shape[2] + 1) * out_h, (x.shape[3] + 1) * out_w) >= _INT32_LIMIT:
             raise ValueError(f"{_WHERE}: inputs: 'up' sizes {tuple(x.shape[2:])} -> {(out_h, out_w)} overflow "
                              "the int32 index math")
 
@@ -458,25 +465,23 @@ def _modes3(modes):
 def _fwd_launcher(inputs: list[torch.Tensor], modes: list[int], nw: torch.Tensor, dw_weight: torch.Tensor,
                   out_h: int, out_w: int, pool_same: bool, save_f: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out, f): out (B, C, out_h, out_w) in the inputs' dtype and kernel layout; f the float32
-    pre-activation (same layout) when ``save_f``, else an empty tensor."""
+    pre-activation (same layout) when ``save_f`` (for the backward), else an empty tensor."""
     x0 = inputs[0]
     B, C = x0.shape[:2]
     cl = _kernel_layout(inputs)
     out = torch.empty((B, C, out_h, out_w), dtype=x0.dtype, device=x0.device, memory_format=_fmt(cl))
-    f = torch.empty((B, C, out_h, out_w) if save_f else (0,), dtype=torch.float32, device=x0.device,
-                    memory_format=_fmt(cl) if save_f else torch.contiguous_format)
-    _check_launch([*inputs, out], [f"inputs[{k}]" for k in range(len(inputs))] + ["out"], cl, modes, out_h, out_w)
-    if out.numel() == 0:
-        return out, f
-    nw32 = nw.float().contiguous()
-    dw = dw_weight.reshape(C, 9).float().contiguous()
-    bp, bc = _blocks(C, out_h * out_w, x0.device)
-    xs, sizes = _slot_args(inputs)
-    m = _modes3(modes)
-    grid = (B * triton.cdiv(out_h * out_w, bp), triton.cdiv(C, bc))
-    _bifpn_fwd_kernel[grid](out, f if save_f else nw32, nw32, dw, *xs, C, out_h, out_w, *sizes, int(pool_same),
-                            int(save_f), N=len(inputs), M0=m[0], M1=m[1], M2=m[2], CL=cl, BLOCK_P=bp, BLOCK_C=bc)
-    return out, f
+    f = torch.empty((B, C, out_h, out_w), dtype=torch.float32, device=x0.device, memory_format=_fmt(cl))
+    _check_launch([*inputs, f], [f"inputs[{k}]" for k in range(len(inputs))] + ["f"], cl, modes, out_h, out_w)
+    if out.numel() != 0:
+        bp, bc = _blocks(C, out_h * out_w, x0.device)
+        grid = (B * triton.cdiv(out_h * out_w, bp), triton.cdiv(C, bc))
+        xs, sizes = _slot_args(inputs)
+        m = _modes3(modes)
+        _bifpn_fuse_kernel[grid](f, nw.float().contiguous(), *xs, C, out_h, out_w, *sizes, int(pool_same),
+                                 N=len(inputs), M0=m[0], M1=m[1], M2=m[2], CL=cl, BLOCK_P=bp, BLOCK_C=bc)
+        _bifpn_silu_dwconv_kernel[grid](out, f, dw_weight.reshape(C, 9).float().contiguous(), C, out_h, out_w,
+                                        CL=cl, BLOCK_P=bp, BLOCK_C=bc)
+    return out, (f if save_f else f.new_empty((0,)))
 
 
 @_fwd_launcher.register_fake
@@ -514,8 +519,12 @@ def _bwd_launcher(grad: torch.Tensor, f: torch.Tensor, inputs: list[torch.Tensor
     pdw = torch.empty((grid[0], 9, C), dtype=torch.float32, device=dev)
     xs, sizes = _slot_args(inputs)
     gx3 = [gxs[k] if k < n else gxs[0] for k in range(MAX_TRITON_INPUTS)]
+    # int8 arg-max of each "down" input's windows; other slots get a 1-byte placeholder
+    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    am3 = [torch.empty((B, C, out_h, out_w), dtype=torch.int8, device=dev, memory_format=_fmt(cl))
+           if k < n and modes[k] == 2 else dummy for k in range(MAX_TRITON_INPUTS)]
     m = _modes3(modes)
-    _bifpn_bwd_fused_kernel[grid](grad, f, gf, pnw, pdw, nw32, dw, *xs, *gx3, C, out_h, out_w, *sizes,
+    _bifpn_bwd_fused_kernel[grid](grad, f, gf, pnw, pdw, nw32, dw, *xs, *gx3, *am3, C, out_h, out_w, *sizes,
                                   int(pool_same), N=n, M0=m[0], M1=m[1], M2=m[2], CL=cl, BLOCK_P=bp, BLOCK_C=bc)
     for k, (x, mode, gx) in enumerate(zip(inputs, modes, gxs)):
         if mode == 0 or gx.numel() == 0:
@@ -523,7 +532,7 @@ def _bwd_launcher(grad: torch.Tensor, f: torch.Tensor, inputs: list[torch.Tensor
         hin, win = x.shape[2], x.shape[3]
         bpi, bci = _blocks(C, hin * win, dev)
         _bifpn_bwd_input_kernel[(B * triton.cdiv(hin * win, bpi), triton.cdiv(C, bci))](
-            gx, x, gf, nw32, k, C, out_h, out_w, hin, win, int(pool_same),
+            gx, am3[k], gf, nw32, k, C, out_h, out_w, hin, win, int(pool_same),
             MODE=mode, CL=cl, BLOCK_P=bpi, BLOCK_C=bci)
     gnw = pnw[:, :n].sum(0).to(nw.dtype)
     gdw = pdw.sum(0).t().reshape(C, 1, 3, 3).to(dw_weight.dtype)

@@ -57,7 +57,7 @@ def make_case(C, H, W, modes, method, pool_padding, layout, dtype, B=2, seed=0, 
     return xs, ew, dw
 
 
-def compare(C, H, W, modes, method, pool_padding, layout, dtype, B=2, seed=0, pick=0, device="cpu"):
+def compare(C, H, W, modes, method, pool_padding, layout, dtype, B=1, seed=0, pick=0, device="cpu"):
     xs, ew, dw = make_case(C, H, W, modes, method, pool_padding, layout, dtype, B, seed, pick, device)
     params = [*xs, dw] + ([ew] if ew is not None else [])
     ref = bifpn_fusion(xs, modes, ew, dw, (H, W), method, pool_padding, backend="torch")
@@ -100,7 +100,8 @@ CASES = [  # C, H, W, modes, method, pool_padding, layout, dtype
 
 @pytest.mark.parametrize("C,H,W,modes,method,pool_padding,layout,dtype", CASES)
 def test_triton_matches_reference(C, H, W, modes, method, pool_padding, layout, dtype):
-    compare(C, H, W, modes, method, pool_padding, layout, dtype)
+    batch = 2 if layout == "nhwc" and dtype == torch.float32 else 1  # a few batched cases (image indexing)
+    compare(C, H, W, modes, method, pool_padding, layout, dtype, B=batch)
 
 
 @settings(max_examples=10)
@@ -153,15 +154,20 @@ def special_values(shape, seed, p_special=0.5):
     return torch.where(torch.rand(shape, generator=gen) < p_special, pick, x)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter: inf - inf
 @pytest.mark.parametrize("pool_padding", ["symmetric", "same"])
 @pytest.mark.parametrize("size_in", [1, 2, 3])
 def test_maxpool_special_values_match_max_pool2d(pool_padding, size_in):
     """A 1x1 node from one "down" input, identity depthwise conv: out = silu(maxpool(x)) per (b, c), checked
-    against F.max_pool2d itself, forward and backward, over 96 windows of NaN / +-inf / ties."""
+    against F.max_pool2d itself, forward and backward, over 64 windows of NaN / +-inf / ties."""
     if pool_padding == "symmetric" and size_in == 3:
         pytest.skip("symmetric padding maps 3 to 2, not 1")
-    B, C = 2, 48
-    x = special_values((B, C, size_in, size_in), seed=size_in).requires_grad_()
+    B, C = 2, 32
+    x = special_values((B, C, size_in, size_in), seed=size_in)
+    x[:, 0] = float("-inf")  # all -inf windows
+    x.view(B, C, -1)[:, 1, 0] = x.view(B, C, -1)[:, 1, -1] = float("nan")  # two NaNs: the last one wins
+    x[:, 2] = 1.0  # ties
+    x.requires_grad_()
     dw = torch.zeros(C, 1, 3, 3)
     dw[:, :, 1, 1] = 1.0
     out = bifpn_fusion([x], ["down"], None, dw, (1, 1), "sum", pool_padding, backend="triton")
@@ -171,13 +177,13 @@ def test_maxpool_special_values_match_max_pool2d(pool_padding, size_in):
         pad = max(3 - size_in, 0)
         pooled = F.max_pool2d(F.pad(x, (pad // 2, pad - pad // 2) * 2, value=float("-inf")), 3, 2)
     want = F.silu(pooled)
-    assert want.isnan().any() and (pooled == float("-inf")).any(), "the draw should hold NaN and -inf windows"
     close(out, want, torch.float32, 1, "pooled forward")
     g = torch.rand(B, C, 1, 1, generator=torch.Generator().manual_seed(1)) + 0.5
     close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want, x, g)[0], torch.float32, 1,
           "pooled gradient routing")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("pool_padding", ["symmetric", "same"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_special_values_match_reference(pool_padding, layout):
@@ -233,12 +239,12 @@ def test_upsample_matches_interpolate(size_in, size_out):
     dw[:, :, 1, 1] = 1.0  # identity conv, so out = silu(upsampled x)
     want = F.silu(F.interpolate(x, size=size_out, mode="nearest"))
     g = torch.randn(want.shape)
+    g_want = torch.autograd.grad(want, x, g)[0]
+    n = math.ceil(size_out[0] / size_in[0]) * math.ceil(size_out[1] / size_in[1])
     for be in ("torch", "triton"):
         out = bifpn_fusion([x], ["up"], None, dw, size_out, "sum", backend=be)
         close(out, want, torch.float32, 1, f"{be} up {size_in}->{size_out}")
-        n = math.ceil(size_out[0] / size_in[0]) * math.ceil(size_out[1] / size_in[1])
-        close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want, x, g)[0], torch.float32, n,
-              f"{be} up gradient {size_in}->{size_out}")
+        close(torch.autograd.grad(out, x, g)[0], g_want, torch.float32, n, f"{be} up gradient {size_in}->{size_out}")
 
 
 def test_no_grad_forward_and_weights_without_grad():
@@ -269,6 +275,19 @@ def test_bad_inputs_raise_one_line_naming_the_file():
         with pytest.raises(ValueError) as e:
             bifpn_fusion(inputs, modes, ew, d, (4, 4), method, backend="triton")
         assert "kernels/bifpn_fusion.py" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_int32_offsets_guarded():
+    """The launchers refuse tensors the int32 offsets cannot address (meta tensors: nothing allocated)."""
+    from kernels.bifpn_fusion import _check_launch
+
+    big = torch.empty(1, 2, 2 ** 15, 2 ** 15, device="meta")
+    with pytest.raises(ValueError, match="kernels/bifpn_fusion.py: inputs\\[0\\] has 2147483648 elements"):
+        _check_launch([big], ["inputs[0]"], False, [0], 2 ** 15, 2 ** 15)
+    up = torch.empty(1, 1, 50000, 1, device="meta")
+    with pytest.raises(ValueError, match="'up' sizes"):
+        _check_launch([up], ["inputs[0]"], False, [1], 50000, 1)
+    _check_launch([torch.empty(1, 1, 40000, 1, device="meta")], ["inputs[0]"], False, [1], 50000, 1)
 
 
 def test_normalized_weights():
@@ -349,7 +368,7 @@ CUDA_CASES = CASES + [
 @pytest.mark.cuda
 @pytest.mark.parametrize("C,H,W,modes,method,pool_padding,layout,dtype", CUDA_CASES)
 def test_cuda_matches_reference(C, H, W, modes, method, pool_padding, layout, dtype):
-    compare(C, H, W, modes, method, pool_padding, layout, dtype, device="cuda")
+    compare(C, H, W, modes, method, pool_padding, layout, dtype, B=2, device="cuda")
 
 
 @pytest.mark.cuda
@@ -408,8 +427,8 @@ def test_cuda_no_host_sync_and_graph_capture():
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU code generation without a GPU: compile each kernel variant a D0 model launches for sm_90 (and
-# sm_80 in the slow test) with the real Triton compiler and read its resource usage with cuobjdump:
+# GPU code generation without a GPU: compile each kernel variant a BiFPN launches (plus an NCHW one) for
+# sm_90 (and sm_80 in the slow test) with the real Triton compiler and read its resource usage with cuobjdump:
 # no variant may spill (STACK/LOCAL 0) or use more than 255 registers. Argument types as the launchers
 # pass them: inputs/out/grad/gx in the input dtype, everything else float32, pointers 16-byte aligned,
 # C = 64 (divisible by 16), the per-level sizes unspecialized; tiles (BLOCK_P, BLOCK_C) = (32, 64) as
@@ -425,13 +444,15 @@ from triton.backends.compiler import GPUTarget
 mod = importlib.import_module("kernels.bifpn_fusion")
 bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 dtypes, archs = sys.argv[1].split(","), [int(a) for a in sys.argv[2].split(",")]
-DATA = {"out_ptr", "g_ptr", "x_ptr", "gx_ptr", "x0", "x1", "x2", "gx0", "gx1", "gx2"}
-variants = []
+DATA = {"out_ptr", "g_ptr", "gx_ptr", "x0", "x1", "x2", "gx0", "gx1", "gx2"}
+ARGMAX = {"am_ptr", "am0", "am1", "am2"}
+tile = dict(CL=True, BLOCK_P=32, BLOCK_C=64)
+variants = [("_bifpn_silu_dwconv_kernel", tile)]
 for n, m in ((2, (0, 1, 0)), (3, (0, 0, 2)), (2, (0, 2, 0))):
-    c = dict(N=n, M0=m[0], M1=m[1], M2=m[2], CL=True, BLOCK_P=32, BLOCK_C=64)
-    variants += [("_bifpn_fwd_kernel", c), ("_bifpn_bwd_fused_kernel", c)]
-variants += [("_bifpn_bwd_input_kernel", dict(MODE=m, CL=True, BLOCK_P=32, BLOCK_C=64)) for m in (1, 2)]
-variants += [("_bifpn_fwd_kernel", dict(N=3, M0=0, M1=0, M2=2, CL=False, BLOCK_P=32, BLOCK_C=64))]
+    c = dict(N=n, M0=m[0], M1=m[1], M2=m[2], **tile)
+    variants += [("_bifpn_fuse_kernel", c), ("_bifpn_bwd_fused_kernel", c)]
+variants += [("_bifpn_bwd_input_kernel", dict(MODE=m, **tile)) for m in (1, 2)]
+variants += [("_bifpn_fuse_kernel", dict(N=3, M0=0, M1=0, M2=2, CL=False, BLOCK_P=32, BLOCK_C=64))]
 for dt in dtypes:
     for name, consts in variants:
         fn = getattr(mod, name)
@@ -439,8 +460,8 @@ for dt in dtypes:
         for i, arg in enumerate(fn.arg_names):
             if arg in consts:
                 sig[arg] = "constexpr"
-            elif arg in DATA or arg.endswith("_ptr"):
-                sig[arg] = "*" + dt if arg in DATA else "*fp32"
+            elif arg in DATA or arg in ARGMAX or arg.endswith("_ptr"):
+                sig[arg] = "*" + dt if arg in DATA else "*i8" if arg in ARGMAX else "*fp32"
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:
                 sig[arg] = "i32"
@@ -476,7 +497,7 @@ def _aot_resources(dtypes, archs):
         pytest.skip("this Triton cannot compile ahead of time here: " + out[-300:])
     assert proc.returncode == 0, out[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("RES ")]
-    assert len(rows) == 9 * len(dtypes) * len(archs), out[-3000:]
+    assert len(rows) == 10 * len(dtypes) * len(archs), out[-3000:]
     for row in rows:
         res = dict(kv.split("=") for kv in row if "=" in kv and kv.split("=")[0] in ("REG", "STACK", "LOCAL"))
         assert int(res["STACK"]) == 0 and int(res["LOCAL"]) == 0, f"spills: {' '.join(row)}"
