@@ -409,13 +409,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _blocks(C: int, HW: int, device):
-    """(BLOCK_P, BLOCK_C): [pixels x channels] tiles, channels innermost; a function of C only on CUDA."""
+def _blocks(C: int, device):
+    """(BLOCK_P, BLOCK_C): [pixels x channels] tiles, channels innermost; a function of C only (a size
+    that changes per level would compile a variant per level)."""
     bc = min(_next_pow2(max(C, 1)), 64)
     if device.type == "cuda":
         return max(2048 // bc, 16), bc
-    # interpreter: its cost is per op, not per element, so few large programs are fastest
-    return min(_next_pow2(max(HW, 1)), 256), min(bc, 32)
+    # interpreter: its cost is per op, not per element, so few large programs are fastest; still a function
+    # of C only, so the interpreter launches the same set of variants as CUDA does
+    return 128, min(bc, 32)
 
 
 def _kernel_layout(inputs) -> bool:
@@ -473,7 +475,7 @@ def _fwd_launcher(inputs: list[torch.Tensor], modes: list[int], nw: torch.Tensor
     f = torch.empty((B, C, out_h, out_w), dtype=torch.float32, device=x0.device, memory_format=_fmt(cl))
     _check_launch([*inputs, f], [f"inputs[{k}]" for k in range(len(inputs))] + ["f"], cl, modes, out_h, out_w)
     if out.numel() != 0:
-        bp, bc = _blocks(C, out_h * out_w, x0.device)
+        bp, bc = _blocks(C, x0.device)
         grid = (B * triton.cdiv(out_h * out_w, bp), triton.cdiv(C, bc))
         xs, sizes = _slot_args(inputs)
         m = _modes3(modes)
@@ -512,7 +514,7 @@ def _bwd_launcher(grad: torch.Tensor, f: torch.Tensor, inputs: list[torch.Tensor
     _check_launch([*inputs, grad, f], [f"inputs[{k}]" for k in range(n)] + ["grad", "f"], cl, modes, out_h, out_w)
     nw32 = nw.float().contiguous()
     dw = dw_weight.reshape(C, 9).float().contiguous()
-    bp, bc = _blocks(C, out_h * out_w, dev)
+    bp, bc = _blocks(C, dev)
     grid = (B * triton.cdiv(out_h * out_w, bp), triton.cdiv(C, bc))
     gf = torch.empty((B, C, out_h, out_w), dtype=torch.float32, device=dev, memory_format=_fmt(cl))
     pnw = torch.empty((grid[0] * grid[1], 3), dtype=torch.float32, device=dev)
@@ -530,7 +532,7 @@ def _bwd_launcher(grad: torch.Tensor, f: torch.Tensor, inputs: list[torch.Tensor
         if mode == 0 or gx.numel() == 0:
             continue
         hin, win = x.shape[2], x.shape[3]
-        bpi, bci = _blocks(C, hin * win, dev)
+        bpi, bci = _blocks(C, dev)
         _bifpn_bwd_input_kernel[(B * triton.cdiv(hin * win, bpi), triton.cdiv(C, bci))](
             gx, am3[k], gf, nw32, k, C, out_h, out_w, hin, win, int(pool_same),
             MODE=mode, CL=cl, BLOCK_P=bpi, BLOCK_C=bci)
