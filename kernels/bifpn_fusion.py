@@ -15,46 +15,62 @@ pool_padding="symmetric", eps=1e-4)`` is effdet's ``Fnode`` minus the pointwise 
   ``sum softmax(w)_i x_i``, ``"sum"`` = ``sum x_i`` (``edge_weights`` may be None);
 * then ``SiLU`` and a depthwise 3x3 conv (stride 1, padding 1, no bias) with ``dw_weight`` (C,1,3,3).
 
-Inputs fp32/fp16/bf16, NCHW or channels-last (the fast path: tiles are [pixels x channels] and the
-channel axis is contiguous); the output has the first input's dtype and is channels-last when the
-first input is. All math is float32.
+Inputs fp32/fp16/bf16 (the reference also takes fp64), NCHW or channels-last; the output has the first
+input's dtype and is channels-last when the first input is. All math is float32. NaN and +-inf follow
+PyTorch: a max-pool window holding a NaN yields NaN, and its gradient goes where ``F.max_pool2d``'s
+backward sends it (the last NaN of the window, else the first maximum in row-major order; an all -inf
+window sends it to the window's first cell - with ``"same"`` padding that may be a padding cell, so the
+gradient is dropped, exactly as the reference's ``F.pad(-inf)`` + ``F.max_pool2d``).
 
-Triton path: the edge weights are normalized by a few tiny torch ops on the device (autograd
-handles their backward; no host sync). ONE forward kernel reads every input with the resampling done
-on the fly (nearest index math / 3x3 max over the window), forms the weighted sum, applies SiLU and
-the depthwise 3x3; the fused pre-activation ``f`` of each tap is recomputed from the inputs (9 taps)
-rather than read back, and - only when a gradient is needed - the centre tap's ``f`` is saved
-(float32, channels-last) for the backward. Backward: kernel 1 computes ``dL/df = (dw^T * g) *
-silu'(f)`` from the saved ``f`` and, in the same pass, per-program partial sums for the depthwise
-weight gradient (``g * silu(f)`` at the 9 shifted positions) and for the normalized edge weights
-(``dL/df * resampled input``, the inputs re-read); the partials are summed by torch (deterministic,
-no atomics). Kernel 2, once per input, gathers ``dL/dx``: "same" copies, "up" sums the output pixels
-that map to each input pixel (ranges from a tiny device-side table), "down" sends each window's
-gradient to its arg-max (first max in row-major order, as PyTorch), recomputing the arg-max.
-Up to 3 inputs per node in the Triton path (every BiFPN node has 2 or 3).
+Triton design. The Triton path makes every input dense in one layout (channels-last when the inputs
+are, else NCHW - a no-op for a model's tensors), so a kernel addresses a tensor from its sizes alone
+and each input slot costs two integer arguments (its H, W); the layout is one constexpr (``CL``). The
+edge weights are normalized by a few tiny torch ops (autograd handles their backward; no host sync).
 
-Limitations (both paths agree otherwise): inputs containing NaN or -inf in a pooled window may route
-the max-pool gradient differently from PyTorch.
+* forward, two kernels over [pixels x channels] tiles: (1) ``f = sum_i nw_i * resample(x_i)`` in float32
+  (nearest index math, or a rolled 3x3 max over the pooling window), stored; (2) ``silu(f)`` and the
+  depthwise 3x3 (9 rolled taps reading f). Training keeps ``f`` for the backward (``save_f``); the older
+  one-kernel design recomputed the resampling at all 9 taps (81 window loads per pooled input) and spilled.
+* backward kernel 1 (fused): ``dL/df = (dw^T * g) * silu'(f)`` from ``f``; per-program partial sums of the
+  depthwise weight gradient (``g * silu(f)`` at the 9 shifted positions) and of the normalized weights'
+  gradient (``dL/df * resampled input``, inputs re-read); the partials are summed by torch (deterministic,
+  no atomics). ``"same"`` inputs get their gradient ``nw_i * dL/df`` here directly; ``"down"`` inputs get
+  their windows' arg-max stored (int8, PyTorch's rule).
+* backward kernel 2, once per ``"up"``/``"down"`` input: gathers ``dL/dx``. ``"up"`` sums the output
+  pixels whose nearest source is this pixel (the range is found in the kernel with the forward's float32
+  index math: no tables, nothing built on the host); ``"down"`` visits the <= 9 windows holding the pixel
+  and takes the gradient of those whose stored arg-max is this pixel.
+
+Compile-time constants are only what changes the code: the number of inputs and their resample modes,
+the layout, the tile shape. Sizes that change per level (H, W, each input's H, W, the padding flag,
+the slot index) are ``do_not_specialize``, so one model at any image size compiles a fixed, small
+set of variants: a BiFPN (nodes (same, up), (same, same, down), (same, down)) in one dtype and layout
+compiles 9 - three fuse, one silu+depthwise, three fused-backward, two gather. Offsets are int32: the
+launchers refuse tensors of 2**31 or more elements.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve, triton_available
+from ._dispatch import dispatch, triton_available, triton_op
 
 __all__ = ["bifpn_fusion", "bifpn_fusion_reference", "normalized_edge_weights"]
 
+OP_NAME = "bifpn_fusion"
+_WHERE = "kernels/bifpn_fusion.py"
 _MODES = {"same": 0, "up": 1, "down": 2}
 _METHODS = ("fast", "softmax", "sum")
 _POOL_PADDINGS = ("symmetric", "same")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_INPUTS = 3
+_INT32_LIMIT = 2 ** 31
 
 
 # ----------------------------------------------------------------------------------------------
-# shapes and weights (shared)
+# shapes and weights (shared by both paths)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -67,30 +83,35 @@ def _pool_pad(size_in: int, size_out: int, pool_padding: str):
         before, after = total // 2, total - total // 2
     got = (size_in + before + after - 3) // 2 + 1
     if got != size_out:
-        raise ValueError(f"3x3 stride-2 max-pool ({pool_padding} padding) maps {size_in} to {got}, not {size_out}")
+        raise ValueError(f"{_WHERE}: inputs: a 3x3 stride-2 max-pool ({pool_padding} padding) maps size {size_in} "
+                         f"to {got}, not the node's {size_out}")
     return before, after
 
 
 def _check(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding):
     if len(inputs) == 0 or len(inputs) != len(resample):
-        raise ValueError(f"need one resample mode per input, got {len(inputs)} inputs, {len(resample)} modes")
+        raise ValueError(f"{_WHERE}: resample: need one mode per input, got {len(inputs)} inputs, "
+                         f"{len(resample)} modes")
     if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        raise ValueError(f"{_WHERE}: method must be one of {_METHODS}, got {method!r}")
     if pool_padding not in _POOL_PADDINGS:
-        raise ValueError(f"pool_padding must be one of {_POOL_PADDINGS}, got {pool_padding!r}")
-    if method != "sum" and (edge_weights is None or edge_weights.shape != (len(inputs),)):
-        raise ValueError(f"method {method!r} needs edge_weights of shape ({len(inputs)},)")
+        raise ValueError(f"{_WHERE}: pool_padding must be one of {_POOL_PADDINGS}, got {pool_padding!r}")
+    if method != "sum" and (edge_weights is None or tuple(edge_weights.shape) != (len(inputs),)):
+        raise ValueError(f"{_WHERE}: edge_weights: method {method!r} needs shape ({len(inputs)},)")
+    if inputs[0].dim() != 4:
+        raise ValueError(f"{_WHERE}: inputs must be (B, C, H, W), got shape {tuple(inputs[0].shape)}")
     B, C = inputs[0].shape[:2]
     H, W = (int(s) for s in out_size)
     if dw_weight.shape != (C, 1, 3, 3):
-        raise ValueError(f"dw_weight must be ({C}, 1, 3, 3), got {tuple(dw_weight.shape)}")
+        raise ValueError(f"{_WHERE}: dw_weight must be ({C}, 1, 3, 3), got {tuple(dw_weight.shape)}")
     for x, mode in zip(inputs, resample):
         if mode not in _MODES:
-            raise ValueError(f"resample mode must be one of {tuple(_MODES)}, got {mode!r}")
+            raise ValueError(f"{_WHERE}: resample mode must be one of {tuple(_MODES)}, got {mode!r}")
         if x.dim() != 4 or x.shape[:2] != (B, C) or x.dtype != inputs[0].dtype:
-            raise ValueError(f"inputs must all be (B={B}, C={C}, H, W) of one dtype, got {tuple(x.shape)} {x.dtype}")
+            raise ValueError(f"{_WHERE}: inputs must all be (B={B}, C={C}, H, W) of one dtype, got "
+                             f"{tuple(x.shape)} {x.dtype}")
         if mode == "same" and tuple(x.shape[2:]) != (H, W):
-            raise ValueError(f"'same' input has size {tuple(x.shape[2:])}, node size is {(H, W)}")
+            raise ValueError(f"{_WHERE}: inputs: a 'same' input has size {tuple(x.shape[2:])}, node size is {(H, W)}")
         if mode == "down":
             _pool_pad(x.shape[2], H, pool_padding)
             _pool_pad(x.shape[3], W, pool_padding)
@@ -109,16 +130,14 @@ def normalized_edge_weights(edge_weights: Optional[torch.Tensor], n: int, method
     return w / (w.sum() + eps)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _out_format(x: torch.Tensor):
-    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+    """channels_last when ``x`` is (and is not also plain contiguous), else contiguous."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference
+# Reference (the spec)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -134,29 +153,19 @@ def _resample_reference(x, mode, out_size, pool_padding):
     return x
 
 
-def _math_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 math; float64 inputs stay float64 (so gradcheck can run on the reference)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _fused_reference(inputs, resample, nw, out_size, pool_padding):
-    f = None
-    md = _math_dtype(inputs[0])
-    nw = nw.to(md)
-    for k, (x, mode) in enumerate(zip(inputs, resample)):
-        term = nw[k] * _resample_reference(x.to(md), mode, out_size, pool_padding)
-        f = term if f is None else f + term
-    return f
-
-
 def bifpn_fusion_reference(inputs: Sequence[torch.Tensor], resample: Sequence[str],
                            edge_weights: Optional[torch.Tensor], dw_weight: torch.Tensor, out_size,
                            method: str = "fast", pool_padding: str = "symmetric", eps: float = 1e-4):
-    """Plain PyTorch (float32 math, autograd for the backward); the spec of :func:`bifpn_fusion`."""
+    """Plain PyTorch (float32 math - float64 stays float64 so gradcheck can run; autograd for the
+    backward); the spec of :func:`bifpn_fusion`."""
     B, C, H, W = _check(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding)
-    nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device)
-    f = _fused_reference(inputs, resample, nw, (H, W), pool_padding)
-    out = F.conv2d(F.silu(f), dw_weight.to(f.dtype), padding=1, groups=C)
+    md = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+    nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device).to(md)
+    f = None
+    for k, (x, mode) in enumerate(zip(inputs, resample)):
+        term = nw[k] * _resample_reference(x.to(md), mode, (H, W), pool_padding)
+        f = term if f is None else f + term
+    out = F.conv2d(F.silu(f), dw_weight.to(md), padding=1, groups=C)
     return out.to(inputs[0].dtype).contiguous(memory_format=_out_format(inputs[0]))
 
 
@@ -169,442 +178,392 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _resampled(x_ptr, sb, sc, sh, sw, hin, win, pad_t, pad_l, scale_h, scale_w,
-                   b, hh, ww, cc, pmask, cmask, MODE: tl.constexpr):
-        """Input resampled to the node grid at pixels (hh, ww) (BLOCK_P,), channels cc (BLOCK_C,):
-        a float32 [BLOCK_P, BLOCK_C] tile, 0 where ``pmask``/``cmask`` is false."""
-        m2 = pmask[:, None] & cmask[None, :]
-        base = x_ptr + b * sb + cc[None, :] * sc
-        if MODE == 0:
-            v = tl.load(base + (hh * sh + ww * sw)[:, None], mask=m2, other=0.0).to(tl.float32)
-        elif MODE == 1:
-            # PyTorch's nearest: floor(dst * float32(in / out)), clamped to in - 1
-            sh_i = tl.minimum(tl.floor(hh.to(tl.float32) * scale_h).to(tl.int32), hin - 1)
-            sw_i = tl.minimum(tl.floor(ww.to(tl.float32) * scale_w).to(tl.int32), win - 1)
-            v = tl.load(base + (sh_i * sh + sw_i * sw)[:, None], mask=m2, other=0.0).to(tl.float32)
+    def _offsets(b, h, w, cc, C, hs, ws, CL: tl.constexpr):
+        """[pixels x channels] element offsets of rows ``h``, columns ``w`` (pixel vectors), channels ``cc``
+        of image ``b`` in a dense (B, C, hs, ws) tensor: channels-last when ``CL`` else NCHW."""
+        if CL:
+            return (((b * hs + h) * ws + w) * C)[:, None] + cc[None, :]
         else:
-            v = tl.full(m2.shape, float("-inf"), tl.float32)
-            for t in tl.static_range(9):
-                ih = hh * 2 - pad_t + (t // 3)
-                iw = ww * 2 - pad_l + (t % 3)
-                ok = (ih >= 0) & (ih < hin) & (iw >= 0) & (iw < win)
-                x = tl.load(base + (ih * sh + iw * sw)[:, None], mask=m2 & ok[:, None], other=float("-inf"))
-                v = tl.maximum(v, x.to(tl.float32))
-            v = tl.where(m2, v, 0.0)
+            return ((b * C + cc) * (hs * ws))[None, :] + (h * ws + w)[:, None]
+
+    @triton.jit
+    def _tile(pid, size, BLOCK_P: tl.constexpr):
+        """Image index and the (flat) pixel vector of pixel tile ``pid`` over images of ``size`` pixels."""
+        tiles = tl.cdiv(size, BLOCK_P)
+        return pid // tiles, (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+
+    @triton.jit
+    def _nearest(o, size_out, size_in):
+        """PyTorch's nearest source index: min(floor(o * float32(in / out)), in - 1), float32 math."""
+        scale = tl.math.div_rn(size_in.to(tl.float32), size_out.to(tl.float32))
+        return tl.minimum(tl.floor(o.to(tl.float32) * scale).to(tl.int32), size_in - 1)
+
+    @triton.jit
+    def _up_first(i, size_in, size_out):
+        """First output index whose nearest source is >= i (i in 0..size_in). It is within 2 of
+        ceil(i * out / in) - 1 (float32 rounding moves a boundary by less than one index), so count
+        the candidates whose source (the forward's own index math) is still below i."""
+        o = (i * size_out + size_in - 1) // size_in - 1
+        first = o
+        for d in tl.static_range(2):
+            src = tl.where(o + d >= size_out, size_in, _nearest(o + d, size_out, size_in))
+            first += (src < i).to(tl.int32)
+        return first
+
+    @triton.jit
+    def _pool_origin(o, size_in, size_out, pool_same):
+        """Input index of the first cell of output ``o``'s 3x3 stride-2 window (may be padding)."""
+        pad = tl.where(pool_same != 0, tl.maximum((size_out - 1) * 2 + 3 - size_in, 0) // 2, 1)
+        return o * 2 - pad
+
+    @triton.jit
+    def _pool_argmax(x_ptr, b, hh, ww, cc, m2, C, H, W, hin, win, pool_same, CL: tl.constexpr):
+        """Max over the 3x3 stride-2 window of outputs (hh, ww) and its cell (0..8, row-major) by
+        PyTorch's rule: the max starts at -inf with its index at the first cell inside the (padded, for
+        "same") input, and a cell takes over when it is greater or NaN."""
+        h0 = _pool_origin(hh, hin, H, pool_same)
+        w0 = _pool_origin(ww, win, W, pool_same)
+        first = tl.where(pool_same != 0, 0, 3 * (h0 < 0).to(tl.int32) + (w0 < 0).to(tl.int32))
+        arg = tl.zeros(m2.shape, tl.int32) + first[:, None]
+        best = tl.full(m2.shape, float("-inf"), tl.float32)
+        for u in range(9):  # rolled: unrolled windows inside the 9 taps spilled and compiled for minutes
+            ih = h0 + u // 3
+            iw = w0 + u % 3
+            ok = (ih >= 0) & (ih < hin) & (iw >= 0) & (iw < win)
+            x = tl.load(x_ptr + _offsets(b, ih, iw, cc, C, hin, win, CL), mask=m2 & ok[:, None],
+                        other=float("-inf")).to(tl.float32)
+            take = (x > best) | (x != x)
+            best = tl.where(take, x, best)
+            arg = tl.where(take, u, arg)
+        return tl.where(m2, best, 0.0), arg
+
+    @triton.jit
+    def _resampled(x_ptr, b, hh, ww, cc, m2, C, H, W, hin, win, pool_same,
+                   MODE: tl.constexpr, CL: tl.constexpr):
+        """Input resampled to the node grid at pixels (hh, ww), channels cc: a float32 [pixels x channels]
+        tile, 0 where ``m2`` is false."""
+        if MODE == 0:
+            v = tl.load(x_ptr + _offsets(b, hh, ww, cc, C, H, W, CL), mask=m2, other=0.0).to(tl.float32)
+        elif MODE == 1:
+            sh = _nearest(hh, H, hin)
+            sw = _nearest(ww, W, win)
+            v = tl.load(x_ptr + _offsets(b, sh, sw, cc, C, hin, win, CL), mask=m2, other=0.0).to(tl.float32)
+        else:
+            v, _ = _pool_argmax(x_ptr, b, hh, ww, cc, m2, C, H, W, hin, win, pool_same, CL)
         return v
 
-    @triton.jit
-    def _fused(nw_ptr, b, hh, ww, cc, pmask, cmask,
-               x0, s0b, s0c, s0h, s0w, h0, w0, pt0, pl0, sh0, sw0,
-               x1, s1b, s1c, s1h, s1w, h1, w1, pt1, pl1, sh1, sw1,
-               x2, s2b, s2c, s2h, s2w, h2, w2, pt2, pl2, sh2, sw2,
-               N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr):
-        """sum_i nw_i * resampled x_i at (hh, ww), in input order (as the reference)."""
-        f = tl.load(nw_ptr + 0) * _resampled(x0, s0b, s0c, s0h, s0w, h0, w0, pt0, pl0, sh0, sw0,
-                                             b, hh, ww, cc, pmask, cmask, M0)
-        if N > 1:
-            f = f + tl.load(nw_ptr + 1) * _resampled(x1, s1b, s1c, s1h, s1w, h1, w1, pt1, pl1, sh1, sw1,
-                                                     b, hh, ww, cc, pmask, cmask, M1)
-        if N > 2:
-            f = f + tl.load(nw_ptr + 2) * _resampled(x2, s2b, s2c, s2h, s2w, h2, w2, pt2, pl2, sh2, sw2,
-                                                     b, hh, ww, cc, pmask, cmask, M2)
-        return f
+    _PER_LEVEL = ["H", "W", "h0", "w0", "h1", "w1", "h2", "w2", "pool_same"]
 
-    @triton.jit
-    def _bifpn_fwd_kernel(
-            out_ptr, so_b, so_c, so_h, so_w, f_ptr, nw_ptr, dw_ptr, C, H, W, tiles_per_img,
-            x0, s0b, s0c, s0h, s0w, h0, w0, pt0, pl0, sh0, sw0,
-            x1, s1b, s1c, s1h, s1w, h1, w1, pt1, pl1, sh1, sw1,
-            x2, s2b, s2c, s2h, s2w, h2, w2, pt2, pl2, sh2, sw2,
-            N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
-            SAVE_F: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        b = pid // tiles_per_img
-        pix = (pid % tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+    @triton.jit(do_not_specialize=_PER_LEVEL)
+    def _bifpn_fuse_kernel(f_ptr, nw_ptr, x0, x1, x2, C, H, W, h0, w0, h1, w1, h2, w2, pool_same,
+                           N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                           CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """f = sum_i nw_i * resampled x_i (float32), in input order as the reference."""
+        b, pix = _tile(tl.program_id(0), H * W, BLOCK_P)
+        oh = pix // W
+        ow = pix % W
+        cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m2 = (pix < H * W)[:, None] & (cc < C)[None, :]
+        f = tl.load(nw_ptr + 0) * _resampled(x0, b, oh, ow, cc, m2, C, H, W, h0, w0, pool_same, M0, CL)
+        if N > 1:
+            f = f + tl.load(nw_ptr + 1) * _resampled(x1, b, oh, ow, cc, m2, C, H, W, h1, w1, pool_same, M1, CL)
+        if N > 2:
+            f = f + tl.load(nw_ptr + 2) * _resampled(x2, b, oh, ow, cc, m2, C, H, W, h2, w2, pool_same, M2, CL)
+        tl.store(f_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), f, mask=m2)
+
+    @triton.jit(do_not_specialize=["H", "W"])
+    def _bifpn_silu_dwconv_kernel(out_ptr, f_ptr, dw_ptr, C, H, W, CL: tl.constexpr, BLOCK_P: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+        """out = depthwise 3x3 (zero padding) of silu(f)."""
+        b, pix = _tile(tl.program_id(0), H * W, BLOCK_P)
         pmask = pix < H * W
         oh = pix // W
         ow = pix % W
         cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cc < C
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-        for t in tl.static_range(9):
+        for t in range(9):
             qh = oh + (t // 3 - 1)
             qw = ow + (t % 3 - 1)
-            qmask = pmask & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
-            f = _fused(nw_ptr, b, qh, qw, cc, qmask, cmask,
-                       x0, s0b, s0c, s0h, s0w, h0, w0, pt0, pl0, sh0, sw0,
-                       x1, s1b, s1c, s1h, s1w, h1, w1, pt1, pl1, sh1, sw1,
-                       x2, s2b, s2c, s2h, s2w, h2, w2, pt2, pl2, sh2, sw2, N, M0, M1, M2)
-            s = f * tl.sigmoid(f)  # 0 outside the image: the conv's zero padding
-            wt = tl.load(dw_ptr + cc * 9 + t, mask=cmask, other=0.0).to(tl.float32)
-            acc += s * wt[None, :]
-            if SAVE_F:
-                if t == 4:
-                    fo = ((b * H + oh) * W + ow) * C
-                    tl.store(f_ptr + fo[:, None] + cc[None, :], f, mask=pmask[:, None] & cmask[None, :])
-        optr = out_ptr + b * so_b + (oh * so_h + ow * so_w)[:, None] + cc[None, :] * so_c
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+            qm = pmask & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
+            f = tl.load(f_ptr + _offsets(b, qh, qw, cc, C, H, W, CL), mask=qm[:, None] & cmask[None, :], other=0.0)
+            wt = tl.load(dw_ptr + cc * 9 + t, mask=cmask, other=0.0)
+            acc += (f * tl.sigmoid(f)) * wt[None, :]
+        tl.store(out_ptr + _offsets(b, oh, ow, cc, C, H, W, CL), acc.to(out_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def _bifpn_bwd_fused_kernel(
-            g_ptr, sg_b, sg_c, sg_h, sg_w, f_ptr, gf_ptr, pnw_ptr, pdw_ptr, nw_ptr, dw_ptr,
-            C, H, W, tiles_per_img,
-            x0, s0b, s0c, s0h, s0w, h0, w0, pt0, pl0, sh0, sw0,
-            x1, s1b, s1c, s1h, s1w, h1, w1, pt1, pl1, sh1, sw1,
-            x2, s2b, s2c, s2h, s2w, h2, w2, pt2, pl2, sh2, sw2,
-            N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
-            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """dL/df (stored), partial dL/d(dw) per program, partial dL/d(nw_i) per program."""
+    def _slot_backward(x_ptr, gx_ptr, am_ptr, nw_ptr, k, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, hin, win,
+                       pool_same, MODE: tl.constexpr, CL: tl.constexpr):
+        """This program's partial dL/d nw_k; a "same" input's gradient nw_k * dL/df; a "down" input's
+        window arg-max (int8) for the gather kernel."""
+        off = _offsets(b, oh, ow, cc, C, H, W, CL)
+        if MODE == 2:
+            r, arg = _pool_argmax(x_ptr, b, oh, ow, cc, m2, C, H, W, hin, win, pool_same, CL)
+            tl.store(am_ptr + off, arg.to(tl.int8), mask=m2)
+        else:
+            r = _resampled(x_ptr, b, oh, ow, cc, m2, C, H, W, hin, win, pool_same, MODE, CL)
+        tl.store(pnw_ptr + slot + k, tl.sum(tl.sum(gf * r, axis=1), axis=0))
+        if MODE == 0:
+            gx = gf * tl.load(nw_ptr + k)
+            tl.store(gx_ptr + off, gx.to(gx_ptr.dtype.element_ty), mask=m2)
+
+    @triton.jit(do_not_specialize=_PER_LEVEL)
+    def _bifpn_bwd_fused_kernel(g_ptr, f_ptr, gf_ptr, pnw_ptr, pdw_ptr, nw_ptr, dw_ptr, x0, x1, x2, gx0, gx1, gx2,
+                                am0, am1, am2, C, H, W, h0, w0, h1, w1, h2, w2, pool_same,
+                                N: tl.constexpr, M0: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr,
+                                CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """dL/df (stored), partial dL/d(dw) and dL/d(nw_i) per program, dL/dx of "same" inputs, arg-max of
+        "down" inputs."""
         pid = tl.program_id(0)
         pid_c = tl.program_id(1)
-        b = pid // tiles_per_img
-        pix = (pid % tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+        b, pix = _tile(pid, H * W, BLOCK_P)
         pmask = pix < H * W
         oh = pix // W
         ow = pix % W
         cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cc < C
         m2 = pmask[:, None] & cmask[None, :]
-        fbase = f_ptr + cc[None, :]
-        g_c = tl.load(g_ptr + b * sg_b + (oh * sg_h + ow * sg_w)[:, None] + cc[None, :] * sg_c,
-                      mask=m2, other=0.0).to(tl.float32)
+        off = _offsets(b, oh, ow, cc, C, H, W, CL)
+        g_c = tl.load(g_ptr + off, mask=m2, other=0.0).to(tl.float32)
         gs = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-        for t in tl.static_range(9):
+        for t in range(9):
             dy = t // 3 - 1
             dx = t % 3 - 1
-            wt = tl.load(dw_ptr + cc * 9 + t, mask=cmask, other=0.0).to(tl.float32)
-            # s(q) feeds out(q - d_t) with weight dw[t]
+            wt = tl.load(dw_ptr + cc * 9 + t, mask=cmask, other=0.0)
+            # silu(f) at q feeds out(q - d_t) with weight dw[t]
             ph = oh - dy
             pw = ow - dx
             pm = pmask & (ph >= 0) & (ph < H) & (pw >= 0) & (pw < W)
-            gp = tl.load(g_ptr + b * sg_b + (ph * sg_h + pw * sg_w)[:, None] + cc[None, :] * sg_c,
-                         mask=pm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            gp = tl.load(g_ptr + _offsets(b, ph, pw, cc, C, H, W, CL), mask=pm[:, None] & cmask[None, :],
+                         other=0.0).to(tl.float32)
             gs += gp * wt[None, :]
-            # dL/d dw[c, t] = sum_p g(p) * s(p + d_t)
+            # dL/d dw[c, t] = sum_p g(p) * silu(f)(p + d_t)
             qh = oh + dy
             qw = ow + dx
             qm = pmask & (qh >= 0) & (qh < H) & (qw >= 0) & (qw < W)
-            fq = tl.load(fbase + (((b * H + qh) * W + qw) * C)[:, None], mask=qm[:, None] & cmask[None, :],
+            fq = tl.load(f_ptr + _offsets(b, qh, qw, cc, C, H, W, CL), mask=qm[:, None] & cmask[None, :],
                          other=0.0)
-            part = tl.sum(g_c * (fq * tl.sigmoid(fq)), axis=0)
-            tl.store(pdw_ptr + (pid * 9 + t) * C + cc, part, mask=cmask)
-        f = tl.load(fbase + (((b * H + oh) * W + ow) * C)[:, None], mask=m2, other=0.0)
+            tl.store(pdw_ptr + (pid * 9 + t) * C + cc, tl.sum(g_c * (fq * tl.sigmoid(fq)), axis=0), mask=cmask)
+        f = tl.load(f_ptr + off, mask=m2, other=0.0)
         sig = tl.sigmoid(f)
-        gf = gs * (sig * (1.0 + f * (1.0 - sig)))
-        gf = tl.where(m2, gf, 0.0)
-        tl.store(gf_ptr + (((b * H + oh) * W + ow) * C)[:, None] + cc[None, :], gf, mask=m2)
+        gf = tl.where(m2, gs * (sig * (1.0 + f * (1.0 - sig))), 0.0)
+        tl.store(gf_ptr + off, gf, mask=m2)
         slot = (pid * tl.num_programs(1) + pid_c) * 3
-        r = _resampled(x0, s0b, s0c, s0h, s0w, h0, w0, pt0, pl0, sh0, sw0, b, oh, ow, cc, pmask, cmask, M0)
-        tl.store(pnw_ptr + slot + 0, tl.sum(tl.sum(gf * r, axis=1), axis=0))
+        _slot_backward(x0, gx0, am0, nw_ptr, 0, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h0, w0, pool_same,
+                       M0, CL)
         if N > 1:
-            r = _resampled(x1, s1b, s1c, s1h, s1w, h1, w1, pt1, pl1, sh1, sw1, b, oh, ow, cc, pmask, cmask, M1)
-            tl.store(pnw_ptr + slot + 1, tl.sum(tl.sum(gf * r, axis=1), axis=0))
+            _slot_backward(x1, gx1, am1, nw_ptr, 1, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h1, w1,
+                           pool_same, M1, CL)
         if N > 2:
-            r = _resampled(x2, s2b, s2c, s2h, s2w, h2, w2, pt2, pl2, sh2, sw2, b, oh, ow, cc, pmask, cmask, M2)
-            tl.store(pnw_ptr + slot + 2, tl.sum(tl.sum(gf * r, axis=1), axis=0))
+            _slot_backward(x2, gx2, am2, nw_ptr, 2, gf, pnw_ptr, slot, b, oh, ow, cc, m2, C, H, W, h2, w2,
+                           pool_same, M2, CL)
 
-    @triton.jit
-    def _bifpn_bwd_input_kernel(
-            gx_ptr, x_ptr, sb, sc, sh, sw, hin, win, pad_t, pad_l,
-            gf_ptr, nw_ptr, k, rows_ptr, cols_ptr, C, H, W, tiles_per_img,
-            MODE: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """dL/dx_k at input pixels; gx has x's strides."""
-        pid = tl.program_id(0)
-        b = pid // tiles_per_img
-        pix = (pid % tiles_per_img) * BLOCK_P + tl.arange(0, BLOCK_P)
+    @triton.jit(do_not_specialize=["k", "H", "W", "hin", "win", "pool_same"])
+    def _bifpn_bwd_input_kernel(gx_ptr, am_ptr, gf_ptr, nw_ptr, k, C, H, W, hin, win, pool_same,
+                                MODE: tl.constexpr, CL: tl.constexpr, BLOCK_P: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+        """dL/dx_k of an "up" (MODE 1) or "down" (MODE 2) input, at its own pixels."""
+        b, pix = _tile(tl.program_id(0), hin * win, BLOCK_P)
         pmask = pix < hin * win
         ih = pix // win
         iw = pix % win
         cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cc < C
-        m2 = pmask[:, None] & cmask[None, :]
-        gbase = gf_ptr + b * H * W * C + cc[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-        if MODE == 0:
-            acc = tl.load(gbase + ((ih * W + iw) * C)[:, None], mask=m2, other=0.0)
-        elif MODE == 1:
-            # output rows [rows[ih], rows[ih+1]) and columns [cols[iw], cols[iw+1]) read this pixel
-            r0 = tl.load(rows_ptr + ih, mask=pmask, other=0)
-            r1 = tl.load(rows_ptr + ih + 1, mask=pmask, other=0)
-            c0 = tl.load(cols_ptr + iw, mask=pmask, other=0)
-            c1 = tl.load(cols_ptr + iw + 1, mask=pmask, other=0)
-            for dr in tl.static_range(RH):
-                for dc in tl.static_range(RW):
-                    oh = r0 + dr
-                    ow = c0 + dc
-                    ok = pmask & (oh < r1) & (ow < c1)
-                    acc += tl.load(gbase + ((oh * W + ow) * C)[:, None], mask=ok[:, None] & cmask[None, :],
-                                   other=0.0)
+        if MODE == 1:
+            # output rows [r0, r1) and columns [c0, c1) take this pixel: at most ceil(out / in) + 1 each
+            r0 = _up_first(ih, hin, H)
+            r1 = _up_first(ih + 1, hin, H)
+            c0 = _up_first(iw, win, W)
+            c1 = _up_first(iw + 1, win, W)
+            for dr in range((H + hin - 1) // hin + 1):
+                for dc in range((W + win - 1) // win + 1):
+                    ok = pmask & (r0 + dr < r1) & (c0 + dc < c1)
+                    acc += tl.load(gf_ptr + _offsets(b, r0 + dr, c0 + dc, cc, C, H, W, CL),
+                                   mask=ok[:, None] & cmask[None, :], other=0.0)
         else:
-            xbase = x_ptr + b * sb + cc[None, :] * sc
-            for t in tl.static_range(9):  # the window position this pixel takes in output (oh, ow)
-                ky = t // 3
-                kx = t % 3
-                nh = ih + pad_t - ky
-                nwp = iw + pad_l - kx
-                oh = nh // 2
-                ow = nwp // 2
-                ok = pmask & (nh >= 0) & (nwp >= 0) & (nh % 2 == 0) & (nwp % 2 == 0) & (oh < H) & (ow < W)
+            ph = ih - _pool_origin(0, hin, H, pool_same)  # this pixel's row in the padded input
+            pw = iw - _pool_origin(0, win, W, pool_same)
+            for t in range(9):  # this pixel is cell t of output (oh, ow)'s window
+                nh = ph - t // 3
+                nv = pw - t % 3
+                oh = nh // 2  # negative nh is masked below (// of a negative int differs across backends)
+                ow = nv // 2
+                ok = pmask & (nh >= 0) & (nv >= 0) & (nh % 2 == 0) & (nv % 2 == 0) & (oh < H) & (ow < W)
                 okm = ok[:, None] & cmask[None, :]
-                # arg-max of window (oh, ow): first maximum in row-major order, as PyTorch
-                best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float32)
-                arg = tl.full((BLOCK_P, BLOCK_C), -1, tl.int32)
-                for u in tl.static_range(9):
-                    jh = oh * 2 - pad_t + (u // 3)
-                    jw = ow * 2 - pad_l + (u % 3)
-                    okj = (jh >= 0) & (jh < hin) & (jw >= 0) & (jw < win)
-                    v = tl.load(xbase + (jh * sh + jw * sw)[:, None], mask=okm & okj[:, None],
-                                other=float("-inf")).to(tl.float32)
-                    take = v > best
-                    best = tl.where(take, v, best)
-                    arg = tl.where(take, u, arg)
-                gq = tl.load(gbase + ((oh * W + ow) * C)[:, None], mask=okm, other=0.0)
-                acc += tl.where(okm & (arg == t), gq, 0.0)
+                off = _offsets(b, oh, ow, cc, C, H, W, CL)
+                arg = tl.load(am_ptr + off, mask=okm, other=-1).to(tl.int32)
+                acc += tl.load(gf_ptr + off, mask=okm & (arg == t), other=0.0)
         acc = acc * tl.load(nw_ptr + k)
-        gptr = gx_ptr + b * sb + (ih * sh + iw * sw)[:, None] + cc[None, :] * sc
-        tl.store(gptr, acc.to(gx_ptr.dtype.element_ty), mask=m2)
+        tl.store(gx_ptr + _offsets(b, ih, iw, cc, C, hin, win, CL), acc.to(gx_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cmask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launchers = the custom ops effdet::bifpn_fusion_fwd / effdet::bifpn_fusion_bwd
 # ----------------------------------------------------------------------------------------------
 
 
-def _blocks(C: int, HW: int, device):
-    """(BLOCK_P, BLOCK_C): [pixels x channels] tiles, channels innermost."""
-    bc = min(triton.next_power_of_2(max(C, 1)), 64)
-    if torch.device(device).type == "cuda":
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _blocks(C: int, device):
+    """(BLOCK_P, BLOCK_C): [pixels x channels] tiles, channels innermost; a function of C only (a size
+    that changes per level would compile a variant per level)."""
+    bc = min(_next_pow2(max(C, 1)), 64)
+    if device.type == "cuda":
         return max(2048 // bc, 16), bc
-    # interpreter: its cost is per op, not per element, so few large programs are fastest
-    return min(triton.next_power_of_2(max(HW, 1)), 256), min(bc, 32)
+    # interpreter: its cost is per op, not per element, so few large programs are fastest; still a function
+    # of C only, so the interpreter launches the same set of variants as CUDA does
+    return 128, min(bc, 32)
 
 
-def _slot_args(inputs, modes, H, W, pool_padding, dummy):
-    """Per-input kernel arguments for the 3 slots: (ptr, 4 strides, hin, win, pad_t, pad_l, scale_h,
-    scale_w); unused slots point at ``dummy`` and are compiled out (``N``)."""
-    args, mcodes = [], []
-    for k in range(MAX_TRITON_INPUTS):
-        if k < len(inputs):
-            x, mode = inputs[k], modes[k]
-            hin, win = x.shape[2], x.shape[3]
-            pt = _pool_pad(hin, H, pool_padding)[0] if mode == 2 else 0
-            pl = _pool_pad(win, W, pool_padding)[0] if mode == 2 else 0
-            sch = float(torch.tensor(hin / H, dtype=torch.float32))  # PyTorch's float32 scale
-            scw = float(torch.tensor(win / W, dtype=torch.float32))
-            args += [x, *x.stride(), hin, win, pt, pl, sch, scw]
-            mcodes.append(mode)
-        else:
-            args += [dummy, 0, 0, 0, 0, 1, 1, 0, 0, 1.0, 1.0]
-            mcodes.append(0)
-    return args, mcodes
+def _kernel_layout(inputs) -> bool:
+    """True = channels-last kernels. Channels-last when the first input is, or when it is ambiguous
+    (C == 1 or H*W == 1: both layouts) and another input is; else NCHW."""
+    def strict(x, fmt, other):
+        return x.is_contiguous(memory_format=fmt) and not x.is_contiguous(memory_format=other)
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    if strict(inputs[0], cl, nchw):
+        return True
+    if strict(inputs[0], nchw, cl):
+        return False
+    return any(strict(x, cl, nchw) for x in inputs[1:])
 
 
-def _fwd_triton(inputs, modes, nw, dw_weight, H, W, pool_padding, save_f):
+def _fmt(cl: bool):
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _check_launch(tensors, names, cl, modes, out_h, out_w):
+    """The kernels address dense tensors with int32 offsets: refuse what they cannot address."""
+    fmt = _fmt(cl)
+    for t, name in zip(tensors, names):
+        if t.numel() >= _INT32_LIMIT:
+            raise ValueError(f"{_WHERE}: {name} has {t.numel()} elements; the int32 offsets need fewer than 2**31")
+        if t.dim() == 4 and not t.is_contiguous(memory_format=fmt):
+            raise ValueError(f"{_WHERE}: {name} must be dense in the kernels' layout ({fmt}); "
+                             "bifpn_fusion() makes it so")
+    for x, m in zip(tensors, modes):
+        if m == 1 and max((x.shape[2] + 1) * out_h, (x.shape[3] + 1) * out_w) >= _INT32_LIMIT:
+            raise ValueError(f"{_WHERE}: inputs: 'up' sizes {tuple(x.shape[2:])} -> {(out_h, out_w)} overflow "
+                             "the int32 index math")
+
+
+def _slot_args(inputs):
+    """Pointers and (H, W) of the 3 input slots; unused slots repeat input 0 (compiled out by ``N``)."""
+    xs = [inputs[k] if k < len(inputs) else inputs[0] for k in range(MAX_TRITON_INPUTS)]
+    sizes = [s for x in xs for s in (x.shape[2], x.shape[3])]
+    return xs, sizes
+
+
+def _modes3(modes):
+    return [modes[k] if k < len(modes) else 0 for k in range(MAX_TRITON_INPUTS)]
+
+
+@triton_op("effdet::bifpn_fusion_fwd")
+def _fwd_launcher(inputs: list[torch.Tensor], modes: list[int], nw: torch.Tensor, dw_weight: torch.Tensor,
+                  out_h: int, out_w: int, pool_same: bool, save_f: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out, f): out (B, C, out_h, out_w) in the inputs' dtype and kernel layout; f the float32
+    pre-activation (same layout) when ``save_f`` (for the backward), else an empty tensor."""
     x0 = inputs[0]
     B, C = x0.shape[:2]
-    out = torch.empty((B, C, H, W), dtype=x0.dtype, device=x0.device, memory_format=_out_format(x0))
-    f = torch.empty((B, H, W, C) if save_f else (0,), dtype=torch.float32, device=x0.device)
-    if out.numel() == 0:
-        return out, f
-    nw = nw.float().contiguous()
-    dw = dw_weight.reshape(C, 9).float().contiguous()
-    bp, bc = _blocks(C, H * W, x0.device)
-    tiles = triton.cdiv(H * W, bp)
-    args, m = _slot_args(inputs, modes, H, W, pool_padding, nw)
-    _bifpn_fwd_kernel[(B * tiles, triton.cdiv(C, bc))](
-        out, *out.stride(), f if save_f else nw, nw, dw, C, H, W, tiles, *args,
-        N=len(inputs), M0=m[0], M1=m[1], M2=m[2], SAVE_F=save_f, BLOCK_P=bp, BLOCK_C=bc)
+    cl = _kernel_layout(inputs)
+    out = torch.empty((B, C, out_h, out_w), dtype=x0.dtype, device=x0.device, memory_format=_fmt(cl))
+    f = torch.empty((B, C, out_h, out_w), dtype=torch.float32, device=x0.device, memory_format=_fmt(cl))
+    _check_launch([*inputs, f], [f"inputs[{k}]" for k in range(len(inputs))] + ["f"], cl, modes, out_h, out_w)
+    if out.numel() != 0:
+        bp, bc = _blocks(C, x0.device)
+        grid = (B * triton.cdiv(out_h * out_w, bp), triton.cdiv(C, bc))
+        xs, sizes = _slot_args(inputs)
+        m = _modes3(modes)
+        _bifpn_fuse_kernel[grid](f, nw.float().contiguous(), *xs, C, out_h, out_w, *sizes, int(pool_same),
+                                 N=len(inputs), M0=m[0], M1=m[1], M2=m[2], CL=cl, BLOCK_P=bp, BLOCK_C=bc)
+        _bifpn_silu_dwconv_kernel[grid](out, f, dw_weight.reshape(C, 9).float().contiguous(), C, out_h, out_w,
+                                        CL=cl, BLOCK_P=bp, BLOCK_C=bc)
+    return out, (f if save_f else f.new_empty((0,)))
+
+
+@_fwd_launcher.register_fake
+def _fwd_fake(inputs, modes, nw, dw_weight, out_h, out_w, pool_same, save_f):
+    x0 = inputs[0]
+    B, C = x0.shape[:2]
+    fmt = _fmt(_kernel_layout(inputs))
+    out = torch.empty((B, C, out_h, out_w), dtype=x0.dtype, device=x0.device, memory_format=fmt)
+    f = torch.empty((B, C, out_h, out_w) if save_f else (0,), dtype=torch.float32, device=x0.device,
+                    memory_format=fmt if save_f else torch.contiguous_format)
     return out, f
 
 
-def _up_table(size_in: int, size_out: int, device):
-    """start[i] = first output index whose nearest source is >= i (i = 0..size_in), on ``device``."""
-    scale = torch.tensor(size_in / size_out, dtype=torch.float32, device=device)
-    src = torch.clamp(torch.floor(torch.arange(size_out, device=device, dtype=torch.float32) * scale),
-                      max=size_in - 1).to(torch.int32)
-    want = torch.arange(size_in + 1, device=device, dtype=torch.int32)
-    return torch.searchsorted(src, want).to(torch.int32)
-
-
-def _bwd_triton(grad, f, inputs, modes, nw, dw_weight, H, W, pool_padding):
+@triton_op("effdet::bifpn_fusion_bwd")
+def _bwd_launcher(grad: torch.Tensor, f: torch.Tensor, inputs: list[torch.Tensor], modes: list[int],
+                  nw: torch.Tensor, dw_weight: torch.Tensor, out_h: int, out_w: int,
+                  pool_same: bool) -> list[torch.Tensor]:
+    """-> [dL/d nw, dL/d dw_weight, dL/d inputs[0], ...] given dL/d out and the forward's saved f."""
     x0 = inputs[0]
     B, C = x0.shape[:2]
     n = len(inputs)
     dev = x0.device
-    gxs = [torch.empty_like(x) for x in inputs]  # keeps each input's memory format
+    cl = _kernel_layout(inputs)
+    grad = grad.contiguous(memory_format=_fmt(cl))  # no-op for the usual dense gradient
+    gxs = [torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=_fmt(cl)) for x in inputs]
     if grad.numel() == 0:
-        return torch.zeros(n, device=dev), torch.zeros_like(dw_weight), [g.zero_() for g in gxs]
-    nw = nw.float().contiguous()
+        return [torch.zeros_like(nw), torch.zeros_like(dw_weight), *[g.zero_() for g in gxs]]
+    _check_launch([*inputs, grad, f], [f"inputs[{k}]" for k in range(n)] + ["grad", "f"], cl, modes, out_h, out_w)
+    nw32 = nw.float().contiguous()
     dw = dw_weight.reshape(C, 9).float().contiguous()
-    bp, bc = _blocks(C, max(H * W, max(x.shape[2] * x.shape[3] for x in inputs)), dev)
-    tiles = triton.cdiv(H * W, bp)
-    grid = (B * tiles, triton.cdiv(C, bc))
-    gf = torch.empty((B, H, W, C), dtype=torch.float32, device=dev)
+    bp, bc = _blocks(C, dev)
+    grid = (B * triton.cdiv(out_h * out_w, bp), triton.cdiv(C, bc))
+    gf = torch.empty((B, C, out_h, out_w), dtype=torch.float32, device=dev, memory_format=_fmt(cl))
     pnw = torch.empty((grid[0] * grid[1], 3), dtype=torch.float32, device=dev)
-    pdw = torch.zeros((grid[0], 9, C), dtype=torch.float32, device=dev)
-    args, m = _slot_args(inputs, modes, H, W, pool_padding, nw)
-    _bifpn_bwd_fused_kernel[grid](
-        grad, *grad.stride(), f, gf, pnw, pdw, nw, dw, C, H, W, tiles, *args,
-        N=n, M0=m[0], M1=m[1], M2=m[2], BLOCK_P=bp, BLOCK_C=bc)
-    gnw = pnw[:, :n].sum(0)
-    gdw = pdw.sum(0).t().reshape(C, 1, 3, 3).to(dw_weight.dtype)
+    pdw = torch.empty((grid[0], 9, C), dtype=torch.float32, device=dev)
+    xs, sizes = _slot_args(inputs)
+    gx3 = [gxs[k] if k < n else gxs[0] for k in range(MAX_TRITON_INPUTS)]
+    # int8 arg-max of each "down" input's windows; other slots get a 1-byte placeholder
+    dummy = torch.empty(1, dtype=torch.int8, device=dev)
+    am3 = [torch.empty((B, C, out_h, out_w), dtype=torch.int8, device=dev, memory_format=_fmt(cl))
+           if k < n and modes[k] == 2 else dummy for k in range(MAX_TRITON_INPUTS)]
+    m = _modes3(modes)
+    _bifpn_bwd_fused_kernel[grid](grad, f, gf, pnw, pdw, nw32, dw, *xs, *gx3, *am3, C, out_h, out_w, *sizes,
+                                  int(pool_same), N=n, M0=m[0], M1=m[1], M2=m[2], CL=cl, BLOCK_P=bp, BLOCK_C=bc)
     for k, (x, mode, gx) in enumerate(zip(inputs, modes, gxs)):
-        hin, win = x.shape[2], x.shape[3]
-        if gx.numel() == 0:
+        if mode == 0 or gx.numel() == 0:
             continue
-        pt = _pool_pad(hin, H, pool_padding)[0] if mode == 2 else 0
-        pl = _pool_pad(win, W, pool_padding)[0] if mode == 2 else 0
-        if mode == 1:
-            rows, cols = _up_table(hin, H, dev), _up_table(win, W, dev)
-            rh, rw = -(-H // hin) + 1, -(-W // win) + 1  # >= max outputs per source (float rounding: +1)
-        else:
-            rows = cols = nw
-            rh = rw = 1
-        tin = triton.cdiv(hin * win, bp)
-        _bifpn_bwd_input_kernel[(B * tin, triton.cdiv(C, bc))](
-            gx, x, *x.stride(), hin, win, pt, pl, gf, nw, k, rows, cols, C, H, W, tin,
-            MODE=mode, RH=rh, RW=rw, BLOCK_P=bp, BLOCK_C=bc)
-    return gnw, gdw, gxs
-
-
-def _grad_needed(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-class _BiFPNFusionTriton(torch.autograd.Function):
-    """Triton forward/backward; the edge-weight normalization happens outside (torch autograd)."""
-
-    @staticmethod
-    def forward(ctx, nw, dw_weight, H, W, modes, pool_padding, save_f, *inputs):
-        out, f = _fwd_triton(inputs, modes, nw, dw_weight, H, W, pool_padding, save_f)
-        ctx.save_for_backward(nw, dw_weight, f, *inputs)
-        ctx.meta = (H, W, modes, pool_padding)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        nw, dw_weight, f, *inputs = ctx.saved_tensors
-        H, W, modes, pool_padding = ctx.meta
-        gnw, gdw, gxs = _bwd_triton(grad, f, inputs, modes, nw, dw_weight, H, W, pool_padding)
-        return (gnw, gdw, None, None, None, None, None, *gxs)
-
-
-# ----------------------------------------------------------------------------------------------
-# torch custom ops (CPU = reference, CUDA = Triton), so torch.compile(fullgraph=True) traces them
-# ----------------------------------------------------------------------------------------------
-
-_POOL_CODE = {"symmetric": 0, "same": 1}
-_MODE_NAMES = {v: k for k, v in _MODES.items()}
-
-
-def _ref_fwd_with_f(inputs, modes, nw, dw_weight, H, W, pool_padding):
-    names = [_MODE_NAMES[m] for m in modes]
-    f = _fused_reference(inputs, names, nw, (H, W), pool_padding)
-    out = F.conv2d(F.silu(f), dw_weight.to(f.dtype), padding=1, groups=f.shape[1])
-    return out.to(inputs[0].dtype).contiguous(memory_format=_out_format(inputs[0])), f
-
-
-@torch.library.custom_op("effdet::bifpn_fusion_fwd", mutates_args=())
-def _fwd_op(inputs: List[torch.Tensor], modes: List[int], nw: torch.Tensor, dw_weight: torch.Tensor,
-            out_h: int, out_w: int, pool_same: bool, save_f: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    pp = "same" if pool_same else "symmetric"
-    out, f = _ref_fwd_with_f(inputs, modes, nw, dw_weight, out_h, out_w, pp)
-    f = f.permute(0, 2, 3, 1).contiguous() if save_f else f.new_empty((0,))
-    return out, f
-
-
-@_fwd_op.register_kernel("cuda")
-def _fwd_op_cuda(inputs, modes, nw, dw_weight, out_h, out_w, pool_same, save_f):
-    return _fwd_triton(inputs, modes, nw, dw_weight, out_h, out_w, "same" if pool_same else "symmetric", save_f)
-
-
-@_fwd_op.register_fake
-def _fwd_op_fake(inputs, modes, nw, dw_weight, out_h, out_w, pool_same, save_f):
-    x0 = inputs[0]
-    B, C = x0.shape[:2]
-    out = torch.empty((B, C, out_h, out_w), dtype=x0.dtype, device=x0.device, memory_format=_out_format(x0))
-    f = x0.new_empty((B, out_h, out_w, C) if save_f else (0,), dtype=torch.float32)
-    return out, f
-
-
-@torch.library.custom_op("effdet::bifpn_fusion_bwd", mutates_args=())
-def _bwd_op(grad: torch.Tensor, f: torch.Tensor, inputs: List[torch.Tensor], modes: List[int], nw: torch.Tensor,
-            dw_weight: torch.Tensor, out_h: int, out_w: int, pool_same: bool) -> List[torch.Tensor]:
-    # CPU kernel: the reference's backward written out in torch ops (autograd is not available
-    # below the custom op's dispatch, so no torch.autograd.grad here).
-    pp = "same" if pool_same else "symmetric"
-    H, W = out_h, out_w
-    C = inputs[0].shape[1]
-    md = _math_dtype(inputs[0])
-    nw_m = nw.to(md)
-    dw_m = dw_weight.to(md)
-    g = grad.to(md)
-    f = f.permute(0, 3, 1, 2).to(md)  # saved channels-last (B, H, W, C)
-    sig = torch.sigmoid(f)
-    gdw = torch.nn.grad.conv2d_weight(f * sig, dw_m.shape, g, padding=1, groups=C)
-    gf = torch.nn.grad.conv2d_input(f.shape, dw_m, g, padding=1, groups=C) * (sig * (1 + f * (1 - sig)))
-    gnw, gxs = [], []
-    for k, (x, mode) in enumerate(zip(inputs, modes)):
-        xm = x.to(md)
-        gk = gf * nw_m[k]
-        if mode == 0:
-            r, gx = xm, gk
-        elif mode == 1:
-            r = F.interpolate(xm, size=(H, W), mode="nearest")
-            gx = torch.ops.aten.upsample_nearest2d_backward(gk, [H, W], list(xm.shape))
-        else:
-            t, b = _pool_pad(x.shape[2], H, pp)
-            l, rr = _pool_pad(x.shape[3], W, pp)
-            xp = F.pad(xm, (l, rr, t, b), value=float("-inf"))
-            r, idx = F.max_pool2d(xp, 3, 2, return_indices=True)
-            gx = torch.zeros_like(xp).flatten(2).scatter_add_(2, idx.flatten(2), gk.flatten(2)).view_as(xp)
-            gx = gx[:, :, t:t + x.shape[2], l:l + x.shape[3]]
-        gnw.append((gf * r).sum())
-        gxs.append(gx.to(x.dtype).contiguous(memory_format=_out_format(x)))
-    return [torch.stack(gnw).to(nw.dtype), gdw.to(dw_weight.dtype), *gxs]
-
-
-@_bwd_op.register_kernel("cuda")
-def _bwd_op_cuda(grad, f, inputs, modes, nw, dw_weight, out_h, out_w, pool_same):
-    gnw, gdw, gxs = _bwd_triton(grad, f, inputs, modes, nw, dw_weight, out_h, out_w,
-                                "same" if pool_same else "symmetric")
+        hin, win = x.shape[2], x.shape[3]
+        bpi, bci = _blocks(C, dev)
+        _bifpn_bwd_input_kernel[(B * triton.cdiv(hin * win, bpi), triton.cdiv(C, bci))](
+            gx, am3[k], gf, nw32, k, C, out_h, out_w, hin, win, int(pool_same),
+            MODE=mode, CL=cl, BLOCK_P=bpi, BLOCK_C=bci)
+    gnw = pnw[:, :n].sum(0).to(nw.dtype)
+    gdw = pdw.sum(0).t().reshape(C, 1, 3, 3).to(dw_weight.dtype)
     return [gnw, gdw, *gxs]
 
 
-@_bwd_op.register_fake
-def _bwd_op_fake(grad, f, inputs, modes, nw, dw_weight, out_h, out_w, pool_same):
-    return [torch.empty_like(nw), torch.empty_like(dw_weight), *[torch.empty_like(x) for x in inputs]]
+@_bwd_launcher.register_fake
+def _bwd_fake(grad, f, inputs, modes, nw, dw_weight, out_h, out_w, pool_same):
+    fmt = _fmt(_kernel_layout(inputs))
+    return [torch.empty_like(nw), torch.empty_like(dw_weight),
+            *[torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) for x in inputs]]
 
 
-def _fwd_op_setup(ctx, inputs, output):
-    inp, modes, nw, dw_weight, out_h, out_w, pool_same, save_f = inputs
-    ctx.save_for_backward(output[1], nw, dw_weight, *inp)
+def _fwd_setup_context(ctx, inputs, output):
+    xs, modes, nw, dw_weight, out_h, out_w, pool_same, save_f = inputs
+    ctx.save_for_backward(output[1], nw, dw_weight, *xs)
     ctx.meta = (list(modes), out_h, out_w, pool_same)
 
 
-def _fwd_op_backward(ctx, grad_out, grad_f):
-    f, nw, dw_weight, *inp = ctx.saved_tensors
+def _fwd_backward(ctx, grad_out, grad_f):
+    f, nw, dw_weight, *xs = ctx.saved_tensors
     modes, out_h, out_w, pool_same = ctx.meta
     if f.numel() == 0 and grad_out.numel() != 0:
-        raise RuntimeError("effdet::bifpn_fusion_fwd: backward needs the forward to run with save_f=True")
-    g = _bwd_op(grad_out, f, inp, modes, nw, dw_weight, out_h, out_w, pool_same)
-    return (list(g[2:]), None, g[0], g[1], None, None, None, None)
+        raise RuntimeError(f"{_WHERE}: effdet::bifpn_fusion_fwd ran with save_f=False; its backward needs f")
+    g = _bwd_launcher(grad_out, f, xs, modes, nw, dw_weight, out_h, out_w, pool_same)
+    return list(g[2:]), None, g[0], g[1], None, None, None, None
 
 
-_fwd_op.register_autograd(_fwd_op_backward, setup_context=_fwd_op_setup)
-
-
-def bifpn_fusion_custom_op(inputs, resample, edge_weights, dw_weight, out_size, method="fast",
-                           pool_padding="symmetric", eps=1e-4):
-    """:func:`bifpn_fusion` through the ``effdet::bifpn_fusion_fwd/bwd`` custom ops (CPU kernel =
-    reference, CUDA kernel = Triton). Used by the public function for Triton on CUDA."""
-    _, _, H, W = _check(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding)
-    nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device)
-    save_f = _grad_needed([*inputs, edge_weights, dw_weight])
-    out, _ = _fwd_op(list(inputs), [_MODES[r] for r in resample], nw, dw_weight, H, W,
-                     pool_padding == "same", save_f)
-    return out
+_fwd_launcher.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,23 +571,33 @@ def bifpn_fusion_custom_op(inputs, resample, edge_weights, dw_weight, out_size, 
 # ----------------------------------------------------------------------------------------------
 
 
+def _triton_path(inputs, resample, edge_weights, dw_weight, out_size, method="fast", pool_padding="symmetric",
+                 eps=1e-4):
+    """Normalize the weights (torch autograd), make the inputs dense in the kernels' layout, call the op."""
+    if len(inputs) > MAX_TRITON_INPUTS:
+        raise ValueError(f"{_WHERE}: inputs: the Triton path takes at most {MAX_TRITON_INPUTS}, got {len(inputs)}")
+    if inputs[0].dtype not in _TRITON_DTYPES:
+        raise ValueError(f"{_WHERE}: inputs: the Triton path takes {_TRITON_DTYPES}, got {inputs[0].dtype}")
+    H, W = (int(s) for s in out_size)
+    nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device)
+    fmt = _fmt(_kernel_layout(inputs))
+    xs = [x.contiguous(memory_format=fmt) for x in inputs]  # no-op for dense inputs of that layout
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*inputs, edge_weights, dw_weight))
+    out, _ = _fwd_launcher(xs, [_MODES[r] for r in resample], nw, dw_weight, H, W, pool_padding == "same",
+                           needs_grad)
+    return out.contiguous(memory_format=_out_format(inputs[0]))  # no-op unless the layouts were mixed
+
+
 def bifpn_fusion(inputs: Sequence[torch.Tensor], resample: Sequence[str], edge_weights: Optional[torch.Tensor],
                  dw_weight: torch.Tensor, out_size, method: str = "fast", pool_padding: str = "symmetric",
                  eps: float = 1e-4, backend: str = "auto") -> torch.Tensor:
     """One BiFPN node (see the module docstring) -> (B, C, H, W) in the first input's dtype/layout.
 
-    backend: "torch" = the reference (plain autograd; compiles natively); "triton" = the Triton
-    kernels (CUDA: through the custom ops; CPU: the autograd.Function directly, interpreter only).
+    backend: "torch" = the reference; "triton" = the custom op ``effdet::bifpn_fusion_fwd`` (CUDA tensors,
+    or CPU tensors under the Triton interpreter); "auto" = see ``kernels/_dispatch.py``.
     """
-    choice = resolve("bifpn_fusion", backend, inputs[0].device.type)
-    if choice == "torch":
-        return bifpn_fusion_reference(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding, eps)
-    if len(inputs) > MAX_TRITON_INPUTS:
-        raise ValueError(f"bifpn_fusion: the Triton path takes at most {MAX_TRITON_INPUTS} inputs, got {len(inputs)}")
-    if inputs[0].device.type == "cuda":
-        return bifpn_fusion_custom_op(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding, eps)
-    _, _, H, W = _check(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding)
-    nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device)
-    save_f = _grad_needed([*inputs, edge_weights, dw_weight])
-    return _BiFPNFusionTriton.apply(nw, dw_weight, H, W, tuple(_MODES[r] for r in resample), pool_padding,
-                                    save_f, *inputs)
+    inputs = list(inputs)
+    _check(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding)
+    return dispatch(OP_NAME, backend, inputs[0].device, _triton_path, bifpn_fusion_reference,
+                    inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding, eps)
