@@ -47,8 +47,8 @@ def _parse(argv=None):
     s.add_argument("--no-cache", action="store_true", help="compile again even when a cached result exists")
     args = p.parse_args(argv)
     try:
-        args.sizes = [x.strip() if "x" in x else int(x) for x in args.sizes.split(",") if x.strip()]
-        [int(y) for x in args.sizes if isinstance(x, str) for y in x.split("x")]
+        args.sizes = [tuple(int(y) for y in x.split("x")) if "x" in x else int(x)
+                      for x in args.sizes.replace(" ", "").split(",") if x]
         args.arch = [int(x) for x in args.arch.split(",") if x.strip()]
     except ValueError:
         p.error("--sizes takes comma-separated H or HxW sizes, --arch comma-separated integers")

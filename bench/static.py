@@ -570,11 +570,27 @@ _CAPTURE_SCRIPT = (
     "print('\\nCAPTURE-JSON ' + json.dumps(cap.to_json()))")
 
 
+def _workload_hash(batch: int) -> str:
+    """Hash of everything the D0 capture depends on: the sources of ``kernels/`` and ``detector/``, this file
+    and ``bench/model.py``, the torch and Triton versions, the batch."""
+    import torch
+
+    h = hashlib.sha256(f"{torch.__version__}|{_triton_version()}|{batch}".encode())
+    files = sorted(list((REPO_ROOT / "kernels").rglob("*.py")) + list((REPO_ROOT / "detector").rglob("*.py"))
+                   + [REPO_ROOT / "bench" / "static.py", REPO_ROOT / "bench" / "model.py"])
+    for f in files:
+        h.update(str(f.relative_to(REPO_ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:24]
+
+
 def capture_d0_subprocess(sizes: Iterable = (128, (128, 256)), batch: int = 2, timeout: float = 1500.0,
-                          host_sync_sizes: Iterable[int] = ()) -> dict[int, Capture]:
+                          host_sync_sizes: Iterable[int] = (), use_cache: bool = True) -> dict:
     """:func:`capture_d0`, one subprocess per size, all at once (the interpreter is single-threaded, so
     two sizes take about the time of one on two cores). Without CUDA the subprocesses run the interpreter.
-    Sizes in ``host_sync_sizes`` also record host synchronisations (a second pass, see :func:`capture_d0`)."""
+    Sizes in ``host_sync_sizes`` also record host synchronisations (a second pass, see :func:`capture_d0`).
+    ``use_cache``: reuse a capture made with the very same sources (:func:`_workload_hash`) from the cache
+    folder; a capture with specialization errors is never cached."""
     import torch
 
     env = dict(os.environ)
@@ -582,12 +598,26 @@ def capture_d0_subprocess(sizes: Iterable = (128, (128, 256)), batch: int = 2, t
     env["PYTHONWARNINGS"] = "ignore"
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
+    sizes = list(sizes)
+    order = list(sizes)
     sync_labels = {size_label(s) for s in host_sync_sizes}
+    out = {}
+    cache_files = {}
+    if use_cache:
+        code = _workload_hash(batch)
+        for s in sizes:
+            path = CACHE_DIR / f"capture-{code}-{size_label(s)}-{int(size_label(s) in sync_labels)}.json"
+            cache_files[s] = path
+            if path.exists():
+                try:
+                    out[s] = Capture.from_json(json.loads(path.read_text()))
+                except (ValueError, KeyError, TypeError):
+                    pass
+        sizes = [s for s in sizes if s not in out]
     procs = {s: subprocess.Popen([sys.executable, "-c", _CAPTURE_SCRIPT, size_label(s), str(batch),
                                   "1" if size_label(s) in sync_labels else "0"], cwd=str(REPO_ROOT),
                                  env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for s in sizes}
-    out = {}
     deadline = time.monotonic() + timeout
     try:
         for s, p in procs.items():
@@ -601,12 +631,15 @@ def capture_d0_subprocess(sizes: Iterable = (128, (128, 256)), batch: int = 2, t
                 raise RuntimeError(f"capturing the D0 launches at {size_label(s)} px failed (exit {p.returncode}):"
                                    "\n" + (stdout + stderr)[-3000:])
             out[s] = Capture.from_json(json.loads(line[len("CAPTURE-JSON "):]))
+            if s in cache_files and not out[s].errors:
+                cache_files[s].parent.mkdir(parents=True, exist_ok=True)
+                cache_files[s].write_text(line[len("CAPTURE-JSON "):])
     finally:
         for q in procs.values():
             if q.poll() is None:
                 q.kill()
                 q.wait()
-    return out
+    return {s: out[s] for s in order}
 
 
 @functools.lru_cache(maxsize=None)
@@ -967,7 +1000,7 @@ def run_static(sizes=(128, (128, 256)), batch: int = 2, archs=ARCHS, workers: in
     from bench.harness import DEFAULT_RESULTS_DIR, git_commit
 
     t0 = time.perf_counter()
-    caps = capture_d0_subprocess(sizes, batch)
+    caps = capture_d0_subprocess(sizes, batch, use_cache=use_cache)
     capture_s = time.perf_counter() - t0
     variants = union(caps.values())
     t1 = time.perf_counter()
