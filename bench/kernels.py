@@ -1,7 +1,7 @@
 """Benchmark the Triton kernels against their references and peers.
 
     python bench/kernels.py [--quick] [--ops focal_loss,nms,...] [--device cuda|cpu] [--results-dir DIR]
-    python bench/kernels.py --static [--sizes 128,192] [--batch 2] [--arch 90,80] [--workers 2]
+    python bench/kernels.py --static [--sizes 128,128x256] [--batch 2] [--arch 90,80] [--workers 2]
 
 Every module in ``bench/cases/`` that defines ``cases(quick: bool, device) -> list[Case]`` contributes
 (missing or broken modules are skipped with a message). Full mode uses the real shapes (D0 training:
@@ -38,7 +38,8 @@ def _parse(argv=None):
     p.add_argument("--reps", type=int, default=None, help="CPU timing repetitions")
     s = p.add_argument_group("--static: compiled-code evidence, no GPU needed")
     s.add_argument("--static", action="store_true", help="capture the D0 kernel variants and compile them")
-    s.add_argument("--sizes", default="128,192", help="image sizes of the D0 workload (default 128,192)")
+    s.add_argument("--sizes", default="128,128x256", help="image sizes (H or HxW, multiples of 128) of the D0 "
+                   "workload (default 128,128x256)")
     s.add_argument("--batch", type=int, default=2, help="batch of the D0 workload (default 2)")
     s.add_argument("--arch", default="90,80", help="compute capabilities to compile for (default 90,80)")
     s.add_argument("--workers", type=int, default=2, help="compile worker processes (default 2)")
@@ -46,10 +47,11 @@ def _parse(argv=None):
     s.add_argument("--no-cache", action="store_true", help="compile again even when a cached result exists")
     args = p.parse_args(argv)
     try:
-        args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        args.sizes = [tuple(int(y) for y in x.split("x")) if "x" in x else int(x)
+                      for x in args.sizes.replace(" ", "").split(",") if x]
         args.arch = [int(x) for x in args.arch.split(",") if x.strip()]
     except ValueError:
-        p.error("--sizes and --arch take comma-separated integers")
+        p.error("--sizes takes comma-separated H or HxW sizes, --arch comma-separated integers")
     return args
 
 

@@ -481,7 +481,22 @@ def _env(**values):
                 os.environ[k] = v
 
 
-def d0_workload(size: int = 128, batch: int = 2, device="cpu", model_name: str = "efficientdet_d0",
+def size_hw(size) -> tuple[int, int]:
+    """``128`` -> (128, 128); ``(128, 256)`` or ``"128x256"`` -> (128, 256) (height, width)."""
+    if isinstance(size, str):
+        parts = [int(x) for x in size.lower().split("x")]
+        return (parts[0], parts[-1])
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def size_label(size) -> str:
+    h, w = size_hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def d0_workload(size=128, batch: int = 2, device="cpu", model_name: str = "efficientdet_d0",
                 backend: str = "triton", seed: int = 0) -> tuple[Callable[[], object], Callable[[], object]]:
     """``(train_step, infer)`` for one model: forward, loss, backward, SGD step and EMA update; and the
     model + post-processing (``decode_topk`` + ``batched_nms``) under ``torch.inference_mode``."""
@@ -490,16 +505,17 @@ def d0_workload(size: int = 128, batch: int = 2, device="cpu", model_name: str =
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     import detector
-    from bench.model import random_images, random_targets
+    from bench.model import random_targets
     from detector.ema import ModelEma
 
     device = torch.device(device)
+    h, w = size_hw(size)
     torch.manual_seed(seed)
-    model = detector.create_model(model_name, image_size=(size, size), backend=backend).to(device)
+    model = detector.create_model(model_name, image_size=(h, w), backend=backend).to(device)
     ema = ModelEma(model, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    images = random_images(batch, size, device, torch.contiguous_format, seed)
-    boxes, labels = random_targets(batch, size, model.config.num_classes, seed=seed)
+    images = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
+    boxes, labels = random_targets(batch, min(h, w), model.config.num_classes, seed=seed)
     boxes, labels = boxes.to(device), labels.to(device)
 
     def train_step():
@@ -519,7 +535,7 @@ def d0_workload(size: int = 128, batch: int = 2, device="cpu", model_name: str =
     return train_step, infer
 
 
-def capture_d0(sizes: Iterable[int] = (128,), batch: int = 2, device=None, host_sync: bool = False
+def capture_d0(sizes: Iterable = (128,), batch: int = 2, device=None, host_sync: bool = False
                ) -> dict[int, Capture]:
     """Per image size, the variants one D0 train step + one inference pass launch on the Triton path.
     Without CUDA this needs ``TRITON_INTERPRET=1`` set before ``triton`` was imported.
@@ -550,15 +566,31 @@ def capture_d0(sizes: Iterable[int] = (128,), batch: int = 2, device=None, host_
 
 _CAPTURE_SCRIPT = (
     "import json, sys, torch; torch.set_num_threads(1); from bench.static import capture_d0; "
-    "cap = capture_d0([int(sys.argv[1])], int(sys.argv[2]), host_sync=sys.argv[3] == '1')[int(sys.argv[1])]; "
+    "cap = capture_d0([sys.argv[1]], int(sys.argv[2]), host_sync=sys.argv[3] == '1')[sys.argv[1]]; "
     "print('\\nCAPTURE-JSON ' + json.dumps(cap.to_json()))")
 
 
-def capture_d0_subprocess(sizes: Iterable[int] = (128, 192), batch: int = 2, timeout: float = 1500.0,
-                          host_sync_sizes: Iterable[int] = ()) -> dict[int, Capture]:
+def _workload_hash(batch: int) -> str:
+    """Hash of everything the D0 capture depends on: the sources of ``kernels/`` and ``detector/``, this file
+    and ``bench/model.py``, the torch and Triton versions, the batch."""
+    import torch
+
+    h = hashlib.sha256(f"{torch.__version__}|{_triton_version()}|{batch}".encode())
+    files = sorted(list((REPO_ROOT / "kernels").rglob("*.py")) + list((REPO_ROOT / "detector").rglob("*.py"))
+                   + [REPO_ROOT / "bench" / "static.py", REPO_ROOT / "bench" / "model.py"])
+    for f in files:
+        h.update(str(f.relative_to(REPO_ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def capture_d0_subprocess(sizes: Iterable = (128, (128, 256)), batch: int = 2, timeout: float = 1500.0,
+                          host_sync_sizes: Iterable[int] = (), use_cache: bool = True) -> dict:
     """:func:`capture_d0`, one subprocess per size, all at once (the interpreter is single-threaded, so
     two sizes take about the time of one on two cores). Without CUDA the subprocesses run the interpreter.
-    Sizes in ``host_sync_sizes`` also record host synchronisations (a second pass, see :func:`capture_d0`)."""
+    Sizes in ``host_sync_sizes`` also record host synchronisations (a second pass, see :func:`capture_d0`).
+    ``use_cache``: reuse a capture made with the very same sources (:func:`_workload_hash`) from the cache
+    folder; a capture with specialization errors is never cached."""
     import torch
 
     env = dict(os.environ)
@@ -566,29 +598,52 @@ def capture_d0_subprocess(sizes: Iterable[int] = (128, 192), batch: int = 2, tim
     env["PYTHONWARNINGS"] = "ignore"
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    procs = {s: subprocess.Popen([sys.executable, "-c", _CAPTURE_SCRIPT, str(s), str(batch),
-                                  "1" if s in tuple(host_sync_sizes) else "0"], cwd=str(REPO_ROOT),
+    sizes = list(sizes)
+    order = list(sizes)
+    sync_labels = {size_label(s) for s in host_sync_sizes}
+    out = {}
+    cache_files = {}
+    if use_cache:
+        code = _workload_hash(batch)
+        for s in sizes:
+            path = CACHE_DIR / f"capture-{code}-{size_label(s)}-{int(size_label(s) in sync_labels)}.json"
+            cache_files[s] = path
+            if path.exists():
+                try:
+                    out[s] = Capture.from_json(json.loads(path.read_text()))
+                except (ValueError, KeyError, TypeError):
+                    pass
+        sizes = [s for s in sizes if s not in out]
+    procs = {s: subprocess.Popen([sys.executable, "-c", _CAPTURE_SCRIPT, size_label(s), str(batch),
+                                  "1" if size_label(s) in sync_labels else "0"], cwd=str(REPO_ROOT),
                                  env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for s in sizes}
-    out = {}
     deadline = time.monotonic() + timeout
-    for s, p in procs.items():
-        try:
-            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs.values():
+    try:
+        for s, p in procs.items():
+            try:
+                stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"capturing the D0 launches at {size_label(s)} px took more than "
+                                   f"{timeout:.0f} s") from None
+            line = next((ln for ln in stdout.splitlines() if ln.startswith("CAPTURE-JSON ")), None)
+            if p.returncode != 0 or line is None:
+                raise RuntimeError(f"capturing the D0 launches at {size_label(s)} px failed (exit {p.returncode}):"
+                                   "\n" + (stdout + stderr)[-3000:])
+            out[s] = Capture.from_json(json.loads(line[len("CAPTURE-JSON "):]))
+            if s in cache_files and not out[s].errors:
+                cache_files[s].parent.mkdir(parents=True, exist_ok=True)
+                cache_files[s].write_text(line[len("CAPTURE-JSON "):])
+    finally:
+        for q in procs.values():
+            if q.poll() is None:
                 q.kill()
-            raise RuntimeError(f"capturing the D0 launches at {s} px took more than {timeout:.0f} s")
-        line = next((ln for ln in stdout.splitlines() if ln.startswith("CAPTURE-JSON ")), None)
-        if p.returncode != 0 or line is None:
-            raise RuntimeError(f"capturing the D0 launches at {s} px failed (exit {p.returncode}):\n"
-                               + (stdout + stderr)[-3000:])
-        out[s] = Capture.from_json(json.loads(line[len("CAPTURE-JSON "):]))
-    return out
+                q.wait()
+    return {s: out[s] for s in order}
 
 
 @functools.lru_cache(maxsize=None)
-def cached_d0_captures(sizes: tuple = (128, 192), batch: int = 2, host_sync_sizes: tuple = (128,)
+def cached_d0_captures(sizes: tuple = (128, (128, 256)), batch: int = 2, host_sync_sizes: tuple = (128,)
                        ) -> dict[int, Capture]:
     """:func:`capture_d0_subprocess`, once per process for these arguments (the compiled-code and the
     host-sync tests share one run of the D0 workload)."""
@@ -937,7 +992,7 @@ def print_table(row_list: list[dict], title: str, console=None) -> None:
     console.print(table)
 
 
-def run_static(sizes=(128, 192), batch: int = 2, archs=ARCHS, workers: int = 2, timeout: float = COMPILE_TIMEOUT_S,
+def run_static(sizes=(128, (128, 256)), batch: int = 2, archs=ARCHS, workers: int = 2, timeout: float = COMPILE_TIMEOUT_S,
                results_dir=None, use_cache: bool = True, console=None) -> dict:
     """Capture, compile, print the table, append ``static-sm<arch>.jsonl``; returns the pieces."""
     import datetime
@@ -945,7 +1000,7 @@ def run_static(sizes=(128, 192), batch: int = 2, archs=ARCHS, workers: int = 2, 
     from bench.harness import DEFAULT_RESULTS_DIR, git_commit
 
     t0 = time.perf_counter()
-    caps = capture_d0_subprocess(sizes, batch)
+    caps = capture_d0_subprocess(sizes, batch, use_cache=use_cache)
     capture_s = time.perf_counter() - t0
     variants = union(caps.values())
     t1 = time.perf_counter()
@@ -953,14 +1008,15 @@ def run_static(sizes=(128, 192), batch: int = 2, archs=ARCHS, workers: int = 2, 
                                progress=lambda s: print("[static]", s, file=sys.stderr))
     compile_s = time.perf_counter() - t1
     row_list = rows(results)
-    per_size = {s: len(c.variants) for s, c in caps.items()}
+    per_size = {size_label(s): len(c.variants) for s, c in caps.items()}
     title = (f"Triton kernel variants of one D0 train step + inference (batch {batch}, sizes "
-             f"{', '.join(map(str, sizes))} px): {len(variants)} distinct ({per_size} per size); "
+             f"{', '.join(map(size_label, sizes))} px): {len(variants)} distinct ({per_size} per size); "
              f"capture {capture_s:.0f} s, compile {compile_s:.0f} s")
     print_table(row_list, title, console)
     bad = problems(row_list)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(), "triton": _triton_version(), "sizes": list(sizes), "batch": batch,
+            "git_commit": git_commit(), "triton": _triton_version(), "sizes": [size_label(x) for x in sizes],
+            "batch": batch,
             "variants": len(variants), "variants_per_size": per_size}
     out_dir = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
