@@ -402,7 +402,7 @@ def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Te
         _nms_mask_kernel[(nb, split)](sboxes, seg_end, mask, n, W, split, thr, BLOCK=_BLOCK, num_warps=8,
                                       enable_fp_fusion=False)
         _nms_scan_kernel[(nb,)](sboxes, mask, seg_start, seg_end, seg_id, removed, keep_sorted, n, W, thr,
-                                BLOCK=_BLOCK, WCHUNK=16 if dev.type == "cuda" else 4, num_warps=16,
+                                BLOCK=_BLOCK, WCHUNK=16, num_warps=16,
                                 enable_fp_fusion=False)
     keep_orig = torch.empty(n, dtype=torch.bool, device=dev)
     keep_orig[order] = keep_sorted.bool()
