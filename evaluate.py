@@ -9,10 +9,20 @@ import os
 import sys
 
 from training.config import eval_parser, size_pair, split_paths, synthetic_paths
+from training.errors import UserError, run
 
 
 def main(argv=None):
+    """Bad input ends in one ``error: ...`` line and exit status 2 (``--debug``: the traceback)."""
+    return run(_main, argv)
+
+
+def _main(argv):
     args = eval_parser().parse_args(argv)
+    if args.images:  # a folder of images without annotations: detections and pictures only
+        from training.images import infer_images
+
+        return infer_images(args)
     import torch
 
     import datasets as D
@@ -20,11 +30,8 @@ def main(argv=None):
     from training.models import model_from_checkpoint, to_memory_format
     from training.runlog import JsonLog, console, stats_table
 
-    try:
-        paths = split_paths("val", args.data, args.val_ann, args.val_images, args.waymo,
-                            args.waymo_val_annotation, args.waymo_val)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    paths = split_paths("val", args.data, args.val_ann, args.val_images, args.waymo,
+                        args.waymo_val_annotation, args.waymo_val)
     ann, images = paths or synthetic_paths("val")
     os.makedirs(args.output, exist_ok=True)
     gt = D.load_coco_json(ann)
@@ -41,11 +48,7 @@ def main(argv=None):
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
     device = torch.device("cuda" if use_cuda else "cpu")
     dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
-    path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
-                                    if os.path.exists(os.path.join(args.output, f))), None)
-    if path is None:
-        raise SystemExit("no --checkpoint given and no output/best.pth or output/last.pth; train first "
-                         "(python train.py) or pass --checkpoint")
+    path = default_checkpoint(args)
     model, message, dataset.label_to_cat_id = model_from_checkpoint(
         path, dataset, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
         backend=args.kernel_backend, device=device)
@@ -73,6 +76,16 @@ def main(argv=None):
         event.update(stats)
     jlog.write(**event)
     return 0
+
+
+def default_checkpoint(args) -> str:
+    """``--checkpoint``, else OUTPUT/best.pth, else OUTPUT/last.pth."""
+    path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
+                                    if os.path.exists(os.path.join(args.output, f))), None)
+    if path is None:
+        raise UserError("no checkpoint to evaluate", args.output, "--checkpoint",
+                        "train first (python train.py) or pass --checkpoint FILE")
+    return path
 
 
 if __name__ == "__main__":

@@ -25,23 +25,41 @@ from .model import EfficientDet
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used. ``str(e)`` is the full message; ``what``, ``file``, ``field`` and
+    ``todo`` (what the user can do), when given, make the one-line report of the scripts."""
+
+    def __init__(self, message: str, what=None, file=None, field=None, todo=None):
+        super().__init__(message)
+        self.what, self.file, self.field = what or message.splitlines()[0], file, field
+        self.todo = todo or "check the file, or pass another --checkpoint / --initial-checkpoint"
 
 
 def read(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and errors that name the file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+        raise CheckpointError(f"checkpoint {path!r} does not exist", "checkpoint file not found", path, "path",
+                              "check the path (ours are OUTPUT/last.pth and OUTPUT/best.pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # PyTorch's text advises weights_only=False: never relay that
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        culprit = found.group(1) if found else "a Python object"
         raise CheckpointError(
-            f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code "
-            f"(only tensors, numbers, strings and containers are allowed). Details: {e}") from None
+            f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code ({culprit}; only "
+            "tensors, numbers, strings and containers are allowed)",
+            "checkpoint refused: loading it would run code", path, culprit,
+            "do not load this file; use a checkpoint written by train.py, effdet or NVIDIA's scripts, or "
+            "re-save the weights as a plain state dict where the file was made") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {e}") from None
+        detail = str(e) if "weights_only" not in str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {detail}",
+                              "checkpoint is truncated or not a PyTorch file", path, type(e).__name__,
+                              "copy the file again (a download or copy was cut short), or pass another "
+                              "checkpoint; train.py's last.pth of the previous save is never half-written") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors")
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors",
+                              f"checkpoint holds a {type(obj).__name__}, not a dict of tensors", path, "top level",
+                              "pass a checkpoint of train.py, effdet or NVIDIA's scripts")
     return obj
 
 
@@ -70,7 +88,9 @@ def extract_state_dict(obj: dict, use_ema: bool = False) -> tuple[dict, str]:
             return _strip_prefixes(obj[key]), f"NVIDIA/timm-style {key!r}"
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _strip_prefixes(obj), "plain state dict"
-    raise CheckpointError(f"no state dict found; top-level keys: {sorted(obj)[:10]}")
+    raise CheckpointError(f"no state dict found; top-level keys: {sorted(obj)[:10]}", "no state dict found in the "
+                          "checkpoint", None, f"top-level keys {sorted(obj)[:5]}",
+                          "pass a checkpoint of train.py, effdet or NVIDIA's scripts")
 
 
 def _strip_prefixes(sd: dict) -> dict:
@@ -155,7 +175,9 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
     where = source if isinstance(source, (str, os.PathLike)) else "checkpoint"
     sd, layout = extract_state_dict(obj, use_ema)
     if use_ema and "EMA" not in layout and "ema" not in layout:
-        raise CheckpointError(f"{where} holds no EMA weights ({layout}); drop --use-ema to load the model weights")
+        raise CheckpointError(f"{where} holds no EMA weights ({layout}); drop --use-ema to load the model weights",
+                              f"checkpoint holds no EMA weights ({layout})", where, "ema",
+                              "drop --use-ema to load the model weights")
     if is_nvidia(sd):
         sd = _unpad_class_head(_nvidia_backbone(sd, model.backbone), model)
         layout += ", NVIDIA backbone names and class padding converted"
@@ -186,7 +208,13 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
         raise CheckpointError(
             f"{where} ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes:\n"
             f"  missing ({len(missing)}): {_short(missing)}\n  unexpected ({len(unexpected)}): {_short(unexpected)}\n"
-            f"  wrong shape ({len(shape)}): {_short(shape)}{hint}")
+            f"  wrong shape ({len(shape)}): {_short(shape)}{hint}",
+            f"checkpoint ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} wrongly shaped keys",
+            where if isinstance(where, str) else str(where), (shape + missing + unexpected)[0].split(":")[0],
+            "pass the class count it was trained with (--num_classes), or --remove-weights to re-initialize the "
+            "class head on purpose" if only_head else
+            "pass the --model it was trained as (ours record it; effdet's and NVIDIA's need --model)")
     model.load_state_dict(sd, strict=not reset_class_head)
     return f"{where}: {layout}" + (" (class head re-initialized)" if reset_class_head else "")
 

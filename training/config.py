@@ -106,6 +106,7 @@ def train_parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark-steps", type=int, default=20)
     r.add_argument("--stop-after", type=int, default=None, help="stop after N epochs of this run (as if interrupted)")
     r.add_argument("--pictures", type=int, default=None, help="detection pictures written at the end")
+    add_script_flags(p)
     return p
 
 
@@ -137,7 +138,18 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--skip-bad-images", action="store_true")
+    add_script_flags(p, images=True)
     return p
+
+
+def add_script_flags(p: argparse.ArgumentParser, images: bool = False) -> None:
+    """Flags of issue 11: ``--debug`` for both scripts; ``--images`` (inference on a folder) for evaluate.py."""
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad-input error (also: environment variable EFFDET_DEBUG=1)")
+    if images:
+        p.add_argument("--images", default=None, metavar="DIR_OR_GLOB",
+                       help="run the model on every image in a folder (recursively) or matching a glob, no "
+                            "annotations needed: OUTPUT/detections.json with file names, --visualize N pictures")
 
 
 # ---------------------------------------------------------------- the run's settings
@@ -211,6 +223,7 @@ class TrainConfig:
     benchmark_steps: int = 20
     stop_after: int | None = None
     pictures: int = 0
+    debug: bool = False
     # which recipe filled the unset flags
     recipe: str = "NVIDIA COCO recipe"
 
@@ -230,7 +243,10 @@ class TrainConfig:
                 values[k] = v
         values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
         if values["log_interval"] < 1:
-            raise ValueError(f"--log-interval must be >= 1, got {values['log_interval']}")
+            from .errors import UserError
+
+            raise UserError(f"--log-interval must be >= 1, got {values['log_interval']}", None, "--log-interval",
+                            "pass --log-interval 1 or more")
         return cls(**values)
 
     @property
@@ -255,7 +271,9 @@ def split_paths(split: str, data: str | None, ann: str | None = None, images: st
     if waymo:
         for flag, value in ((f"--waymo-{split}-annotation", waymo_ann), (f"--waymo-{split}", waymo_images)):
             if not value:
-                raise ValueError(f"--waymo needs {flag} (a path relative to the data root)")
+                from .errors import UserError
+
+                raise UserError("--waymo needs " + flag, None, flag, f"pass {flag} PATH (relative to the data root)")
         root = data or "."
         return os.path.join(root, waymo_ann), os.path.join(root, waymo_images)
     if ann:

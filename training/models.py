@@ -7,6 +7,8 @@ from detector import checkpoint as ckpt
 from detector.configs import get_config
 from detector.model import EfficientDet
 
+from .errors import UserError, naming
+
 
 def build_model(name: str, num_classes: int, image_size=None, backend: str = "auto", device="cpu",
                 **overrides) -> EfficientDet:
@@ -54,7 +56,8 @@ def freeze(model: EfficientDet, prefixes) -> None:
     for prefix in prefixes or []:
         hits = [p for n, p in model.named_parameters() if n.startswith(prefix)]
         if not hits:
-            raise ValueError(f"--freeze-layers {prefix!r} matches no parameter")
+            raise UserError(f"--freeze-layers {prefix!r} matches no parameter", None, "--freeze-layers",
+                            "pass a prefix of the parameter names, e.g. backbone or fpn")
         for p in hits:
             p.requires_grad_(False)
 
@@ -70,13 +73,15 @@ def model_from_checkpoint(path: str, dataset, model_name=None, num_classes=None,
     cfg = state.get("config") if isinstance(state.get("config"), dict) else None
     name = model_name or (cfg or {}).get("name")
     if name is None:
-        raise SystemExit(f"{path} does not record its model: pass --model (e.g. tf_efficientdet_d0)")
+        raise UserError("checkpoint does not record its model", path, "--model",
+                        "pass --model (e.g. tf_efficientdet_d0)")
     sd, _ = ckpt.extract_state_dict(state)
     num_classes = num_classes or (cfg or {}).get("num_classes") or infer_num_classes(sd, dataset)
     size = image_size or (cfg or {}).get("image_size")
     overrides = {k: v for k, v in (cfg or {}).items() if k not in ("name", "num_classes", "image_size", "extra")}
     model = build_model(name, num_classes, size, backend, "cpu", **overrides)
-    message = ckpt.load(model, state, use_ema=use_ema)
+    with naming(path):
+        message = ckpt.load(model, state, use_ema=use_ema)
     return model.to(device), message, class_to_category(state, num_classes, dataset)
 
 
@@ -89,7 +94,8 @@ def infer_num_classes(sd: dict, dataset) -> int:
         for c in (max(dataset.cat_ids), dataset.num_classes):
             if ckpt.nvidia_padded(c) == head:
                 return c
-        raise SystemExit(f"the NVIDIA checkpoint's class head has {head} (padded) classes; pass --num_classes")
+        raise UserError(f"the NVIDIA checkpoint's class head has {head} (padded) classes", None, "--num_classes",
+                        "pass --num_classes (the checkpoint's class count before padding)")
     return head
 
 
@@ -103,8 +109,9 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
     if num_classes >= max(dataset.cat_ids):
         known = set(dataset.cat_ids)
         return {i: i + 1 for i in range(num_classes) if i + 1 in known}
-    raise SystemExit(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
-                     f"with ids up to {max(dataset.cat_ids)}: no mapping between them is known")
+    raise UserError(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
+                    f"with ids up to {max(dataset.cat_ids)}", dataset.ann_file, "categories",
+                    "evaluate on data with the checkpoint's categories, or pass --num_classes")
 
 
 def to_memory_format(model, channels_last: bool):
