@@ -268,7 +268,7 @@ class CocoDetection(torch.utils.data.Dataset):
             path = os.path.join(self.image_dir, im["file_name"])
             if not os.path.isfile(path):
                 if not self.skip_bad_images:
-                    raise MissingFileError(path, f"image file not found (image id {iid!r} of {self.ann_file})",
+                    raise MissingFileError(path, f"image file listed in {os.path.basename(self.ann_file)} not found",
                                            field=f"image id {iid}", todo=_IMAGE_TODO)
                 self._count("image_missing", 1, lambda: path, "missing image files were dropped from the index")
                 continue
