@@ -187,14 +187,14 @@ def test_effdet_checkpoint_loads_into_evaluate(tiny, tmp_path):
     with pytest.raises(Exception, match="no EMA"):
         evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
                        "--checkpoint", str(path), "--model", "efficientdet_d0", "--use-ema",
-                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu"])
+                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu", "--debug"])
 
 
 def test_waymo_flags_are_checked(tiny, tmp_path):
     with pytest.raises(ValueError, match="--waymo-train-annotation"):
-        train.main(base_args(tiny, tmp_path, "--waymo"))
-    with pytest.raises(SystemExit, match="--waymo-val-annotation"):
-        evaluate.main(["--waymo", "--output", str(tmp_path)])
+        train.main(base_args(tiny, tmp_path, "--waymo", "--debug"))
+    with pytest.raises(ValueError, match="--waymo-val-annotation"):
+        evaluate.main(["--waymo", "--output", str(tmp_path), "--debug"])
 
 
 def test_slurm_allocation_without_srun_is_one_process(monkeypatch):
@@ -216,7 +216,7 @@ def test_evaluate_refuses_checkpoint_of_another_model(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="wrong shape"):
         evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
                        "--checkpoint", str(path), "--model", "efficientdet_d0", "--input_size", "128",
-                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu"])
+                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu", "--debug"])
 
 
 def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
@@ -224,7 +224,7 @@ def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
     ann["images"], ann["annotations"] = [], []
     path = tmp_path / "empty.json"
     json.dump(ann, open(path, "w"))
-    args = base_args(tiny, tmp_path / "o", "--epochs", "1")
+    args = base_args(tiny, tmp_path / "o", "--epochs", "1", "--debug")
     args[args.index("--val-ann") + 1] = str(path)
     with pytest.raises(ValueError, match="empty.json"):
         train.main(args)

@@ -216,6 +216,7 @@ def train_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps of this run, saving a checkpoint --resume continues from")
     r.add_argument("--pictures", type=int, default=None, help="detection pictures written at the end")
+    add_script_flags(p)
     return p
 
 
@@ -276,6 +277,7 @@ def eval_parser() -> argparse.ArgumentParser:
              note="default none (NVIDIA: log.json); " + _infra("dllogger_file"))
     p.nvidia(p, "--local_rank", "--local-rank", type=int, default=0,
              note="accepted (bind_launch passes it); evaluation runs on one device")
+    add_script_flags(p, images=True)
     return p
 
 
@@ -296,8 +298,21 @@ def fill_color(value: str) -> tuple[int, int, int]:
     except ValueError:
         v = -1
     if not 0 <= v <= 255:
-        raise ValueError(f"--fill-color {value!r}: give 'mean' or an integer 0-255")
+        from .errors import UserError
+
+        raise UserError(f"--fill-color {value!r} is not a colour", None, "--fill-color",
+                        "give 'mean' or an integer 0-255")
     return v, v, v
+
+
+def add_script_flags(p: argparse.ArgumentParser, images: bool = False) -> None:
+    """Flags of issue 11: ``--debug`` for both scripts; ``--images`` (inference on a folder) for evaluate.py."""
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad-input error (also: environment variable EFFDET_DEBUG=1)")
+    if images:
+        p.add_argument("--images", default=None, metavar="DIR_OR_GLOB",
+                       help="run the model on every image in a folder (recursively) or matching a glob, no "
+                            "annotations needed: OUTPUT/detections.json with file names, --visualize N pictures")
 
 
 # ---------------------------------------------------------------- the run's settings
@@ -394,6 +409,7 @@ class TrainConfig:
     stop_after: int | None = None
     max_steps: int | None = None
     pictures: int = 0
+    debug: bool = False
     # which recipe filled the unset flags, and what the run says at start about NVIDIA's flags
     recipe: str = "NVIDIA COCO recipe"
     notes: tuple[str, ...] = ()
@@ -432,7 +448,10 @@ class TrainConfig:
                 values[k] = v
         values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
         if values["log_interval"] < 1:
-            raise ValueError(f"--log-interval must be >= 1, got {values['log_interval']}")
+            from .errors import UserError
+
+            raise UserError(f"--log-interval must be >= 1, got {values['log_interval']}", None, "--log-interval",
+                            "pass --log-interval 1 or more")
         from .schedule import optimizer_note
 
         note = optimizer_note(values["opt"])
@@ -465,7 +484,9 @@ def split_paths(split: str, data: str | None, ann: str | None = None, images: st
     if waymo:
         for flag, value in ((f"--waymo-{split}-annotation", waymo_ann), (f"--waymo-{split}", waymo_images)):
             if not value:
-                raise ValueError(f"--waymo needs {flag} (a path relative to the data root)")
+                from .errors import UserError
+
+                raise UserError("--waymo needs " + flag, None, flag, f"pass {flag} PATH (relative to the data root)")
         root = data or "."
         return os.path.join(root, waymo_ann), os.path.join(root, waymo_images)
     if ann:

@@ -23,6 +23,7 @@ from detector.visualize import plot_curve
 
 from . import distributed as dist
 from .config import TrainConfig, train_data_paths
+from .errors import UserError, naming
 from .evaluation import autocast, evaluate_model, run_inference, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
 from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
@@ -136,7 +137,8 @@ def setup(args, info: dist.DistInfo) -> Run:
                                  workers=cfg.workers, seed=cfg.seed, distributed=info.distributed)
                   if val_set is not None else None)
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+        raise UserError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}",
+                        train_set.ann_file, "--batch-size", "pass a smaller --batch-size or more images")
     optimizer = build_optimizer(cfg, model)
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
     run = Run(cfg=cfg, info=info, model=model, net=net, ema=ema, optimizer=optimizer,
@@ -164,19 +166,22 @@ def load_data(args):
     """(train set, val set or None) from the data flags."""
     paths = train_data_paths(args)
     if "train" not in paths:
-        raise ValueError("no training data: give --data, --train-ann, or nothing for the built-in synthetic set")
+        raise UserError("no training data", None, "--train-ann",
+                        "give a data root, --train-ann, or nothing for the built-in synthetic set")
     train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
     val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
     if val_set is not None and len(val_set) == 0:
-        raise ValueError(f"{paths['val'][0]}: the validation set is empty")
+        raise UserError("the validation set is empty", paths["val"][0], "images",
+                        "pass a --val-ann with images, or leave validation out")
     return train_set, val_set
 
 
 def build_training_model(cfg: TrainConfig, train_set, info: dist.DistInfo):
     num_classes = cfg.num_classes or train_set.num_classes
     if num_classes < train_set.num_classes:
-        raise ValueError(f"--num_classes {num_classes} is smaller than the {train_set.num_classes} categories of "
-                         f"{train_set.ann_file}; every class index must have a logit")
+        raise UserError(f"--num_classes {num_classes} is smaller than the {train_set.num_classes} categories",
+                        train_set.ann_file, "--num_classes",
+                        "drop --num_classes, or pass at least the category count (every class needs a logit)")
     return build_model(cfg.model, num_classes, cfg.input_size, cfg.kernel_backend, info.device,
                        **training_overrides(cfg))
 
@@ -380,7 +385,8 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
 def resume(run: Run, path: str) -> None:
     """Model, EMA, optimizer, schedule, scaler, position and random streams from ``path``."""
     state = ckpt.read(path)
-    ckpt.load(run.model, state)
+    with naming(path):
+        ckpt.load(run.model, state)
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     if not run.cfg.no_resume_opt:
