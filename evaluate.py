@@ -93,7 +93,15 @@ def _main(argv):
 
 
 def default_checkpoint(args) -> str:
-    """``--checkpoint``, else OUTPUT/best.pth, else OUTPUT/last.pth."""
+    """``--checkpoint``, else with ``--pretrained`` the published weights of ``--model`` (fetched once into the
+    torch hub cache), else OUTPUT/best.pth, else OUTPUT/last.pth."""
+    if args.pretrained and not args.checkpoint:
+        from detector.pretrained import fetch
+
+        if not args.model:
+            raise UserError("--pretrained needs the model name", None, "--model",
+                            "pass --model (e.g. tf_efficientdet_d0)")
+        return fetch(args.model)
     path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
                                     if os.path.exists(os.path.join(args.output, f))), None)
     if path is None:

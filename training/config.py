@@ -118,7 +118,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(m, "--no-redundant-bias", dest="redundant_bias", action="store_false",
              help="override the model config's redundant bias")
     p.nvidia(m, "--pretrained", action="store_true", help="start from published COCO weights",
-             note="nothing is downloaded here: pass the weights file with --initial-checkpoint (an error says so)")
+             note="effdet's published COCO weights of --model, downloaded once into the torch hub cache "
+                  "(offline: an error names the URL and the path to place the file at); --initial-checkpoint wins")
     p.nvidia(m, "--pretrained-backbone-path", default=None, help="backbone weights (ours, timm's or NVIDIA's)")
     p.nvidia(m, "--initial-checkpoint", default=None, help="ours, effdet's or NVIDIA's checkpoint")
     p.nvidia(m, "--remove-weights", nargs="*", default=None,
@@ -268,8 +269,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true")
     p.nvidia(p, "--seed", type=int, default=42)
     p.nvidia(p, "--log-freq", type=int, default=10, help="batches between progress lines", note=_infra("log_freq"))
-    p.nvidia(p, "--pretrained", action="store_true", help="use published weights",
-             note="implied by --checkpoint (as in NVIDIA's); nothing is downloaded")
+    p.nvidia(p, "--pretrained", action="store_true", help="evaluate the published COCO weights of --model",
+             note="without --checkpoint: effdet's published COCO weights of --model (downloaded once, as "
+                  "train.py's); with --checkpoint: implied, as in NVIDIA's")
     p.nvidia(p, "--num-gpu", type=int, default=1, note=_infra("num_gpu"))
     p.nvidia(p, "--no-prefetcher", action="store_true", note=_infra("no_prefetcher"))
     p.nvidia(p, "--pin-mem", action="store_true", help="pin host memory", note=_infra("pin_mem"))
@@ -422,10 +424,12 @@ class TrainConfig:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:  # a flag without a field would be silently ignored
             raise TypeError(f"TrainConfig has no field for the flags {sorted(unknown)}")
-        if values["pretrained"] and not values["initial_checkpoint"]:
-            raise ValueError("--pretrained: nothing is downloaded here; pass the weights file with "
-                             "--initial-checkpoint (NVIDIA's model_best.pth.tar / Effdet_B0.pth, or effdet's)")
-        notes = infra_lines(args, train_parser().parse_args([]))
+        if values["pretrained"] and values["initial_checkpoint"]:
+            notes = [f"--pretrained: --initial-checkpoint {values['initial_checkpoint']} is loaded instead"]
+            values["pretrained"] = False
+        else:
+            notes = []
+        notes += infra_lines(args, train_parser().parse_args([]))
         values["input_size"] = size_pair(values["input_size"])
         values["fill_color"] = fill_color(values["fill_color"])
         values["lr_noise"] = tuple(values["lr_noise"]) if values["lr_noise"] else None
@@ -440,7 +444,7 @@ class TrainConfig:
         for flag, dest, idle in (("--mixup", "mixup", 0.0), ("--drop", "drop", 0.0)):
             if values[dest] != idle:
                 notes.append(f"{flag} {values[dest]}: no effect (NVIDIA's train.py does not use it either)")
-        from_scratch = not (values["initial_checkpoint"] or values["pretrained_backbone_path"])
+        from_scratch = not (values["initial_checkpoint"] or values["pretrained_backbone_path"] or values["pretrained"])
         small = num_train < SMALL_DATA_IMAGES and from_scratch
         recipe = SMALL_RECIPE if small else COCO_RECIPE
         for k, v in recipe.items():

@@ -187,9 +187,16 @@ def build_training_model(cfg: TrainConfig, train_set, info: dist.DistInfo):
 
 
 def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
-    """``--pretrained-backbone-path``, ``--initial-checkpoint`` (minus ``--remove-weights``), ``--freeze-layers``."""
+    """``--pretrained-backbone-path``, ``--pretrained``, ``--initial-checkpoint`` (minus ``--remove-weights``),
+    ``--freeze-layers``."""
     if cfg.pretrained_backbone_path:
         load_backbone(model, cfg.pretrained_backbone_path)
+    if cfg.pretrained:  # effdet's published COCO weights of --model; another class count: a fresh class head
+        from detector.pretrained import load_pretrained
+
+        msg = load_pretrained(model, cfg.model, progress=info.is_main)
+        if info.is_main:
+            console.print(f"pretrained weights: {msg}")
     if cfg.initial_checkpoint:
         msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights is not None,
                         remove=cfg.remove_weights or None)
