@@ -11,9 +11,9 @@ import torch
 import datasets as D
 from detector.fuse import fuse_for_inference
 from detector.pipeline import predict
-from detector.visualize import draw_detections
 
 from . import distributed as dist
+from .plots import draw_detections
 from .runlog import progress
 
 # Waymo's per-class IoU thresholds (as NVIDIA's README reports them): vehicles 0.7, everything else 0.5
@@ -98,13 +98,15 @@ def evaluate_model(model, loader, info: dist.DistInfo, amp=None, soft_nms=None, 
 
 
 def save_pictures(dataset, pictures, folder: str, class_names=None) -> list[str]:
-    """Each picture: the image with predicted boxes (coloured) and the ground truth (white)."""
+    """Each picture: the image with predicted boxes (coloured, ``class score``) and the ground truth (white,
+    dashed, ``GT class``), drawn by :func:`training.plots.draw_detections`."""
     os.makedirs(folder, exist_ok=True)
     index = {iid: i for i, iid in enumerate(dataset.image_ids)}
     paths = []
     for iid, dets in pictures:
         sample = dataset.load(index[iid])
-        im = draw_detections(sample["image"], dets, gt_boxes=sample["boxes"], class_names=class_names)
+        im = draw_detections(sample["image"], dets, gt_boxes=sample["boxes"], gt_labels=sample["labels"],
+                             class_names=class_names)
         path = os.path.join(folder, f"detections_{iid}.png")
         im.save(path)
         paths.append(path)

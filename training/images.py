@@ -110,11 +110,11 @@ def infer_images(args) -> int:
     from detector import checkpoint as ckpt
     from detector.fuse import fuse_for_inference
     from detector.pipeline import predict
-    from detector.visualize import draw_detections
 
     from .config import size_pair
     from .evaluation import autocast
     from .models import model_from_checkpoint, to_memory_format
+    from .plots import draw_detections
     from .runlog import console, progress
 
     if args.detections or args.inference or args.data or args.val_ann or args.waymo:

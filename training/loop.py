@@ -19,13 +19,13 @@ from detector import checkpoint as ckpt
 from detector.ema import ModelEma
 from detector.layers import convert_sync_batchnorm
 from detector.pipeline import compute_loss
-from detector.visualize import plot_curve
 
 from . import distributed as dist
 from .config import TrainConfig, train_data_paths
 from .errors import UserError, naming
 from .evaluation import autocast, evaluate_model, run_inference, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
+from .plots import plot_training
 from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
 from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
 
@@ -58,7 +58,6 @@ class Run:
     skip_batches: int = 0  # batches of start_epoch already trained before an interruption
     nonfinite_total: int = 0
     nonfinite_run: int = 0
-    history: list = field(default_factory=list)
     bench_times: list = field(default_factory=list)
     stats: dict | None = None
     bn_buffers: list = field(default_factory=list)
@@ -315,7 +314,6 @@ def log_step(run: Run, epoch: int, parts, batch, ips: float, step_time: float) -
                  box_loss=parts[2].item(), lr=run.optimizer.param_groups[0]["lr"], img_per_s=ips,
                  data_time=batch["data_time"], step_time=step_time)
     run.jlog.write(**event)
-    run.history.append(event)
     return event
 
 
@@ -352,16 +350,15 @@ def distribute_bn(run: Run) -> None:
 
 
 def finish(run: Run) -> None:
-    """Loss curve and detection pictures (rank 0)."""
+    """Training curves (loss parts, learning rate, validation AP of the whole log, resumed runs included) and
+    detection pictures (rank 0)."""
     if not run.info.is_main:
         return
     if run.nonfinite_total:
         console.print(f"[yellow]{run.nonfinite_total} steps with a NaN/inf loss were skipped[/]")
-    out, h = run.cfg.output, run.history
-    if h:
-        plot_curve([e["step"] for e in h], {"loss": [e["loss"] for e in h], "cls": [e["cls_loss"] for e in h],
-                                            "50*box": [50 * e["box_loss"] for e in h]},
-                   os.path.join(out, "loss_curve.png"), title="training loss")
+    out = run.cfg.output
+    if os.path.isfile(os.path.join(out, "log.jsonl")):
+        plot_training(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
     if run.val_loader is not None and run.cfg.pictures and run.stats is not None:
         loader = D.build_loader(run.val_set, run.cfg.batch_size, False, 0, run.cfg.seed)
         _, _, pics = run_inference(run.eval_model, loader, run.info.device, amp=run.cfg.amp,
