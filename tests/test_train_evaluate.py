@@ -82,10 +82,20 @@ def test_evaluate_stats_equal_pycocotools(tiny, tmp_path):
     assert [round(ours[n], 10) for n in names] == [round(float(v), 10) for v in e.stats]
 
 
-def test_resume_is_bit_identical(tiny, tmp_path):
-    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main(base_args(tiny, a, *common))
+RESUME_RUN = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """The output folder of one uninterrupted RESUME_RUN: the reference both resume tests compare with."""
+    a = tmp_path_factory.mktemp("uninterrupted")
+    assert train.main(base_args(tiny, a, *RESUME_RUN)) == 0
+    return a
+
+
+def test_resume_is_bit_identical(tiny, tmp_path, uninterrupted):
+    common = RESUME_RUN
+    a, b = uninterrupted, tmp_path / "b"
     train.main(base_args(tiny, b, *common, "--stop-after", "1"))
     first = torch.load(b / "last.pth", weights_only=True)
     assert first["epoch"] == 0
@@ -230,16 +240,15 @@ def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
         train.main(args)
 
 
-def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, monkeypatch, uninterrupted):
     """Ctrl-C / SIGTERM in the middle of an epoch saves a checkpoint after the current step; --resume then
     finishes that epoch and the run ends with the weights of an uninterrupted run."""
     import signal
 
     from training import loop
 
-    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main(base_args(tiny, a, *common))
+    common = RESUME_RUN
+    a, b = uninterrupted, tmp_path / "b"
     real, calls = loop.compute_loss, {"n": 0}
 
     def interrupting(*args, **kw):

@@ -134,11 +134,12 @@ def d0_checkpoint(data) -> str:
 
 
 def distinct(lines: dict) -> list:
-    """Every script as a test; one whose flag names repeat an earlier script's (only values differ) is marked
-    slow, so the default run covers each distinct flag list once."""
+    """Every script as a test; one whose flag names repeat an earlier script's (only values differ, or only
+    ``--amp``: without CUDA fp16 runs as fp32, so on a CPU such lines run the same code) is marked slow, so the
+    default run covers each distinct flag list once."""
     seen, params = set(), []
     for name in sorted(lines):
-        names = tuple(t for t in lines[name].split() if t.startswith("-"))
+        names = tuple(t for t in lines[name].split() if t.startswith("-") and t != "--amp")
         params.append(pytest.param(name, marks=[pytest.mark.slow] if names in seen else []))
         seen.add(names)
     return params
