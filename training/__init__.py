@@ -11,7 +11,8 @@ Read in this order:
 * ``runlog.py``     console, the JSON log and result tables;
 * ``distributed.py`` process groups (torchrun, SLURM, ``--nproc``);
 * ``errors.py``     bad input -> one ``error: <what> (<file>, <field>): <todo>`` line and exit status 2;
-* ``images.py``     ``evaluate.py --images``: the detector on a folder of images without annotations.
+* ``images.py``     ``evaluate.py --images``: the detector on a folder of images without annotations;
+* ``plots.py``      ``curves.png`` of a run's log and the detection pictures.
 
 ``detector/`` (the model) and ``datasets/`` (the data) know nothing about this package.
 """
