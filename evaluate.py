@@ -10,11 +10,21 @@ import os
 import sys
 
 from training.config import eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
+from training.errors import UserError, run
 
 
 def main(argv=None):
+    """Bad input ends in one ``error: ...`` line and exit status 2 (``--debug``: the traceback)."""
+    return run(_main, argv)
+
+
+def _main(argv):
     parser = eval_parser()
     args = parser.parse_args(argv)
+    if args.images:  # a folder of images without annotations: detections and pictures only
+        from training.images import infer_images
+
+        return infer_images(args)
     import torch
 
     import datasets as D
@@ -22,11 +32,8 @@ def main(argv=None):
     from training.models import model_from_checkpoint, resolve_amp, to_memory_format
     from training.runlog import JsonLog, console, stats_table, waymo_table
 
-    try:
-        ann, images = eval_data_paths(args)
-        fill = fill_color(args.fill_color)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    ann, images = eval_data_paths(args)
+    fill = fill_color(args.fill_color)
     torch.manual_seed(args.seed)
     for line in infra_lines(args, parser.parse_args([])):
         console.print(f"[yellow]{line}[/]")
@@ -53,11 +60,7 @@ def main(argv=None):
     if note:
         console.print(f"[yellow]{note}[/]")
     dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
-    path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
-                                    if os.path.exists(os.path.join(args.output, f))), None)
-    if path is None:
-        raise SystemExit("no --checkpoint given and no output/best.pth or output/last.pth; train first "
-                         "(python train.py) or pass --checkpoint")
+    path = default_checkpoint(args)
     model, message, dataset.label_to_cat_id = model_from_checkpoint(
         path, dataset, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
         backend=args.kernel_backend, device=device, redundant_bias=args.redundant_bias)
@@ -87,6 +90,24 @@ def main(argv=None):
         event.update(stats)
     jlog.write(**event)
     return 0
+
+
+def default_checkpoint(args) -> str:
+    """``--checkpoint``, else with ``--pretrained`` the published weights of ``--model`` (fetched once into the
+    torch hub cache), else OUTPUT/best.pth, else OUTPUT/last.pth."""
+    if args.pretrained and not args.checkpoint:
+        from detector.pretrained import fetch
+
+        if not args.model:
+            raise UserError("--pretrained needs the model name", None, "--model",
+                            "pass --model (e.g. tf_efficientdet_d0)")
+        return fetch(args.model)
+    path = args.checkpoint or next((os.path.join(args.output, f) for f in ("best.pth", "last.pth")
+                                    if os.path.exists(os.path.join(args.output, f))), None)
+    if path is None:
+        raise UserError("no checkpoint to evaluate", args.output, "--checkpoint",
+                        "train first (python train.py) or pass --checkpoint FILE")
+    return path
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ The loop itself is ``training/loop.py``.
 import sys
 
 from training.config import train_parser
+from training.errors import run
 
 
 def main(argv=None):
+    """Bad input ends in one ``error: ...`` line and exit status 2 (``--debug``: the traceback)."""
+    return run(_main, argv)
+
+
+def _main(argv):
     args = train_parser().parse_args(argv)
     from training import distributed, loop
 

@@ -13,15 +13,16 @@ Every sample is a plain dict (no torch types):
 Bad input is either an error that names the file and the field, or a counted, logged fix:
 
 ==========================================  ============================================
-annotation file is not COCO                 ``ValueError`` (file + missing field/entry)
-no images                                   ``ValueError``
-image path escapes the image folder         ``ValueError`` (file + image id)
-unknown category id / unknown image id      ``ValueError`` (file + annotation id)
-missing image file                          ``FileNotFoundError`` at construction, or with
-                                            ``skip_bad_images=True`` the image is DROPPED
-                                            FROM THE INDEX (``stats["image_missing"]``)
-corrupt image file (found when decoded)     ``OSError`` naming the file, or with
-                                            ``skip_bad_images=True`` the sample is REPLACED
+annotation file is not COCO                 ``AnnotationError`` (a ``ValueError``: file + field)
+no images                                   ``AnnotationError``
+image path escapes the image folder         ``AnnotationError`` (file + image id)
+unknown category id / unknown image id      ``AnnotationError`` (file + annotation id)
+missing image file                          ``MissingFileError`` (a ``FileNotFoundError``) at
+                                            construction, or with ``skip_bad_images=True``
+                                            the image is DROPPED FROM THE INDEX
+                                            (``stats["image_missing"]``)
+corrupt image file (found when decoded)     ``ImageError`` (an ``OSError``) naming the file, or
+                                            with ``skip_bad_images=True`` the sample is REPLACED
                                             BY THE NEXT GOOD ONE (``stats["image_corrupt"]``)
 box partly outside the image                clipped, ``stats["box_clipped"]``
 box < 1 px wide/high after clipping         dropped, ``stats["box_too_small"]``
@@ -49,13 +50,44 @@ import torch.utils.data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CocoDetection", "coco2017_paths", "load_coco_json", "IGNORE_LABEL"]
+__all__ = ["CocoDetection", "coco2017_paths", "load_coco_json", "IGNORE_LABEL", "DataError", "AnnotationError",
+           "ImageError", "MissingFileError"]
 
 IGNORE_LABEL = -2
 _REQUIRED_TOP = ("images", "annotations", "categories")
 _REQUIRED_IMAGE = ("id", "file_name", "height", "width")
 _REQUIRED_ANN = ("id", "image_id", "category_id", "bbox")
 _REQUIRED_CAT = ("id", "name")
+
+
+class DataError(Exception):
+    """Bad input data. ``str(e)`` is ``"<file>: <what>"``; ``file``, ``what``, ``field`` (the entry or field at
+    fault, when known) and ``todo`` (what the user can do) are also kept apart, for a one-line report."""
+
+    todo = "fix the file"
+
+    def __init__(self, file, what=None, field=None, todo=None):
+        if what is None:  # re-created from its text alone (an error re-raised from a DataLoader worker)
+            file, what = None, file
+        self.file, self.what, self.field = file, what, field
+        if todo:
+            self.todo = todo
+        super().__init__(f"{file}: {what}" if file else what)
+
+
+class AnnotationError(DataError, ValueError):
+    todo = "fix the annotation file (COCO detection format: images, annotations, categories)"
+
+
+class ImageError(DataError, OSError):
+    todo = "replace or remove the image file, or pass --skip-bad-images to skip it"
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    todo = "check the path"
+
+
+_IMAGE_TODO = "fix the path or add the file, or pass --skip-bad-images to leave the image out"
 
 
 def coco2017_paths(root, split: str) -> tuple[str, str]:
@@ -85,51 +117,51 @@ def load_coco_json(ann_file) -> dict:
     """
     ann_file = str(ann_file)
     if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"{ann_file}: annotation file not found")
+        raise MissingFileError(ann_file, "annotation file not found", todo="check the path given to --train-ann/--val-ann or the data root")
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann_file}: not a JSON file ({e})") from e
+        raise AnnotationError(ann_file, f"not a JSON file ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: not a COCO annotation file (top level is "
+        raise AnnotationError(ann_file, f"not a COCO annotation file (top level is "
                          f"{type(data).__name__}, expected an object with {list(_REQUIRED_TOP)})")
     for key in _REQUIRED_TOP:
         if key not in data:
-            raise ValueError(f"{ann_file}: not a COCO annotation file: missing field {key!r}")
+            raise AnnotationError(ann_file, f"not a COCO annotation file: missing field {key!r}", field=key)
         if not isinstance(data[key], list):
-            raise ValueError(f"{ann_file}: field {key!r} must be a list, got {type(data[key]).__name__}")
+            raise AnnotationError(ann_file, f"field {key!r} must be a list, got {type(data[key]).__name__}", field=key)
     if not data["images"]:
-        raise ValueError(f"{ann_file}: the annotation file contains no images ('images' is empty)")
+        raise AnnotationError(ann_file, f"the annotation file contains no images ('images' is empty)")
     if not data["categories"]:
-        raise ValueError(f"{ann_file}: the annotation file defines no categories ('categories' is empty)")
+        raise AnnotationError(ann_file, f"the annotation file defines no categories ('categories' is empty)")
     for kind, key, fields in (("image", "images", _REQUIRED_IMAGE), ("annotation", "annotations", _REQUIRED_ANN),
                               ("category", "categories", _REQUIRED_CAT)):
         for i, entry in enumerate(data[key]):
             if not isinstance(entry, dict):
-                raise ValueError(f"{ann_file}: {kind} #{i} in {key!r} is not an object")
+                raise AnnotationError(ann_file, f"{kind} #{i} in {key!r} is not an object")
             for field in fields:
                 if field not in entry:
-                    raise ValueError(f"{ann_file}: {_entry_name(kind, entry, i)} (#{i} in {key!r}) "
-                                     f"is missing required field {field!r}")
+                    raise AnnotationError(ann_file, f"{_entry_name(kind, entry, i)} (#{i} in {key!r}) "
+                                     f"is missing required field {field!r}", field=f"{key}[{i}].{field}")
             for field in ("id",) + (("image_id", "category_id") if kind == "annotation" else ()) \
                     + (("height", "width") if kind == "image" else ()):
                 if not _is_int(entry[field]):
-                    raise ValueError(f"{ann_file}: {_entry_name(kind, entry, i)}: field {field!r} must be "
-                                     f"an integer, got {entry[field]!r}")
+                    raise AnnotationError(ann_file, f"{_entry_name(kind, entry, i)}: field {field!r} must be "
+                                     f"an integer, got {entry[field]!r}", field=f"{key}[{i}].{field}")
             if kind == "image" and not isinstance(entry["file_name"], str):
-                raise ValueError(f"{ann_file}: image id {entry['id']!r}: field 'file_name' must be a string")
+                raise AnnotationError(ann_file, f"image id {entry['id']!r}: field 'file_name' must be a string")
             if kind == "annotation":
                 bb = entry["bbox"]
                 if not (isinstance(bb, (list, tuple)) and len(bb) == 4
                         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)):
-                    raise ValueError(f"{ann_file}: annotation id {entry['id']!r}: field 'bbox' must be "
-                                     f"4 numbers [x, y, w, h], got {bb!r}")
+                    raise AnnotationError(ann_file, f"annotation id {entry['id']!r}: field 'bbox' must be "
+                                     f"4 numbers [x, y, w, h], got {bb!r}", field=f"annotations[{i}].bbox")
     for kind, key in (("image", "images"), ("category", "categories"), ("annotation", "annotations")):
         ids = Counter(e["id"] for e in data[key])
         dup = [k for k, n in ids.items() if n > 1]
         if dup:
-            raise ValueError(f"{ann_file}: duplicate {kind} id {dup[0]!r} in {key!r}")
+            raise AnnotationError(ann_file, f"duplicate {kind} id {dup[0]!r} in {key!r}")
     return data
 
 
@@ -138,7 +170,7 @@ def _check_relative(ann_file: str, image: dict) -> str:
     posix, win = PurePosixPath(name), PureWindowsPath(name)
     if (not name or posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts
             or ".." in win.parts):
-        raise ValueError(f"{ann_file}: image id {image['id']!r}: file_name {name!r} escapes the image "
+        raise AnnotationError(ann_file, f"image id {image['id']!r}: file_name {name!r} escapes the image "
                          f"folder (absolute paths and '..' are not allowed)")
     return name
 
@@ -184,11 +216,12 @@ class CocoDetection(torch.utils.data.Dataset):
         anns = data["annotations"]
         for a in anns:
             if a["image_id"] not in images:
-                raise ValueError(f"{self.ann_file}: annotation id {a['id']!r} refers to unknown image id "
-                                 f"{a['image_id']!r}")
+                raise AnnotationError(self.ann_file, f"annotation id {a['id']!r} refers to unknown image id "
+                                 f"{a['image_id']!r}", field=f"annotation id {a['id']}: image_id")
             if a["category_id"] not in self.cat_id_to_label:
-                raise ValueError(f"{self.ann_file}: annotation id {a['id']!r} has category_id "
-                                 f"{a['category_id']!r}, which is not in 'categories'")
+                raise AnnotationError(self.ann_file, f"annotation id {a['id']!r} has category_id "
+                                 f"{a['category_id']!r}, which is not in 'categories'",
+                                      field=f"annotation id {a['id']}: category_id")
 
         # --- boxes: vectorized clip / drop, once, against the image entry's height and width
         img_ids_sorted = sorted(images)
@@ -235,13 +268,14 @@ class CocoDetection(torch.utils.data.Dataset):
             path = os.path.join(self.image_dir, im["file_name"])
             if not os.path.isfile(path):
                 if not self.skip_bad_images:
-                    raise FileNotFoundError(f"{path}: image file not found (image id {iid!r} of {self.ann_file})")
+                    raise MissingFileError(path, f"image file listed in {os.path.basename(self.ann_file)} not found",
+                                           field=f"image id {iid}", todo=_IMAGE_TODO)
                 self._count("image_missing", 1, lambda: path, "missing image files were dropped from the index")
                 continue
             self._entries.append((iid, path, (int(im["height"]), int(im["width"])),
                                   boxes_per_img[r].reshape(-1, 4), labels_per_img[r].reshape(-1)))
         if not self._entries:
-            raise ValueError(f"{self.ann_file}: no usable images (all {len(images)} image files are missing "
+            raise AnnotationError(self.ann_file, f"no usable images (all {len(images)} image files are missing "
                              f"under {self.image_dir})")
         self.image_ids = [e[0] for e in self._entries]
 
@@ -273,11 +307,11 @@ class CocoDetection(torch.utils.data.Dataset):
                 im = im.convert("RGB")
                 arr = np.asarray(im, dtype=np.uint8)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{path}: image file not found") from e
+            raise MissingFileError(path, "image file not found", todo=_IMAGE_TODO) from e
         except Exception as e:  # PIL raises UnidentifiedImageError / OSError / SyntaxError / ValueError
-            raise OSError(f"{path}: cannot decode image file ({type(e).__name__}: {e})") from e
+            raise ImageError(path, f"cannot decode image file ({type(e).__name__}: {e})") from e
         if tuple(arr.shape[:2]) != tuple(expect_hw):
-            raise OSError(f"{path}: decoded size {arr.shape[0]}x{arr.shape[1]} (h x w) differs from the "
+            raise ImageError(path, f"decoded size {arr.shape[0]}x{arr.shape[1]} (h x w) differs from the "
                           f"annotation's height/width {expect_hw[0]}x{expect_hw[1]} in {self.ann_file}")
         return np.ascontiguousarray(arr)
 

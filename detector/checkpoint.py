@@ -47,26 +47,43 @@ _NUMPY_SAFE = [_np_scalar, (_np_scalar, "numpy.core.multiarray.scalar"),
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used. ``str(e)`` is the full message; ``what``, ``file``, ``field`` and
+    ``todo`` (what the user can do), when given, make the one-line report of the scripts."""
+
+    def __init__(self, message: str, what=None, file=None, field=None, todo=None):
+        super().__init__(message)
+        self.what, self.file, self.field = what or message.splitlines()[0], file, field
+        self.todo = todo or "check the file, or pass another --checkpoint / --initial-checkpoint"
 
 
 def read(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and errors that name the file."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
+        raise CheckpointError(f"checkpoint {path!r} does not exist", "checkpoint file not found", path, "path",
+                              "check the path (ours are OUTPUT/last.pth and OUTPUT/best.pth)")
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = re.search(r"[Uu]nsupported (global: )?GLOBAL [\w.]+|Can only build [^\n]*", str(e))
+    except pickle.UnpicklingError as e:  # PyTorch's text advises weights_only=False: never relay that
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        culprit = found.group(1) if found else "a Python object"
+        detail = f"GLOBAL {culprit}" if found else _first_line(e)
         raise CheckpointError(
-            f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code "
-            f"(only tensors, numbers, strings, containers and numpy scalars are allowed): "
-            f"{what.group(0) if what else _first_line(e)}") from None
+            f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code ({detail}; only "
+            "tensors, numbers, strings, containers and numpy scalars are allowed)",
+            "checkpoint refused: loading it would run code", path, culprit,
+            "do not load this file; use a checkpoint written by train.py, effdet or NVIDIA's scripts, or "
+            "re-save the weights as a plain state dict where the file was made") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {_first_line(e)}") from None
+        detail = _first_line(e) if "weights_only" not in str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {detail}",
+                              "checkpoint is truncated or not a PyTorch file", path, type(e).__name__,
+                              "copy the file again (a download or copy was cut short), or pass another "
+                              "checkpoint; train.py's last.pth of the previous save is never half-written") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors")
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors",
+                              f"checkpoint holds a {type(obj).__name__}, not a dict of tensors", path, "top level",
+                              "pass a checkpoint of train.py, effdet or NVIDIA's scripts")
     return obj
 
 
@@ -76,17 +93,36 @@ def _first_line(e: BaseException) -> str:
 
 
 def save(obj: dict, path: str) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+    """Write atomically: a temporary file in the same folder, flushed to disk (fsync), then renamed over
+    ``path`` (and the folder fsynced), so ``path`` is always either the previous complete file or the new one,
+    whatever point the write is interrupted at (an error, Ctrl-C, SIGKILL, a power cut)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def extract_state_dict(obj: dict, use_ema: bool = False) -> tuple[dict, str]:
@@ -103,7 +139,9 @@ def extract_state_dict(obj: dict, use_ema: bool = False) -> tuple[dict, str]:
         if is_nvidia(sd):  # NVIDIA's checkpoint_processing.py writes the EMA weights this way
             return sd, "plain state dict (NVIDIA's processed file: the EMA weights)"
         return sd, "plain state dict"
-    raise CheckpointError(f"no state dict found; top-level keys: {sorted(obj)[:10]}")
+    raise CheckpointError(f"no state dict found; top-level keys: {sorted(obj)[:10]}", "no state dict found in the "
+                          "checkpoint", None, f"top-level keys {sorted(obj)[:5]}",
+                          "pass a checkpoint of train.py, effdet or NVIDIA's scripts")
 
 
 def _strip_prefixes(sd: dict) -> dict:
@@ -192,7 +230,9 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
     where = where or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
     sd, layout = extract_state_dict(obj, use_ema)
     if use_ema and "EMA" not in layout and "ema" not in layout:  # NVIDIA's processed file says "EMA"
-        raise CheckpointError(f"{where} holds no EMA weights ({layout}); drop --use-ema to load the model weights")
+        raise CheckpointError(f"{where} holds no EMA weights ({layout}); drop --use-ema to load the model weights",
+                              f"checkpoint holds no EMA weights ({layout})", where, "ema",
+                              "drop --use-ema to load the model weights")
     if is_nvidia(sd):
         sd = _unpad_class_head(_nvidia_backbone(sd, model.backbone), model)
         layout += ", NVIDIA backbone names and class padding converted"
@@ -223,7 +263,13 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
         raise CheckpointError(
             f"{where} ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes:\n"
             f"  missing ({len(missing)}): {_short(missing)}\n  unexpected ({len(unexpected)}): {_short(unexpected)}\n"
-            f"  wrong shape ({len(shape)}): {_short(shape)}{hint}")
+            f"  wrong shape ({len(shape)}): {_short(shape)}{hint}",
+            f"checkpoint ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} wrongly shaped keys",
+            where if isinstance(where, str) else str(where), (shape + missing + unexpected)[0].split(":")[0],
+            "pass the class count it was trained with (--num_classes), or --remove-weights to re-initialize the "
+            "class head on purpose" if only_head else
+            "pass the --model it was trained as (ours record it; effdet's and NVIDIA's need --model)")
     model.load_state_dict(sd, strict=not reset_class_head)
     return f"{where}: {layout}" + (" (class head re-initialized)" if reset_class_head else "")
 
@@ -266,24 +312,32 @@ class Loaded:
 
 
 def load_for_inference(source, model_name: str | None = None, num_classes: int | None = None, category_ids=None,
-                       image_size=None, use_ema: bool = False, backend: str = "auto") -> Loaded:
+                       image_size=None, use_ema: bool = False, backend: str = "auto", **config) -> Loaded:
     """Build the model a checkpoint needs and load it: ours, effdet's, NVIDIA's training or processed file.
 
     ``model_name`` / ``num_classes`` / ``image_size`` override what the checkpoint records (ours record all
     three; effdet's and NVIDIA's need ``model_name``, and their class count comes from the class head and
     ``category_ids``, the data's category ids, see :func:`infer_num_classes`). Every other recorded config
-    field (BN eps, ...) is kept, so the network is rebuilt exactly as trained.
+    field (BN eps, ...) is kept, so the network is rebuilt exactly as trained; ``config`` (e.g.
+    ``redundant_bias=False``) overrides config fields on top.
     """
     where = str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint"
     state = read(source) if isinstance(source, (str, os.PathLike)) else source
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     name = model_name or cfg.get("name")
     if name is None:
-        raise CheckpointError(f"{where} does not record its model: pass --model (e.g. efficientdet_d0)")
+        raise CheckpointError(f"{where} does not record its model: pass --model (e.g. efficientdet_d0)",
+                              "checkpoint does not record its model", where, "--model",
+                              "pass --model (e.g. tf_efficientdet_d0)")
+    if cfg.get("name") and model_name and cfg["name"] != model_name:
+        raise CheckpointError(f"{where} holds {cfg['name']}; --model {model_name} does not fit it",
+                              f"checkpoint holds {cfg['name']}, not {model_name}", where, "--model",
+                              f"drop --model (the checkpoint records it) or pass --model {cfg['name']}")
     if num_classes is None:
         num_classes = cfg.get("num_classes") or infer_num_classes(extract_state_dict(state, use_ema)[0], category_ids)
     size = image_size or cfg.get("image_size") or get_config(name).image_size
     overrides = {k: v for k, v in cfg.items() if k not in ("name", "num_classes", "image_size", "extra")}
+    overrides.update(config)
     model = EfficientDet(get_config(name, num_classes=num_classes, image_size=size, **overrides)).set_backend(backend)
     desc = load(model, state, use_ema=use_ema, where=where)
     if "metric" in state and isinstance(state["metric"], (float, int, np.floating)):

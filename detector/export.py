@@ -191,6 +191,7 @@ class TracedNetwork(nn.Module):
         device = next(net.parameters()).device
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, see export_torchscript
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
             self.traced = torch.jit.trace(net, (_example(model, 2).to(device),), check_trace=False)
 
     flatten = staticmethod(EfficientDet.flatten)

@@ -58,7 +58,9 @@ class PretrainedError(CheckpointError):
 def weights_url(name: str) -> str:
     if name not in PRETRAINED_URLS:
         raise PretrainedError(f"no published weights for {name!r} (--pretrained): choose one of "
-                              f"{', '.join(PRETRAINED_URLS)}, or pass --checkpoint FILE")
+                              f"{', '.join(PRETRAINED_URLS)}, or pass --checkpoint FILE",
+                              f"no published weights for {name!r}", None, "--pretrained",
+                              f"pass --model one of {', '.join(PRETRAINED_URLS)}, or a weights file")
     return PRETRAINED_URLS[name]
 
 
@@ -102,14 +104,17 @@ def fetch(name: str | None = None, url: str | None = None, cache_dir: str | None
             if os.path.exists(tmp):
                 os.remove(tmp)
             reason = getattr(e, "reason", e)
-            raise PretrainedError(f"could not download the weights ({reason}): {by_hand}") from None
+            raise PretrainedError(f"could not download the weights ({reason}): {by_hand}",
+                                  f"could not download the weights ({reason})", url, "--pretrained",
+                                  by_hand) from None
         os.replace(tmp, path)  # only a complete file ever gets the final name
     if prefix is not None:
         digest = sha256_of(path)
         if not digest.startswith(prefix):
             raise PretrainedError(
                 f"{path} has SHA-256 {digest[:16]}..., the file name promises {prefix}...: delete it, then "
-                f"{by_hand}")
+                f"{by_hand}", f"weights file has SHA-256 {digest[:16]}..., its name promises {prefix}...", path,
+                "--pretrained", f"delete it, then {by_hand}")
     return path
 
 

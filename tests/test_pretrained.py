@@ -93,3 +93,58 @@ def test_unknown_name_and_cli(tmp_path, capsys):
     assert P.main(["tf_efficientdet_d0", "--cache-dir", str(cache)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.fixture
+def published_d0(tmp_path, monkeypatch):
+    """efficientdet_d0's 90-class weights published at a file:// URL, and an empty torch hub cache."""
+    from datasets.synthetic import generate_synthetic
+
+    torch.manual_seed(0)
+    weights = create_model("efficientdet_d0", image_size=128, backend="torch").state_dict()
+    monkeypatch.setitem(P.PRETRAINED_URLS, "efficientdet_d0", _publish(tmp_path, weights, "efficientdet_d0"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    data = generate_synthetic(tmp_path / "syn", seed=5, num_train=2, num_val=1, image_size=64, num_classes=3,
+                              min_object=12, max_object=40, workers=1)
+    return weights, data
+
+
+def test_train_pretrained_loads_the_published_weights_by_name(published_d0, tmp_path):
+    import train
+
+    weights, data = published_d0
+    out = tmp_path / "run"
+    argv = ["--train-ann", data["train"]["ann_file"], "--train-images", data["train"]["image_dir"],
+            "--model", "efficientdet_d0", "--pretrained", "--input_size", "128", "-b", "2", "--device", "cpu",
+            "--lr", "1e-12", "--warmup-lr", "1e-12", "--max-steps", "1", "--output", str(out)]
+    assert train.main(argv) == 0
+    trained = torch.load(out / "last.pth", weights_only=True)["model"]
+    fresh = create_model("efficientdet_d0", num_classes=3, image_size=128, backend="torch").state_dict()
+    for k in ("backbone.conv_stem.weight", "box_net.predict.conv_pw.weight"):  # one step at lr 1e-12
+        torch.testing.assert_close(trained[k], weights[k], rtol=0, atol=1e-6)
+        assert not torch.allclose(fresh[k], weights[k], atol=1e-3), k  # the check could fail
+    assert trained["class_net.predict.conv_pw.bias"].numel() == 9 * 3  # 3 classes: a fresh class head
+    assert os.path.isfile(P.cache_path(P.PRETRAINED_URLS["efficientdet_d0"]))
+
+
+def test_evaluate_pretrained_and_offline_error(published_d0, tmp_path, monkeypatch, capsys):
+    import evaluate
+    import train
+
+    _, data = published_d0
+    val = ["--val-ann", data["val"]["ann_file"], "--val-images", data["val"]["image_dir"], "--device", "cpu",
+           "--input_size", "128", "--output", str(tmp_path / "ev")]
+    assert evaluate.main(val + ["--model", "efficientdet_d0", "--pretrained"]) == 0
+    import json
+
+    event = [json.loads(x) for x in open(tmp_path / "ev" / "eval.jsonl")][-1]
+    assert event["checkpoint"] == P.cache_path(P.PRETRAINED_URLS["efficientdet_d0"]) and "AP" in event
+    capsys.readouterr()
+    url = (tmp_path / "gone" / "efficientdet_d0-f3276ba8.pth").as_uri()
+    monkeypatch.setitem(P.PRETRAINED_URLS, "efficientdet_d0", url)
+    argv = ["--train-ann", data["train"]["ann_file"], "--train-images", data["train"]["image_dir"],
+            "--model", "efficientdet_d0", "--pretrained", "--device", "cpu", "--output", str(tmp_path / "off")]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and url in err[0], err
+    assert P.cache_path(url) in err[0]

@@ -37,7 +37,7 @@ def test_train_then_evaluate(tiny, tmp_path):
     assert {"step", "epoch", "loss", "cls_loss", "box_loss", "lr", "img_per_s", "data_time"} <= set(tr[0])
     ev = events(out, "eval")
     assert len(ev) == 1 and 0.0 <= ev[0]["AP"] <= 1.0 and "per_class" in ev[0]
-    for f in ("last.pth", "best.pth", "loss_curve.png", "log.jsonl"):
+    for f in ("last.pth", "best.pth", "curves.png", "log.jsonl"):
         assert (out / f).stat().st_size > 0, f
     assert len(list((out / "pictures").glob("*.png"))) == 2
     # evaluate.py on the checkpoint: detections file, table, json line, pictures
@@ -82,10 +82,20 @@ def test_evaluate_stats_equal_pycocotools(tiny, tmp_path):
     assert [round(ours[n], 10) for n in names] == [round(float(v), 10) for v in e.stats]
 
 
-def test_resume_is_bit_identical(tiny, tmp_path):
-    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main(base_args(tiny, a, *common))
+RESUME_RUN = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """The output folder of one uninterrupted RESUME_RUN: the reference both resume tests compare with."""
+    a = tmp_path_factory.mktemp("uninterrupted")
+    assert train.main(base_args(tiny, a, *RESUME_RUN)) == 0
+    return a
+
+
+def test_resume_is_bit_identical(tiny, tmp_path, uninterrupted):
+    common = RESUME_RUN
+    a, b = uninterrupted, tmp_path / "b"
     train.main(base_args(tiny, b, *common, "--stop-after", "1"))
     first = torch.load(b / "last.pth", weights_only=True)
     assert first["epoch"] == 0
@@ -187,14 +197,14 @@ def test_effdet_checkpoint_loads_into_evaluate(tiny, tmp_path):
     with pytest.raises(Exception, match="no EMA"):
         evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
                        "--checkpoint", str(path), "--model", "efficientdet_d0", "--use-ema",
-                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu"])
+                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu", "--debug"])
 
 
 def test_waymo_flags_are_checked(tiny, tmp_path):
     with pytest.raises(ValueError, match="--waymo-train-annotation"):
-        train.main(base_args(tiny, tmp_path, "--waymo"))
-    with pytest.raises(SystemExit, match="--waymo-val-annotation"):
-        evaluate.main(["--waymo", "--output", str(tmp_path)])
+        train.main(base_args(tiny, tmp_path, "--waymo", "--debug"))
+    with pytest.raises(ValueError, match="--waymo-val-annotation"):
+        evaluate.main(["--waymo", "--output", str(tmp_path), "--debug"])
 
 
 def test_slurm_allocation_without_srun_is_one_process(monkeypatch):
@@ -216,7 +226,7 @@ def test_evaluate_refuses_checkpoint_of_another_model(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="wrong shape"):
         evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
                        "--checkpoint", str(path), "--model", "efficientdet_d0", "--input_size", "128",
-                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu"])
+                       "--output", str(tmp_path), "--workers", "0", "--device", "cpu", "--debug"])
 
 
 def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
@@ -224,22 +234,21 @@ def test_empty_validation_set_is_a_clear_error(tiny, tmp_path):
     ann["images"], ann["annotations"] = [], []
     path = tmp_path / "empty.json"
     json.dump(ann, open(path, "w"))
-    args = base_args(tiny, tmp_path / "o", "--epochs", "1")
+    args = base_args(tiny, tmp_path / "o", "--epochs", "1", "--debug")
     args[args.index("--val-ann") + 1] = str(path)
     with pytest.raises(ValueError, match="empty.json"):
         train.main(args)
 
 
-def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, monkeypatch, uninterrupted):
     """Ctrl-C / SIGTERM in the middle of an epoch saves a checkpoint after the current step; --resume then
     finishes that epoch and the run ends with the weights of an uninterrupted run."""
     import signal
 
     from training import loop
 
-    common = ["--epochs", "2", "--drop-path", "0.1", "--model-ema", "--eval-interval", "9"]
-    a, b = tmp_path / "a", tmp_path / "b"
-    train.main(base_args(tiny, a, *common))
+    common = RESUME_RUN
+    a, b = uninterrupted, tmp_path / "b"
     real, calls = loop.compute_loss, {"n": 0}
 
     def interrupting(*args, **kw):

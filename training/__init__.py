@@ -9,7 +9,10 @@ Read in this order:
 * ``evaluation.py`` inference over a loader and COCO (or Waymo) scoring, shared by both scripts;
 * ``models.py``     the one place a model is built: from flags, or from a checkpoint;
 * ``runlog.py``     console, the JSON log and result tables;
-* ``distributed.py`` process groups (torchrun, SLURM, ``--nproc``).
+* ``distributed.py`` process groups (torchrun, SLURM, ``--nproc``);
+* ``errors.py``     bad input -> one ``error: <what> (<file>, <field>): <todo>`` line and exit status 2;
+* ``images.py``     ``evaluate.py --images``: the detector on a folder of images without annotations;
+* ``plots.py``      ``curves.png`` of a run's log and the detection pictures.
 
 ``detector/`` (the model) and ``datasets/`` (the data) know nothing about this package.
 """

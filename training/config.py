@@ -118,7 +118,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(m, "--no-redundant-bias", dest="redundant_bias", action="store_false",
              help="override the model config's redundant bias")
     p.nvidia(m, "--pretrained", action="store_true", help="start from published COCO weights",
-             note="nothing is downloaded here: pass the weights file with --initial-checkpoint (an error says so)")
+             note="effdet's published COCO weights of --model, downloaded once into the torch hub cache "
+                  "(offline: an error names the URL and the path to place the file at); --initial-checkpoint wins")
     p.nvidia(m, "--pretrained-backbone-path", default=None, help="backbone weights (ours, timm's or NVIDIA's)")
     p.nvidia(m, "--initial-checkpoint", default=None, help="ours, effdet's or NVIDIA's checkpoint")
     p.nvidia(m, "--remove-weights", nargs="*", default=None,
@@ -216,6 +217,7 @@ def train_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps of this run, saving a checkpoint --resume continues from")
     r.add_argument("--pictures", type=int, default=None, help="detection pictures written at the end")
+    add_script_flags(p)
     return p
 
 
@@ -267,8 +269,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-images", action="store_true")
     p.nvidia(p, "--seed", type=int, default=42)
     p.nvidia(p, "--log-freq", type=int, default=10, help="batches between progress lines", note=_infra("log_freq"))
-    p.nvidia(p, "--pretrained", action="store_true", help="use published weights",
-             note="implied by --checkpoint (as in NVIDIA's); nothing is downloaded")
+    p.nvidia(p, "--pretrained", action="store_true", help="evaluate the published COCO weights of --model",
+             note="without --checkpoint: effdet's published COCO weights of --model (downloaded once, as "
+                  "train.py's); with --checkpoint: implied, as in NVIDIA's")
     p.nvidia(p, "--num-gpu", type=int, default=1, note=_infra("num_gpu"))
     p.nvidia(p, "--no-prefetcher", action="store_true", note=_infra("no_prefetcher"))
     p.nvidia(p, "--pin-mem", action="store_true", help="pin host memory", note=_infra("pin_mem"))
@@ -276,6 +279,7 @@ def eval_parser() -> argparse.ArgumentParser:
              note="default none (NVIDIA: log.json); " + _infra("dllogger_file"))
     p.nvidia(p, "--local_rank", "--local-rank", type=int, default=0,
              note="accepted (bind_launch passes it); evaluation runs on one device")
+    add_script_flags(p, images=True)
     return p
 
 
@@ -296,8 +300,21 @@ def fill_color(value: str) -> tuple[int, int, int]:
     except ValueError:
         v = -1
     if not 0 <= v <= 255:
-        raise ValueError(f"--fill-color {value!r}: give 'mean' or an integer 0-255")
+        from .errors import UserError
+
+        raise UserError(f"--fill-color {value!r} is not a colour", None, "--fill-color",
+                        "give 'mean' or an integer 0-255")
     return v, v, v
+
+
+def add_script_flags(p: argparse.ArgumentParser, images: bool = False) -> None:
+    """Flags of issue 11: ``--debug`` for both scripts; ``--images`` (inference on a folder) for evaluate.py."""
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad-input error (also: environment variable EFFDET_DEBUG=1)")
+    if images:
+        p.add_argument("--images", default=None, metavar="DIR_OR_GLOB",
+                       help="run the model on every image in a folder (recursively) or matching a glob, no "
+                            "annotations needed: OUTPUT/detections.json with file names, --visualize N pictures")
 
 
 # ---------------------------------------------------------------- the run's settings
@@ -394,6 +411,7 @@ class TrainConfig:
     stop_after: int | None = None
     max_steps: int | None = None
     pictures: int = 0
+    debug: bool = False
     # which recipe filled the unset flags, and what the run says at start about NVIDIA's flags
     recipe: str = "NVIDIA COCO recipe"
     notes: tuple[str, ...] = ()
@@ -406,10 +424,12 @@ class TrainConfig:
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:  # a flag without a field would be silently ignored
             raise TypeError(f"TrainConfig has no field for the flags {sorted(unknown)}")
-        if values["pretrained"] and not values["initial_checkpoint"]:
-            raise ValueError("--pretrained: nothing is downloaded here; pass the weights file with "
-                             "--initial-checkpoint (NVIDIA's model_best.pth.tar / Effdet_B0.pth, or effdet's)")
-        notes = infra_lines(args, train_parser().parse_args([]))
+        if values["pretrained"] and values["initial_checkpoint"]:
+            notes = [f"--pretrained: --initial-checkpoint {values['initial_checkpoint']} is loaded instead"]
+            values["pretrained"] = False
+        else:
+            notes = []
+        notes += infra_lines(args, train_parser().parse_args([]))
         values["input_size"] = size_pair(values["input_size"])
         values["fill_color"] = fill_color(values["fill_color"])
         values["lr_noise"] = tuple(values["lr_noise"]) if values["lr_noise"] else None
@@ -424,7 +444,7 @@ class TrainConfig:
         for flag, dest, idle in (("--mixup", "mixup", 0.0), ("--drop", "drop", 0.0)):
             if values[dest] != idle:
                 notes.append(f"{flag} {values[dest]}: no effect (NVIDIA's train.py does not use it either)")
-        from_scratch = not (values["initial_checkpoint"] or values["pretrained_backbone_path"])
+        from_scratch = not (values["initial_checkpoint"] or values["pretrained_backbone_path"] or values["pretrained"])
         small = num_train < SMALL_DATA_IMAGES and from_scratch
         recipe = SMALL_RECIPE if small else COCO_RECIPE
         for k, v in recipe.items():
@@ -432,7 +452,10 @@ class TrainConfig:
                 values[k] = v
         values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
         if values["log_interval"] < 1:
-            raise ValueError(f"--log-interval must be >= 1, got {values['log_interval']}")
+            from .errors import UserError
+
+            raise UserError(f"--log-interval must be >= 1, got {values['log_interval']}", None, "--log-interval",
+                            "pass --log-interval 1 or more")
         from .schedule import optimizer_note
 
         note = optimizer_note(values["opt"])
@@ -465,7 +488,9 @@ def split_paths(split: str, data: str | None, ann: str | None = None, images: st
     if waymo:
         for flag, value in ((f"--waymo-{split}-annotation", waymo_ann), (f"--waymo-{split}", waymo_images)):
             if not value:
-                raise ValueError(f"--waymo needs {flag} (a path relative to the data root)")
+                from .errors import UserError
+
+                raise UserError("--waymo needs " + flag, None, flag, f"pass {flag} PATH (relative to the data root)")
         root = data or "."
         return os.path.join(root, waymo_ann), os.path.join(root, waymo_images)
     if ann:

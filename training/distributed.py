@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -76,14 +77,55 @@ def free_port() -> int:
 def _spawned(local_rank: int, nproc: int, port: int, fn, args):
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    fn(args)
+    from .errors import EXIT_USER_ERROR, debug_requested, report, user_error_types
+
+    try:
+        fn(args)
+    except user_error_types() as e:  # bad input: this worker's one line, then status 2 (no traceback)
+        if getattr(args, "debug", False) or debug_requested([]):
+            raise
+        report(e)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def spawn(nproc: int, fn, args) -> None:
-    """Run ``fn(args)`` in ``nproc`` local worker processes (what ``--nproc N`` does)."""
+    """Run ``fn(args)`` in ``nproc`` local worker processes (what ``--nproc N`` does).
+
+    When one worker fails, the others are killed at once (they would wait in a collective for it forever)
+    and :class:`~training.errors.WorkerFailed` is raised; the failed worker has printed its own error. A
+    Ctrl-C reaches every worker, which saves and exits; this process waits for them.
+    """
+    import multiprocessing.connection
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawned, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True)
+    from .errors import WorkerFailed
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_spawned, args=(r, nproc, port, fn, args), daemon=False) for r in range(nproc)]
+    for p in procs:
+        p.start()
+    failed = None
+    try:
+        alive = list(procs)
+        while alive and failed is None:
+            try:
+                multiprocessing.connection.wait([p.sentinel for p in alive])
+            except KeyboardInterrupt:  # the workers got it too: they save a checkpoint and exit
+                continue
+            for p in [p for p in alive if not p.is_alive()]:
+                p.join()
+                alive.remove(p)
+                if p.exitcode != 0 and failed is None:
+                    failed = p
+    finally:
+        for p in procs:  # after a failure (or an error here): no worker outlives this process
+            if p.is_alive():
+                p.kill()
+            p.join()
+    if failed is not None:
+        raise WorkerFailed(procs.index(failed), failed.exitcode)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

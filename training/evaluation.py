@@ -4,18 +4,16 @@ from __future__ import annotations
 import os
 import re
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
 
 import datasets as D
 from detector.fuse import fuse_for_inference
-from detector.model import EfficientDet
 from detector.pipeline import predict
-from detector.visualize import draw_detections
 
 from . import distributed as dist
+from .plots import draw_detections
 from .runlog import progress
 
 # Waymo's per-class IoU thresholds (as NVIDIA's README reports them): vehicles 0.7, everything else 0.5
@@ -29,26 +27,6 @@ def waymo_iou_by_class(categories: list[dict]) -> dict:
         return bool(set(re.split(r"[^a-z0-9]+", name.lower())) & set(WAYMO_VEHICLE_CLASSES))
 
     return {c["name"]: 0.7 if is_vehicle(c["name"]) else 0.5 for c in categories}
-
-
-class TracedModel(torch.nn.Module):
-    """``--torchscript``: the model as TorchScript (``torch.jit.trace``), one trace per input shape; keeps the
-    ``config`` and ``flatten`` that ``predict`` uses, so post-processing is unchanged."""
-
-    flatten = staticmethod(EfficientDet.flatten)
-
-    def __init__(self, model: EfficientDet):
-        super().__init__()
-        self.model, self.config, self.traces = model, model.config, {}
-
-    def forward(self, images: torch.Tensor):
-        key = tuple(images.shape)
-        if key not in self.traces:
-            with warnings.catch_warnings():  # shape checks in the launchers hold for this traced shape
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
-                self.traces[key] = torch.jit.trace(self.model, images, strict=False, check_trace=False)
-        return self.traces[key](images)
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -67,8 +45,11 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
     replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
     """
     model = fuse_for_inference(model)  # an eval-mode copy with BN folded into the convs
-    if torchscript:
-        model = TracedModel(model)
+    if torchscript:  # one trace (any batch size) of the fused network; post-processing stays predict's
+        from detector.export import TracedNetwork
+
+        with autocast(device, amp):  # traced in the precision it runs in
+            model = TracedNetwork(model, fuse=False)
     dataset = loader.dataset
     results, pictures, n_images, t_model, done = [], [], 0, 0.0, set()
     prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)
@@ -117,13 +98,15 @@ def evaluate_model(model, loader, info: dist.DistInfo, amp=None, soft_nms=None, 
 
 
 def save_pictures(dataset, pictures, folder: str, class_names=None) -> list[str]:
-    """Each picture: the image with predicted boxes (coloured) and the ground truth (white)."""
+    """Each picture: the image with predicted boxes (coloured, ``class score``) and the ground truth (white,
+    dashed, ``GT class``), drawn by :func:`training.plots.draw_detections`."""
     os.makedirs(folder, exist_ok=True)
     index = {iid: i for i, iid in enumerate(dataset.image_ids)}
     paths = []
     for iid, dets in pictures:
         sample = dataset.load(index[iid])
-        im = draw_detections(sample["image"], dets, gt_boxes=sample["boxes"], class_names=class_names)
+        im = draw_detections(sample["image"], dets, gt_boxes=sample["boxes"], gt_labels=sample["labels"],
+                             class_names=class_names)
         path = os.path.join(folder, f"detections_{iid}.png")
         im.save(path)
         paths.append(path)

@@ -19,12 +19,13 @@ from detector import checkpoint as ckpt
 from detector.ema import ModelEma
 from detector.layers import convert_sync_batchnorm
 from detector.pipeline import compute_loss
-from detector.visualize import plot_curve
 
 from . import distributed as dist
 from .config import TrainConfig, train_data_paths
+from .errors import UserError, naming
 from .evaluation import autocast, evaluate_model, run_inference, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
+from .plots import plot_training
 from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
 from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
 
@@ -57,7 +58,6 @@ class Run:
     skip_batches: int = 0  # batches of start_epoch already trained before an interruption
     nonfinite_total: int = 0
     nonfinite_run: int = 0
-    history: list = field(default_factory=list)
     bench_times: list = field(default_factory=list)
     stats: dict | None = None
     bn_buffers: list = field(default_factory=list)
@@ -136,7 +136,8 @@ def setup(args, info: dist.DistInfo) -> Run:
                                  workers=cfg.workers, seed=cfg.seed, distributed=info.distributed)
                   if val_set is not None else None)
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+        raise UserError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}",
+                        train_set.ann_file, "--batch-size", "pass a smaller --batch-size or more images")
     optimizer = build_optimizer(cfg, model)
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
     run = Run(cfg=cfg, info=info, model=model, net=net, ema=ema, optimizer=optimizer,
@@ -164,27 +165,37 @@ def load_data(args):
     """(train set, val set or None) from the data flags."""
     paths = train_data_paths(args)
     if "train" not in paths:
-        raise ValueError("no training data: give --data, --train-ann, or nothing for the built-in synthetic set")
+        raise UserError("no training data", None, "--train-ann",
+                        "give a data root, --train-ann, or nothing for the built-in synthetic set")
     train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
     val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
     if val_set is not None and len(val_set) == 0:
-        raise ValueError(f"{paths['val'][0]}: the validation set is empty")
+        raise UserError("the validation set is empty", paths["val"][0], "images",
+                        "pass a --val-ann with images, or leave validation out")
     return train_set, val_set
 
 
 def build_training_model(cfg: TrainConfig, train_set, info: dist.DistInfo):
     num_classes = cfg.num_classes or train_set.num_classes
     if num_classes < train_set.num_classes:
-        raise ValueError(f"--num_classes {num_classes} is smaller than the {train_set.num_classes} categories of "
-                         f"{train_set.ann_file}; every class index must have a logit")
+        raise UserError(f"--num_classes {num_classes} is smaller than the {train_set.num_classes} categories",
+                        train_set.ann_file, "--num_classes",
+                        "drop --num_classes, or pass at least the category count (every class needs a logit)")
     return build_model(cfg.model, num_classes, cfg.input_size, cfg.kernel_backend, info.device,
                        **training_overrides(cfg))
 
 
 def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
-    """``--pretrained-backbone-path``, ``--initial-checkpoint`` (minus ``--remove-weights``), ``--freeze-layers``."""
+    """``--pretrained-backbone-path``, ``--pretrained``, ``--initial-checkpoint`` (minus ``--remove-weights``),
+    ``--freeze-layers``."""
     if cfg.pretrained_backbone_path:
         load_backbone(model, cfg.pretrained_backbone_path)
+    if cfg.pretrained:  # effdet's published COCO weights of --model; another class count: a fresh class head
+        from detector.pretrained import load_pretrained
+
+        msg = load_pretrained(model, cfg.model, progress=info.is_main)
+        if info.is_main:
+            console.print(f"pretrained weights: {msg}")
     if cfg.initial_checkpoint:
         msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights is not None,
                         remove=cfg.remove_weights or None)
@@ -303,7 +314,6 @@ def log_step(run: Run, epoch: int, parts, batch, ips: float, step_time: float) -
                  box_loss=parts[2].item(), lr=run.optimizer.param_groups[0]["lr"], img_per_s=ips,
                  data_time=batch["data_time"], step_time=step_time)
     run.jlog.write(**event)
-    run.history.append(event)
     return event
 
 
@@ -340,16 +350,15 @@ def distribute_bn(run: Run) -> None:
 
 
 def finish(run: Run) -> None:
-    """Loss curve and detection pictures (rank 0)."""
+    """Training curves (loss parts, learning rate, validation AP of the whole log, resumed runs included) and
+    detection pictures (rank 0)."""
     if not run.info.is_main:
         return
     if run.nonfinite_total:
         console.print(f"[yellow]{run.nonfinite_total} steps with a NaN/inf loss were skipped[/]")
-    out, h = run.cfg.output, run.history
-    if h:
-        plot_curve([e["step"] for e in h], {"loss": [e["loss"] for e in h], "cls": [e["cls_loss"] for e in h],
-                                            "50*box": [50 * e["box_loss"] for e in h]},
-                   os.path.join(out, "loss_curve.png"), title="training loss")
+    out = run.cfg.output
+    if os.path.isfile(os.path.join(out, "log.jsonl")):
+        plot_training(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
     if run.val_loader is not None and run.cfg.pictures and run.stats is not None:
         loader = D.build_loader(run.val_set, run.cfg.batch_size, False, 0, run.cfg.seed)
         _, _, pics = run_inference(run.eval_model, loader, run.info.device, amp=run.cfg.amp,
@@ -380,7 +389,8 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
 def resume(run: Run, path: str) -> None:
     """Model, EMA, optimizer, schedule, scaler, position and random streams from ``path``."""
     state = ckpt.read(path)
-    ckpt.load(run.model, state)
+    with naming(path):
+        ckpt.load(run.model, state)
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     if not run.cfg.no_resume_opt:

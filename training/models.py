@@ -7,6 +7,8 @@ from detector import checkpoint as ckpt
 from detector.configs import get_config
 from detector.model import EfficientDet
 
+from .errors import UserError, naming
+
 
 def build_model(name: str, num_classes: int, image_size=None, backend: str = "auto", device="cpu",
                 **overrides) -> EfficientDet:
@@ -54,7 +56,8 @@ def freeze(model: EfficientDet, prefixes) -> None:
     for prefix in prefixes or []:
         hits = [p for n, p in model.named_parameters() if n.startswith(prefix)]
         if not hits:
-            raise ValueError(f"--freeze-layers {prefix!r} matches no parameter")
+            raise UserError(f"--freeze-layers {prefix!r} matches no parameter", None, "--freeze-layers",
+                            "pass a prefix of the parameter names, e.g. backbone or fpn")
         for p in hits:
             p.requires_grad_(False)
 
@@ -63,38 +66,18 @@ def model_from_checkpoint(path: str, dataset, model_name=None, num_classes=None,
                           use_ema: bool = False, backend: str = "auto", device="cpu", redundant_bias=None):
     """(model, message, class index -> category id) for evaluating ``path`` on ``dataset``.
 
-    Ours record their config, which is rebuilt exactly (BN eps included); effdet's and NVIDIA's need
-    ``model_name``; their class count comes from the class head.
+    :func:`detector.checkpoint.load_for_inference` builds and loads it: ours record their config, rebuilt
+    exactly (BN eps included); effdet's and NVIDIA's (training file or processed ``Effdet_B0.pth``) need
+    ``model_name``, and their class count comes from the class head and the data's category ids (NVIDIA's
+    padding to a multiple of 8 undone).
     """
-    state = ckpt.read(path)
-    cfg = state.get("config") if isinstance(state.get("config"), dict) else None
-    name = model_name or (cfg or {}).get("name")
-    if name is None:
-        raise SystemExit(f"{path} does not record its model: pass --model (e.g. tf_efficientdet_d0)")
-    if cfg and model_name and cfg.get("name") != model_name:
-        raise ckpt.CheckpointError(f"{path} holds {cfg.get('name')}; --model {model_name} does not fit it")
-    sd, _ = ckpt.extract_state_dict(state)
-    num_classes = num_classes or (cfg or {}).get("num_classes") or infer_num_classes(sd, dataset)
-    size = image_size or (cfg or {}).get("image_size")
-    overrides = {k: v for k, v in (cfg or {}).items() if k not in ("name", "num_classes", "image_size", "extra")}
-    if redundant_bias is not None:
-        overrides["redundant_bias"] = redundant_bias
-    model = build_model(name, num_classes, size, backend, "cpu", **overrides)
-    message = ckpt.load(model, state, use_ema=use_ema)
-    return model.to(device), message, class_to_category(state, num_classes, dataset)
-
-
-def infer_num_classes(sd: dict, dataset) -> int:
-    """Class count of a checkpoint that does not record it (effdet's, NVIDIA's): from its class head."""
-    head = ckpt.head_classes(sd)
-    if head is None:
-        return dataset.num_classes
-    if ckpt.is_nvidia(sd):  # NVIDIA pads to a multiple of 8: the real count is the data's, if it fits
-        for c in (max(dataset.cat_ids), dataset.num_classes):
-            if ckpt.nvidia_padded(c) == head:
-                return c
-        raise SystemExit(f"the NVIDIA checkpoint's class head has {head} (padded) classes; pass --num_classes")
-    return head
+    overrides = {} if redundant_bias is None else {"redundant_bias": redundant_bias}
+    with naming(path):
+        loaded = ckpt.load_for_inference(path, model_name=model_name, num_classes=num_classes,
+                                         category_ids=dataset.cat_ids, image_size=image_size, use_ema=use_ema,
+                                         backend=backend, **overrides)
+        mapping = class_to_category(loaded.state, loaded.model.config.num_classes, dataset)
+    return loaded.model.to(device), loaded.description, mapping
 
 
 def class_to_category(state: dict, num_classes: int, dataset) -> dict:
@@ -107,8 +90,9 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
     if num_classes >= max(dataset.cat_ids):
         known = set(dataset.cat_ids)
         return {i: i + 1 for i in range(num_classes) if i + 1 in known}
-    raise SystemExit(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
-                     f"with ids up to {max(dataset.cat_ids)}: no mapping between them is known")
+    raise UserError(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
+                    f"with ids up to {max(dataset.cat_ids)}", dataset.ann_file, "categories",
+                    "evaluate on data with the checkpoint's categories, or pass --num_classes")
 
 
 def resolve_amp(amp: str | None, cuda: bool) -> tuple[str | None, str | None]:

@@ -1,6 +1,6 @@
 """Pictures of a training run: the curves of its JSON-lines log, and detections drawn on images.
 
-* :func:`plot_training` reads ``log.jsonl`` (the events ``detector.engine.JsonLog`` writes: ``"train"``
+* :func:`plot_training` reads ``log.jsonl`` (the events ``training.runlog.JsonLog`` writes: ``"train"``
   events carry ``step``, ``loss``, ``cls_loss``, ``box_loss``, ``lr``; ``"eval"`` events carry ``step``,
   ``epoch``, ``AP``, ``AP50``, ...) and draws three panels with matplotlib: the loss parts per step, the
   learning rate per step, and validation AP / AP50 per evaluation. A field missing from some events, a

@@ -166,3 +166,33 @@ def test_load_for_inference_rebuilds_our_checkpoint_from_its_config(tmp_path):
     torch.save(m.state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="plain.pth does not record its model: pass --model"):
         load_for_inference(str(tmp_path / "plain.pth"))
+
+
+def test_evaluate_runs_nvidias_processed_file_on_coco_categories(nvidia_file, tmp_path, capsys):
+    """``evaluate.py DATA --model efficientdet_d0 --checkpoint Effdet_B0.pth`` just runs: the processed file's
+    class head (90 classes padded to 96) is unpadded, and class i maps to COCO category id i + 1 on a tiny set
+    that declares COCO's 80 categories (its objects use three of them)."""
+    import evaluate
+    from datasets.synthetic import generate_synthetic
+
+    layout = LAYOUTS["d0_coco"]
+    syn = generate_synthetic(tmp_path / "syn", seed=11, num_train=1, num_val=2, image_size=64, num_classes=3,
+                             min_object=12, max_object=40, workers=1)
+    ann = json.load(open(syn["val"]["ann_file"]))
+    used = {c["id"]: cid for c, cid in zip(ann["categories"], (1, 18, 90))}  # person, dog, toothbrush
+    ann["categories"] = [{"id": i, "name": f"coco{i}", "supercategory": "x"} for i in COCO_IDS]
+    for a in ann["annotations"]:
+        a["category_id"] = used[a["category_id"]]
+    (tmp_path / "val.json").write_text(json.dumps(ann))
+    out = tmp_path / "out"
+    argv = ["--val-ann", str(tmp_path / "val.json"), "--val-images", syn["val"]["image_dir"], "--model",
+            layout["model"], "--checkpoint", str(nvidia_file("d0_coco", PROCESSED)), "--input_size", "128",
+            "--device", "cpu", "--kernel-backend", "torch", "--output", str(out)]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    said = " ".join(capsys.readouterr().out.split())
+    assert "NVIDIA's processed file" in said and "class padding converted" in said, said
+    event = [json.loads(x) for x in open(out / "eval.jsonl")][-1]
+    assert "AP" in event
+    dets = json.load(open(out / "detections.json"))
+    assert dets and {d["category_id"] for d in dets} <= set(COCO_IDS)
+    assert len({d["category_id"] for d in dets}) > 3  # the 90-class head, not just the three categories used

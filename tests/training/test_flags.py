@@ -65,8 +65,9 @@ def test_gpu_only_and_infrastructure_flags_say_what_they_do():
 
 
 def test_bad_values_are_one_line_errors():
-    with pytest.raises(ValueError, match="--initial-checkpoint"):
-        config("--pretrained")
+    assert config("--pretrained").pretrained and config("--pretrained").recipe == "NVIDIA COCO recipe"
+    both = config("--pretrained", "--initial-checkpoint", "x.pth")  # NVIDIA's: the checkpoint replaces them
+    assert not both.pretrained and any("--initial-checkpoint x.pth" in n for n in both.notes)
     with pytest.raises(ValueError, match="--fill-color"):
         config("--fill-color", "grey")
     with pytest.raises(ValueError, match="--opt"):

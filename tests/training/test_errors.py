@@ -1,0 +1,165 @@
+"""Every known bad input ends in ONE stderr line ``error: <what> (<file>, <field>): <what to do>`` and exit
+status 2, without a traceback and without advice to load with ``weights_only=False``; ``--debug`` and
+EFFDET_DEBUG=1 show the traceback; an unknown bug keeps its traceback."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train
+from datasets.synthetic import generate_synthetic
+from training.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LINE = re.compile(r"^error: \S.* \((?P<file>[^,]+), (?P<field>.+)\): \S.*$")
+TINY = dict(seed=7, num_train=4, num_val=2, image_size=64, num_classes=3, min_object=12, max_object=40, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("syn") / "tiny", **TINY)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    """Checkpoints: a good one (ours, 3 classes), one whose pickle runs code, a truncated one, another model."""
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    m = build_model("efficientdet_d0", 3, (128, 128), backend="torch")
+    torch.save({"model": m.state_dict(), "config": m.config.to_dict()}, d / "good.pth")
+    torch.save({"model": Evil()}, d / "evil.pth", pickle_protocol=2)
+    data = (d / "good.pth").read_bytes()
+    (d / "cut.pth").write_bytes(data[: len(data) // 3])
+    torch.save(build_model("efficientdet_d1", 3, (128, 128)).state_dict(), d / "d1.pth")
+    return d
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def one_error_line(capsys, rc):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    m = LINE.match(lines[0])
+    assert m, lines[0]
+    return lines[0], m
+
+
+def val_args(tiny, out, *extra, ann=None, images=None):
+    return ["--val-ann", str(ann or tiny["val"]["ann_file"]), "--val-images", str(images or tiny["val"]["image_dir"]),
+            "--output", str(out), "--workers", "0", "--device", "cpu", "--kernel-backend", "torch", *extra]
+
+
+@pytest.mark.parametrize("name, extra, expect_what, expect_file", [
+    ("evil.pth", [], "checkpoint refused: loading it would run code", "evil.pth"),
+    ("cut.pth", [], "checkpoint is truncated", "cut.pth"),
+    ("d1.pth", ["--model", "efficientdet_d0"], "does not fit efficientdet_d0", "d1.pth"),
+    ("good.pth", ["--num_classes", "5"], "does not fit efficientdet_d0 with 5 classes", "good.pth"),
+    ("missing.pth", [], "checkpoint file not found", "missing.pth"),
+])
+def test_bad_checkpoints(tiny, ckpt_dir, tmp_path, capsys, name, extra, expect_what, expect_file):
+    rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / name), *extra))
+    line, m = one_error_line(capsys, rc)
+    assert expect_what in line and m["file"].endswith(expect_file)
+    if name == "good.pth":  # a class-count change says how to get past it
+        assert "--num_classes" in line and "--remove-weights" in line
+
+
+def test_refused_pickle_names_the_culprit_and_never_suggests_weights_only(ckpt_dir, tiny, tmp_path, capsys):
+    rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "evil.pth")))
+    line, m = one_error_line(capsys, rc)
+    assert "system" in m["field"] and "do not load this file" in line
+
+
+def test_malformed_annotation_file(tiny, tmp_path, capsys):
+    bad = json.load(open(tiny["val"]["ann_file"]))
+    bad["annotations"][0]["bbox"] = [1, 2, "wide", 4]
+    path = tmp_path / "bad.json"
+    json.dump(bad, open(path, "w"))
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, ann=path)))
+    assert m["file"].endswith("bad.json") and m["field"] == "annotations[0].bbox"
+    (tmp_path / "nojson.json").write_text("{ not json")
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, ann=tmp_path / "nojson.json")))
+    assert "not a JSON file" in line
+
+
+def _copy_images(tiny, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny["val"]["image_dir"], images)
+    first = sorted(images.iterdir())[0]
+    return images, first
+
+
+def test_missing_image_without_skip_bad_images(tiny, ckpt_dir, tmp_path, capsys):
+    images, first = _copy_images(tiny, tmp_path)
+    first.unlink()
+    rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"), images=images))
+    line, m = one_error_line(capsys, rc)
+    assert m["file"] == str(first) and "--skip-bad-images" in line and "image id" in m["field"]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])  # 1: the error is re-raised from a DataLoader worker process
+def test_corrupt_image_without_skip_bad_images(tiny, ckpt_dir, tmp_path, capsys, workers):
+    images, first = _copy_images(tiny, tmp_path)
+    first.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"), images=images)
+    args[args.index("--workers") + 1] = workers
+    line, m = one_error_line(capsys, evaluate.main(args))
+    assert "cannot decode image file" in line and m["file"] == str(first) and "--skip-bad-images" in line
+
+
+def test_flag_combinations_that_cannot_work(tiny, ckpt_dir, tmp_path, capsys):
+    rc = evaluate.main(["--images", str(tmp_path), "--detections", "d.json", "--checkpoint",
+                        str(ckpt_dir / "good.pth"), "--output", str(tmp_path)])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == "--images"
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--num_classes", "1", "--output", str(tmp_path), "--device", "cpu", "--workers", "0"])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == "--num_classes" and m["file"].endswith(".json")
+    line, m = one_error_line(capsys, train.main(["--waymo", "--output", str(tmp_path)]))
+    assert m["field"] == "--waymo-train-annotation"
+
+
+def test_debug_flag_and_environment_show_the_traceback(ckpt_dir, tiny, tmp_path, monkeypatch):
+    from detector.checkpoint import CheckpointError
+
+    args = val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "cut.pth"))
+    with pytest.raises(CheckpointError):
+        evaluate.main(args + ["--debug"])
+    monkeypatch.setenv("EFFDET_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        evaluate.main(args)
+
+
+def test_unknown_bug_keeps_its_traceback(tiny, ckpt_dir, tmp_path, monkeypatch):
+    import detector.checkpoint
+
+    def broken(*a, **k):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(detector.checkpoint, "load_for_inference", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth")))
+
+
+def test_script_prints_one_line_and_exits_2(ckpt_dir, tiny, tmp_path):
+    """The real command line: stderr is exactly the one line (no warning, no traceback)."""
+    env = {k: v for k, v in os.environ.items() if k != "EFFDET_DEBUG"}
+    p = subprocess.run([sys.executable, "evaluate.py", *val_args(tiny, tmp_path, "--checkpoint",
+                                                                 str(ckpt_dir / "evil.pth"))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and LINE.match(lines[0]) and "weights_only=False" not in p.stderr, p.stderr

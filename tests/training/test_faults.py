@@ -1,0 +1,163 @@
+"""Faults lose nothing: SIGKILL in the middle of an epoch, a failing worker of a distributed run, and a
+checkpoint write interrupted at any point."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from datasets.synthetic import generate_synthetic
+from detector import checkpoint as ckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = dict(seed=11, num_train=4, num_val=2, image_size=64, num_classes=3, min_object=12, max_object=40, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("syn") / "tiny", **TINY)
+
+
+def train_cmd(tiny, out, *extra, train_images=None):
+    return [sys.executable, "train.py", "--train-ann", tiny["train"]["ann_file"],
+            "--train-images", str(train_images or tiny["train"]["image_dir"]), "--val-ann", tiny["val"]["ann_file"],
+            "--val-images", tiny["val"]["image_dir"], "--output", str(out), "--input_size", "128", "-b", "2",
+            "--workers", "0", "--log-interval", "1", "--device", "cpu", "--pictures", "0", "--kernel-backend",
+            "torch", "--eval-interval", "100", *extra]
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if k not in ("EFFDET_DEBUG", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def train_events(out):
+    try:
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return [e for e in map(json.loads, f.read().splitlines()) if e["event"] == "train"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def weights(path):
+    return ckpt.read(str(path))["model"]
+
+
+def test_sigkill_mid_epoch_then_resume_equals_a_resume_from_the_same_checkpoint(tiny, tmp_path):
+    out, twin = tmp_path / "killed", tmp_path / "twin"
+    p = subprocess.Popen(train_cmd(tiny, out, "--epochs", "2"), cwd=ROOT, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        # kill -9 once epoch 1 has taken 1 of its 2 steps: last.pth (end of epoch 0) exists, epoch 1 is half done
+        while not any(e["epoch"] == 1 for e in train_events(out)):
+            assert p.poll() is None, p.stderr.read().decode()
+            assert time.time() < deadline, "training did not reach epoch 1"
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL  # it was still running: killed mid-epoch
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    steps_done = max(e["step"] for e in train_events(out))
+    state = ckpt.read(str(out / "last.pth"))  # the kill left a checkpoint that loads
+    assert state["epoch"] == 0 and state["batch_in_epoch"] is None and state["step"] < steps_done
+    twin.mkdir()
+    shutil.copy(out / "last.pth", twin / "last.pth")
+    for folder in (out, twin):  # the killed run resumed, and a run never killed resumed from the same file
+        assert train.main(train_cmd(tiny, folder, "--epochs", "2", "--resume")[2:]) == 0
+    a, b = weights(out / "last.pth"), weights(twin / "last.pth")
+    assert ckpt.read(str(out / "last.pth"))["epoch"] == 1
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on the CPU
+    assert any(not torch.equal(a[k], state["model"][k]) for k in a)  # and it did train on
+
+
+def processes_in_group(pgid: int) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
+def test_failing_worker_of_a_distributed_run_exits_at_once_with_its_error_once(tiny, tmp_path):
+    """--nproc 2 (gloo on the CPU); one training image is corrupt, so exactly one rank meets it while the other
+    waits for it in a collective."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny["train"]["image_dir"], images)
+    bad = sorted(images.iterdir())[3]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    t0 = time.time()
+    p = subprocess.Popen(train_cmd(tiny, tmp_path / "out", "--epochs", "2", "--nproc", "2", "-b", "1",
+                                   train_images=images),
+                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    seconds = time.time() - t0
+    assert p.returncode == 2, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot decode image file") and str(bad) in lines[0], stderr
+    assert "Traceback" not in stderr
+    time.sleep(0.5)
+    assert processes_in_group(p.pid) == []  # no orphan worker
+    assert seconds < 200
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("cut", [0.0, 0.3, 0.999, "fsync", "replace"])
+def test_interrupted_checkpoint_write_never_leaves_a_bad_last_pth(tmp_path, monkeypatch, cut):
+    path = tmp_path / "last.pth"
+    old = {"model": {"w": torch.arange(1000.0)}, "epoch": 3}
+    ckpt.save(old, str(path))
+    new = {"model": {"w": -torch.arange(1000.0)}, "epoch": 4}
+    real_save, real_fsync, real_replace = torch.save, os.fsync, os.replace
+
+    def partial_save(obj, f, *a, **k):  # write part of the bytes, then fail as a full disk or a kill would
+        import io
+
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        data = buf.getvalue()
+        f.write(data[: int(len(data) * cut)])
+        raise Interrupted(f"interrupted after {int(len(data) * cut)} of {len(data)} bytes")
+
+    def fail(*a, **k):
+        raise Interrupted(cut)
+
+    if cut == "fsync":
+        monkeypatch.setattr(os, "fsync", fail)
+    elif cut == "replace":
+        monkeypatch.setattr(os, "replace", fail)
+    else:
+        monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(Interrupted):
+        ckpt.save(new, str(path))
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "replace", real_replace)
+    back = ckpt.read(str(path))  # still the previous complete checkpoint
+    assert back["epoch"] == 3 and torch.equal(back["model"]["w"], old["model"]["w"])
+    assert os.listdir(tmp_path) == ["last.pth"]  # no temporary file left behind
+    ckpt.save(new, str(path))
+    assert ckpt.read(str(path))["epoch"] == 4

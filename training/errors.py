@@ -1,0 +1,103 @@
+"""Errors a user can act on: one line on stderr, exit status 2, no traceback.
+
+Bad input is found in three packages that must not import each other (``detector/`` imports only
+``kernels/``, ``datasets/`` imports neither), so each raises its own small exception class, all of one
+shape: ``what``, ``file``, ``field`` and ``todo`` attributes (``str(e)`` stays the package's own message):
+
+* ``detector.checkpoint.CheckpointError``   a checkpoint refused, truncated, missing, or of another model;
+* ``datasets.coco.DataError``                a malformed annotation file (``AnnotationError``, a ``ValueError``),
+                                             an undecodable image (``ImageError``, an ``OSError``), a missing
+                                             file (``MissingFileError``, a ``FileNotFoundError``);
+* ``UserError`` (here)                       flags that cannot work together, a folder without images, ...
+
+``run(main, argv)`` (used by ``train.py`` and ``evaluate.py``) prints ``error: <what> (<file>, <field>): <todo>`` for exactly these
+classes and returns 2. Anything else is a bug and keeps its traceback. ``--debug`` or ``EFFDET_DEBUG=1``
+re-raises the user errors too, traceback included.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from contextlib import contextmanager
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(ValueError):
+    """Bad input found by the scripts or ``training/``: ``error: <what> (<file>, <field>): <todo>``."""
+
+    def __init__(self, what: str, file=None, field=None, todo: str = "see --help"):
+        self.what, self.file, self.field, self.todo = what, file, field, todo
+        super().__init__(f"{what} ({file or '-'}, {field or '-'}): {todo}")
+
+
+class WorkerFailed(Exception):
+    """A ``--nproc`` worker process ended with an error (already printed by that worker)."""
+
+    def __init__(self, rank: int, exitcode: int):
+        self.rank, self.exitcode = rank, exitcode
+        super().__init__(f"worker rank {rank} exited with status {exitcode}; its error is printed above")
+
+
+@contextmanager
+def naming(path):
+    """A user error raised inside names ``path`` when it did not know its file (a dict already read)."""
+    try:
+        yield
+    except user_error_types() as e:
+        if getattr(e, "file", None) in (None, "checkpoint"):
+            e.file = str(path)
+        raise
+
+
+def user_error_types() -> tuple:
+    from datasets.coco import DataError
+    from detector.checkpoint import CheckpointError
+
+    return (UserError, CheckpointError, DataError)
+
+
+def debug_requested(argv) -> bool:
+    return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("EFFDET_DEBUG", "") not in ("", "0")
+
+
+def one_line(e: BaseException) -> str:
+    """``<what> (<file>, <field>): <todo>`` of a user error, on one line.
+
+    An error raised in a DataLoader worker process reaches us re-created from text alone ("Caught ImageError
+    in DataLoader worker process 0. Original Traceback ... datasets.coco.ImageError: <file>: <what>"): its
+    last line, less the class name, is the original message, which starts with the file.
+    """
+    what, file, field = getattr(e, "what", None), getattr(e, "file", None), getattr(e, "field", None)
+    todo = getattr(e, "todo", None) or "see --help"
+    if not what:
+        what = str(e).strip()
+    if "\n" in what:  # re-raised from a worker: keep the original message
+        what = re.sub(r"^[\w.]+(Error|Exception): ", "", what.strip().splitlines()[-1].strip())
+    if file is None:
+        found = re.match(r"(\S+\.\w+): (.+)$", what)
+        if found:
+            file, what = found.groups()
+    return " ".join(f"{what} ({file or '-'}, {field or '-'}): {todo}".split())
+
+
+def run(main, argv=None) -> int:
+    """``main(argv)``; a user error becomes one stderr line and exit status 2 (unless debugging)."""
+    debug = debug_requested(argv)
+    try:
+        return main(argv)
+    except user_error_types() as e:
+        if debug:
+            raise
+        report(e)
+        return EXIT_USER_ERROR
+    except WorkerFailed as e:
+        if e.exitcode == EXIT_USER_ERROR and not debug:  # that worker printed its one line
+            return EXIT_USER_ERROR
+        raise
+
+
+def report(e: BaseException) -> None:
+    sys.stdout.flush()
+    print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
