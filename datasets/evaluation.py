@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from .coco import AnnotationError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_detections", "load_detections", "to_coco_results", "STAT_NAMES", "eval_backend"]
@@ -69,26 +71,31 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def _bad(where: str, what: str) -> AnnotationError:
+    return AnnotationError(where, what, todo="fix the detections file (COCO results format: a list of "
+                                              "{image_id, category_id, bbox [x, y, w, h], score})")
+
+
 def _validate(dets, where: str) -> list:
     if not isinstance(dets, list):
-        raise ValueError(f"{where}: detections must be a list of objects, got {type(dets).__name__}")
+        raise _bad(where, f"detections must be a list of objects, got {type(dets).__name__}")
     out = []
     for i, d in enumerate(dets):
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: entry #{i} is not an object")
+            raise _bad(where, f"entry #{i} is not an object")
         for f in _FIELDS:
             if f not in d:
-                raise ValueError(f"{where}: entry #{i} is missing field {f!r}")
+                raise _bad(where, f"entry #{i} is missing field {f!r}")
         for f in ("image_id", "category_id"):
             if not _is_int(d[f]):
-                raise ValueError(f"{where}: entry #{i}: field {f!r} must be an integer, got {d[f]!r}")
+                raise _bad(where, f"entry #{i}: field {f!r} must be an integer, got {d[f]!r}")
         bb = d["bbox"]
         if not (isinstance(bb, (list, tuple)) and len(bb) == 4 and all(_is_num(v) and math.isfinite(v) for v in bb)):
-            raise ValueError(f"{where}: entry #{i}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r}")
+            raise _bad(where, f"entry #{i}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r}")
         if bb[2] < 0 or bb[3] < 0:
-            raise ValueError(f"{where}: entry #{i}: field 'bbox' has negative width/height {bb!r}")
+            raise _bad(where, f"entry #{i}: field 'bbox' has negative width/height {bb!r}")
         if not (_is_num(d["score"]) and math.isfinite(d["score"])):
-            raise ValueError(f"{where}: entry #{i}: field 'score' must be a finite number, got {d['score']!r}")
+            raise _bad(where, f"entry #{i}: field 'score' must be a finite number, got {d['score']!r}")
         out.append({"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
                     "bbox": [float(v) for v in bb], "score": float(d["score"])})
     return out
@@ -97,13 +104,14 @@ def _validate(dets, where: str) -> list:
 def load_detections(path) -> list:
     """Read and validate a COCO results file; returns the list of detection dicts.
 
-    ``ValueError`` naming the file, the entry index and the field for anything malformed."""
+    ``AnnotationError`` (a ``ValueError``) naming the file, the entry index and the field for anything
+    malformed."""
     path = str(path)
     try:
         with open(path, encoding="utf-8") as f:
             dets = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON file ({e})") from e
+        raise _bad(path, f"not a JSON file ({e})") from e
     return _validate(dets, path)
 
 

@@ -30,8 +30,11 @@ from .runlog import JsonLog, console, progress, report_benchmark, stats_table, w
 from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(UserError):
+    """Training stopped after ``--max-nonfinite-steps`` NaN/inf steps in a row: a one-line error, exit 2."""
+
+    def __init__(self, what: str):
+        super().__init__(what, field="loss", todo="lower --lr, raise --warmup-epochs, or check the data")
 
 
 @dataclass
@@ -306,7 +309,7 @@ def skip_nonfinite_step(run: Run, epoch: int) -> None:
     if run.nonfinite_run >= run.cfg.max_nonfinite_steps:
         raise NonFiniteLoss(
             f"the loss or its gradient was NaN/inf in {run.nonfinite_run} steps in a row (epoch {epoch}, "
-            f"step {run.step}); stopping. Lower --lr, raise --warmup-epochs, or check the data.")
+            f"step {run.step}); stopping")
 
 
 def log_step(run: Run, epoch: int, parts, batch, ips: float, step_time: float) -> dict:

@@ -163,3 +163,13 @@ def test_script_prints_one_line_and_exits_2(ckpt_dir, tiny, tmp_path):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and LINE.match(lines[0]) and "weights_only=False" not in p.stderr, p.stderr
+
+
+def test_malformed_detections_file(tiny, tmp_path, capsys):
+    bad = tmp_path / "dets.json"
+    bad.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, -3, 4], "score": 0.5}]))
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--detections", str(bad))))
+    assert m["file"].endswith("dets.json") and "entry #0" in line and "bbox" in line
+    bad.write_text("[{")
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--detections", str(bad))))
+    assert "not a JSON file" in line and m["file"].endswith("dets.json")
