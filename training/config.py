@@ -451,11 +451,14 @@ class TrainConfig:
             if values.get(k) is None:
                 values[k] = v
         values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
-        if values["log_interval"] < 1:
-            from .errors import UserError
+        from .errors import UserError
 
+        if values["log_interval"] < 1:
             raise UserError(f"--log-interval must be >= 1, got {values['log_interval']}", None, "--log-interval",
                             "pass --log-interval 1 or more")
+        if not values["lr"] > 0:  # the schedule is a multiple of --lr
+            raise UserError(f"--lr must be > 0, got {values['lr']}", None, "--lr",
+                            "pass a positive learning rate (freeze layers with --freeze-layers instead)")
         from .schedule import optimizer_note
 
         note = optimizer_note(values["opt"])

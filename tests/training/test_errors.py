@@ -130,6 +130,10 @@ def test_flag_combinations_that_cannot_work(tiny, ckpt_dir, tmp_path, capsys):
     assert m["field"] == "--num_classes" and m["file"].endswith(".json")
     line, m = one_error_line(capsys, train.main(["--waymo", "--output", str(tmp_path)]))
     assert m["field"] == "--waymo-train-annotation"
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--lr", "0", "--output", str(tmp_path), "--device", "cpu", "--workers", "0"])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == "--lr" and "must be > 0" in line
 
 
 def test_debug_flag_and_environment_show_the_traceback(ckpt_dir, tiny, tmp_path, monkeypatch):
