@@ -338,20 +338,13 @@ def export_trace(prof, out_dir, device) -> Path:
 def load_results(results_dir) -> list[dict]:
     """Every JSON object of every ``*.jsonl`` in ``results_dir`` (unreadable lines skipped); each gets
     ``_file`` = the file name."""
+    from training.plots import read_log
+
     rows = []
     for path in sorted(Path(results_dir).glob("*.jsonl")):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict):
-                    row["_file"] = path.name
-                    rows.append(row)
+        for row in read_log(path):
+            row["_file"] = path.name
+            rows.append(row)
     return rows
 
 
