@@ -123,51 +123,16 @@ def op_of(event_name: str) -> Optional[str]:
     return None
 
 
-def random_batch(batch: int, size: int, device, num_classes: int = 90, channels_last: bool = False, seed: int = 0):
-    """Normalized random images ``(B, 3, s, s)``, gt boxes ``(B, 3, 4)`` xyxy px and labels ``(B, 3)``."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    xy = torch.rand(batch, 3, 2, generator=g) * 0.6 * size
-    wh = (0.1 + 0.3 * torch.rand(batch, 3, 2, generator=g)) * size
-    boxes = torch.cat([xy, (xy + wh).clamp(max=size)], -1)
-    labels = torch.randint(0, num_classes, (batch, 3), generator=g)
-    labels[:, -1] = -1  # one padding row per image
-    images = images.to(device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, boxes.to(device), labels.to(device)
-
-
 def profile_model(model_name: str = "efficientdet_d0", image_size: int = 128, batch: int = 1, device="cpu",
                   backend: str = "torch", channels_last: bool = False, warmup: int = 1, seed: int = 0):
     """Build the model, warm up, then profile ``train_step`` (forward, targets, loss, backward, SGD step, EMA
     update) and ``predict`` (forward + post-processing) once each. Returns the ``torch.profiler.profile``."""
     setup_repo_path()
-    import detector
-    from detector.ema import ModelEma
+    from bench.static import d0_workload
 
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = detector.create_model(model_name, image_size=(image_size, image_size), backend=backend).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, backend=backend)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    images, boxes, labels = random_batch(batch, image_size, device, model.config.num_classes, channels_last, seed)
+    train_step, predict = d0_workload(image_size, batch, device, model_name, backend, seed, channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def train_step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss = detector.compute_loss(model, images, boxes, labels, backend=backend)["loss"]
-        loss.backward()
-        opt.step()
-        ema.update(model)
-
-    def predict():
-        model.eval()
-        with torch.inference_mode():
-            return detector.predict(model, images, backend=backend)
 
     for _ in range(warmup):
         train_step()

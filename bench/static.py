@@ -497,7 +497,8 @@ def size_label(size) -> str:
 
 
 def d0_workload(size=128, batch: int = 2, device="cpu", model_name: str = "efficientdet_d0",
-                backend: str = "triton", seed: int = 0) -> tuple[Callable[[], object], Callable[[], object]]:
+                backend: str = "triton", seed: int = 0, channels_last: bool = False
+                ) -> tuple[Callable[[], object], Callable[[], object]]:
     """``(train_step, infer)`` for one model: forward, loss, backward, SGD step and EMA update; and the
     model + post-processing (``decode_topk`` + ``batched_nms``) under ``torch.inference_mode``."""
     import torch
@@ -512,9 +513,12 @@ def d0_workload(size=128, batch: int = 2, device="cpu", model_name: str = "effic
     h, w = size_hw(size)
     torch.manual_seed(seed)
     model = detector.create_model(model_name, image_size=(h, w), backend=backend).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     ema = ModelEma(model, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     images = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = images.contiguous(memory_format=fmt)
     boxes, labels = random_targets(batch, min(h, w), model.config.num_classes, seed=seed)
     boxes, labels = boxes.to(device), labels.to(device)
 
