@@ -43,12 +43,10 @@ def class_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, 
     ``keep (B, K)`` bool: hard NMS within each (image, class)."""
     B, K = scores.shape
     image = torch.arange(B, device=scores.device).repeat_interleave(K)
-    flat = torch.nonzero(scores.reshape(-1) >= 0).squeeze(1)  # eager/TorchScript path only
-    keep = kernels.batched_nms(boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], classes.reshape(-1)[flat],
-                               iou_threshold, batch_index=image[flat], backend="torch")
-    out = torch.zeros(B * K, dtype=torch.bool, device=scores.device)
-    out[flat[keep]] = True
-    return out.reshape(B, K)
+    # non-candidates score lower than every candidate, so they never suppress one: mask them out afterwards
+    keep = kernels.batched_nms_mask(boxes.reshape(-1, 4), scores.reshape(-1), classes.reshape(-1), iou_threshold,
+                                    batch_index=image, backend="torch")
+    return keep.reshape(B, K) & (scores >= 0)
 
 
 @class_nms.register_fake
