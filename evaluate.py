@@ -21,6 +21,10 @@ def main(argv=None):
 def _main(argv):
     parser = eval_parser()
     args = parser.parse_args(argv)
+    from training.host import default_workers
+
+    if args.workers is None:
+        args.workers = default_workers()
     if args.images:  # a folder of images without annotations: detections and pictures only
         from training.images import infer_images
 
@@ -56,6 +60,10 @@ def _main(argv):
 
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
     device = torch.device("cuda" if use_cuda else "cpu")
+    if not use_cuda:
+        from training.host import tune_allocator
+
+        tune_allocator()
     amp, note = resolve_amp(args.amp, use_cuda)
     if note:
         console.print(f"[yellow]{note}[/]")

@@ -1,17 +1,24 @@
 """Whole-model benchmark: our EfficientDet against effdet's on the same machine, in the same run.
 
     python bench/model.py [--model efficientdet_d0] [--device cpu|cuda] [--precision fp32|fp16|bf16]
-                          [--memory-format nchw|nhwc] [--peer-memory-format same|nchw|nhwc]
+                          [--memory-format nhwc|nchw] [--peer-memory-format nhwc|nchw|same]
                           [--backend auto|torch|triton] [--infer-batch 1,8] [--infer-size 512]
-                          [--train-batch 8] [--train-size 256] [--warmup N] [--iters N] [--threads N]
+                          [--train-batch 16,8] [--train-size 128,256] [--opt adamw,sgd] [--compile]
+                          [--malloc tuned|default] [--warmup N] [--iters N] [--threads N]
                           [--no-peer] [--no-train] [--no-infer] [--quick] [--results-dir bench/results]
 
 Workloads, each for ours and for the peer (effdet 0.4.1, when it imports; ``--no-peer`` skips it):
 
 * ``predict``    - model forward + batched post-processing (``detector.predict`` against
   ``effdet.DetBenchPredict``) under ``torch.inference_mode``, one row per ``--infer-batch`` entry;
-* ``train_step`` - forward, target assignment, loss, backward and an SGD step (``detector.compute_loss``
-  against ``effdet.DetBenchTrain``).
+* ``train_step`` - forward, target assignment, loss, backward and an optimizer step (``detector.compute_loss``
+  against ``effdet.DetBenchTrain``), one row per (``--train-size``, ``--train-batch``, ``--opt``) triple; both
+  sides use the same ``torch.optim`` optimizer with its default implementation.
+
+By default ours is channels-last and so is effdet (``--peer-memory-format nhwc``): what a careful effdet user
+runs. ``--compile`` runs ours through ``torch.compile`` (inductor; for predict with ``freezing``) and reports the
+compile time of each workload. ``--malloc tuned`` (default) applies ``training.host.tune_allocator`` to the
+process, so both sides run with it, as train.py and evaluate.py do.
 
 Random normalized images and 1-5 random ground-truth boxes per image (padded with -1 labels). fp16/bf16
 run under AMP autocast (CUDA fp16 training adds a GradScaler; on the CPU only bf16 autocast exists
@@ -23,8 +30,8 @@ machine it is the steadier figure, and the table shows it with its own speedup).
 other processes on a shared machine hits both alike.
 
 Prints a rich table and appends one JSON line per row to ``<results-dir>/model-<device-slug>.jsonl``.
-Defaults reproduce the issue's numbers: D0 on the CPU, inference at batch 1 and 8 at 512 px, one train
-step at 256 px, batch 8. ``--quick`` = tiny shapes (128 px, batch 1 / 2, 1 warm-up, 2 iterations) for
+Defaults: D0 on the CPU, inference at batch 1 and 8 at 512 px, train steps at 128 px batch 16 with AdamW and
+256 px batch 8 with SGD. ``--quick`` = tiny shapes (128 px, batch 1 / 2, 1 warm-up, 2 iterations) for
 the tests.
 """
 from __future__ import annotations
@@ -49,8 +56,9 @@ from bench.harness import (REPO_ROOT, autocast_context, device_name, device_slug
                            quantile, summarize, triton_version)
 
 OURS, PEER = "ours", "effdet"
-QUICK = dict(infer_batch="1", infer_size=128, train_batch=2, train_size=128, warmup=1, iters=2)
-FULL = dict(infer_batch="1,8", infer_size=512, train_batch=8, train_size=256, warmup=2, iters=10)
+QUICK = dict(infer_batch="1", infer_size=128, train_batch="2", train_size="128", opt="sgd", warmup=1, iters=2)
+FULL = dict(infer_batch="1,8", infer_size=512, train_batch="16,8", train_size="128,256", opt="adamw,sgd", warmup=2,
+            iters=10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,17 +72,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=90)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--memory-format", choices=("nchw", "nhwc"), default="nchw", help="for ours")
-    p.add_argument("--peer-memory-format", choices=("same", "nchw", "nhwc"), default="same",
-                   help="for effdet (default: the same as ours)")
+    p.add_argument("--memory-format", choices=("nchw", "nhwc"), default="nhwc",
+                   help="for ours (default channels-last, as train.py's small-data recipe runs on CPUs)")
+    p.add_argument("--peer-memory-format", choices=("same", "nchw", "nhwc"), default="nhwc",
+                   help="for effdet (default: channels-last, effdet's fastest on CPUs; same = as ours)")
     p.add_argument("--no-fuse", action="store_true",
                    help="predict with the unfused training model (default: BN folded, detector.fuse)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="kernel backend of our model (auto: Triton on CUDA, reference on the CPU)")
     p.add_argument("--infer-batch", default=None, help="comma-separated inference batch sizes (default 1,8)")
     p.add_argument("--infer-size", type=int, default=None, help="inference image size (default 512)")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch size (default 8)")
-    p.add_argument("--train-size", type=int, default=None, help="training image size (default 256)")
+    p.add_argument("--train-batch", default=None, help="comma-separated training batch sizes (default 16,8)")
+    p.add_argument("--train-size", default=None, help="comma-separated training image sizes (default 128,256)")
+    p.add_argument("--opt", default=None, help="comma-separated optimizers per train row: sgd | adamw "
+                   "(default adamw,sgd)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (reports compile seconds)")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="tuned: training.host.tune_allocator for the whole process (both sides)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 10)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -90,6 +104,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.infer_batches = [int(b) for b in str(args.infer_batch).split(",") if b.strip()]
+    sizes, batches, opts = ([v.strip() for v in str(x).split(",") if v.strip()]
+                            for x in (args.train_size, args.train_batch, args.opt))
+    n = max(len(sizes), len(batches), len(opts))
+    pad = lambda xs: xs + xs[-1:] * (n - len(xs))  # noqa: E731 - a shorter list repeats its last entry
+    args.train_runs = [(int(s), int(b), o) for s, b, o in zip(pad(sizes), pad(batches), pad(opts))]
+    for _, _, o in args.train_runs:
+        if o not in ("sgd", "adamw"):
+            p.error(f"--opt {o!r}: choose sgd or adamw")
     if args.peer_memory_format == "same":
         args.peer_memory_format = args.memory_format
     return args
@@ -214,6 +236,11 @@ def predict_fns(args, batch: int, size: int, device: torch.device, ours, peer) -
             from detector.fuse import fuse_for_inference
 
             ours = fuse_for_inference(ours)
+        if args.compile:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # weights become constants: conv + BN + SiLU fusions
+            ours = torch.compile(ours)
 
         def run_ours():
             with torch.inference_mode(), amp():
@@ -244,7 +271,14 @@ def _train_step(model_loss: Callable[[], torch.Tensor], opt, scaler) -> None:
         opt.step()
 
 
-def train_fns(args, batch: int, size: int, device: torch.device, ours_model, peer_model) -> dict:
+def make_optimizer(name: str, params):
+    """The same optimizer for both sides, in torch's default implementation (foreach where supported)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3)
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+def train_fns(args, batch: int, size: int, device: torch.device, ours_model, peer_model, opt_name="sgd") -> dict:
     import detector
 
     fns = {}
@@ -255,12 +289,13 @@ def train_fns(args, batch: int, size: int, device: torch.device, ours_model, pee
     if ours_model is not None:
         x = random_images(batch, size, device, memory_format(args.memory_format), args.seed)
         ours_model.train()
-        opt = torch.optim.SGD(ours_model.parameters(), lr=1e-3, momentum=0.9)
+        opt = make_optimizer(opt_name, ours_model.parameters())
+        net = torch.compile(ours_model) if args.compile else ours_model
         scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
         def loss_ours():
             with amp():
-                return detector.compute_loss(ours_model, x, boxes, labels, backend=args.backend)["loss"]
+                return detector.compute_loss(net, x, boxes, labels, backend=args.backend)["loss"]
         fns[OURS] = lambda: _train_step(loss_ours, opt, scaler)
     if peer_model is not None:
         import effdet
@@ -268,7 +303,7 @@ def train_fns(args, batch: int, size: int, device: torch.device, ours_model, pee
         bench = effdet.DetBenchTrain(peer_model).to(device).train()
         xp = random_images(batch, size, device, memory_format(args.peer_memory_format), args.seed)
         target = {k: v.to(device) for k, v in effdet_target(boxes, labels).items()}
-        opt_p = torch.optim.SGD(peer_model.parameters(), lr=1e-3, momentum=0.9)
+        opt_p = make_optimizer(opt_name, peer_model.parameters())
         scaler_p = torch.amp.GradScaler("cuda") if use_scaler else None
 
         def loss_peer():
@@ -284,10 +319,11 @@ def train_fns(args, batch: int, size: int, device: torch.device, ours_model, pee
 
 
 def make_rows(workload: str, batch: int, size: int, times: dict, errors: dict, impls: list[str],
-              cpu_times: Optional[dict] = None) -> list[dict]:
+              cpu_times: Optional[dict] = None, extra: Optional[dict] = None) -> list[dict]:
     rows = []
     for impl in impls:
-        row = {"workload": workload, "impl": impl, "batch": batch, "size": size, "median_ms": None,
+        row = {"workload": workload, "impl": impl, "batch": batch, "size": size, **(extra or {}).get(impl, {}),
+               "median_ms": None,
                "p20_ms": None, "p80_ms": None, "img_per_s": None, "speedup_vs_peer": None, "cpu_median_ms": None,
                "cpu_speedup_vs_peer": None, "samples": len(times.get(impl, [])), "error": errors.get(impl)}
         if times.get(impl) and impl not in errors:
@@ -314,7 +350,9 @@ def header_line(meta: dict) -> str:
     return (f"{meta['model']} on {meta['device']} | CPU threads {meta['cpu_threads']} | torch {meta['torch']} | "
             f"triton {meta['triton'] or '-'} | git {meta['git_commit'][:12]} | precision {meta['precision']} | "
             f"memory format ours {meta['memory_format']} / effdet {meta['peer_memory_format']} | "
-            f"backend {meta['backend']} | ours predict: {'BN folded' if meta.get('ours_bn_folded') else 'unfused'}")
+            f"backend {meta['backend']} | ours predict: {'BN folded' if meta.get('ours_bn_folded') else 'unfused'}"
+            f"{' | ours torch.compile' if meta.get('compile') else ''} | "
+            f"malloc {'tuned' if meta.get('malloc_tuned') else 'default'}")
 
 
 def print_table(rows: list[dict], meta: dict, console=None) -> None:
@@ -329,15 +367,15 @@ def print_table(rows: list[dict], meta: dict, console=None) -> None:
         return
     console = console or Console(width=160)
     table = Table(title=title, title_justify="left")
-    for col in ("workload", "impl", "batch", "size", "median ms", "p20 ms", "p80 ms", "img/s",
-                "x effdet", "CPU ms", "x effdet (CPU)", "error"):
+    for col in ("workload", "impl", "batch", "size", "opt", "median ms", "p20 ms", "p80 ms", "img/s",
+                "x effdet", "CPU ms", "x effdet (CPU)", "compile s", "error"):
         table.add_column(col, justify="left" if col in ("workload", "impl", "error") else "right",
                          overflow="fold")
     for r in rows:
-        table.add_row(r["workload"], r["impl"], str(r["batch"]), str(r["size"]), _fmt(r["median_ms"], ".1f"),
-                      _fmt(r["p20_ms"], ".1f"), _fmt(r["p80_ms"], ".1f"), _fmt(r["img_per_s"], ".2f"),
-                      _fmt(r["speedup_vs_peer"], ".2f"), _fmt(r["cpu_median_ms"], ".0f"),
-                      _fmt(r["cpu_speedup_vs_peer"], ".2f"), r["error"] or "")
+        table.add_row(r["workload"], r["impl"], str(r["batch"]), str(r["size"]), r.get("opt") or "-",
+                      _fmt(r["median_ms"], ".1f"), _fmt(r["p20_ms"], ".1f"), _fmt(r["p80_ms"], ".1f"),
+                      _fmt(r["img_per_s"], ".2f"), _fmt(r["speedup_vs_peer"], ".2f"), _fmt(r["cpu_median_ms"], ".0f"),
+                      _fmt(r["cpu_speedup_vs_peer"], ".2f"), _fmt(r.get("compile_s"), ".0f"), r["error"] or "")
     console.print(table)
 
 
@@ -351,6 +389,15 @@ def write_results(rows: list[dict], meta: dict, results_dir) -> Path:
     return path
 
 
+def compile_seconds(fns: dict, args) -> Optional[float]:
+    """With ``--compile``: the first call of ours (where torch.compile compiles), in seconds."""
+    if not args.compile or OURS not in fns:
+        return None
+    t0 = time.perf_counter()
+    fns[OURS]()
+    return time.perf_counter() - t0
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -359,6 +406,11 @@ def run(args) -> list[dict]:
         raise SystemExit("--precision fp16 needs CUDA; on the CPU use bf16 (autocast) or fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_tuned = False
+    if args.malloc == "tuned" and device.type == "cpu":
+        from training.host import tune_allocator
+
+        malloc_tuned = tune_allocator()
     peer_reason = "--no-peer" if args.no_peer else effdet_available()
     with_peer = peer_reason is None
     if not with_peer:
@@ -372,7 +424,8 @@ def run(args) -> list[dict]:
             "precision": args.precision, "memory_format": args.memory_format,
             "peer_memory_format": args.peer_memory_format if with_peer else None, "backend": args.backend, "ours_bn_folded": not args.no_fuse,
             "peer": "effdet" if with_peer else None, "warmup": args.warmup, "iters": args.iters,
-            "quick": bool(args.quick), "peer_skipped_reason": None if with_peer else peer_reason}
+            "quick": bool(args.quick), "peer_skipped_reason": None if with_peer else peer_reason,
+            "compile": bool(args.compile), "malloc_tuned": malloc_tuned}
     rows: list[dict] = []
     models: dict[int, tuple] = {}
 
@@ -385,15 +438,19 @@ def run(args) -> list[dict]:
         for batch in args.infer_batches:
             ours, peer = models_for(args.infer_size)
             fns = predict_fns(args, batch, args.infer_size, device, ours, peer)
+            extra = {OURS: {"compile_s": compile_seconds(fns, args)}}
             cpu = {}
             times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
-            rows += make_rows("predict", batch, args.infer_size, times, errors, impls, cpu)
+            rows += make_rows("predict", batch, args.infer_size, times, errors, impls, cpu, extra)
     if not args.no_train:
-        ours, peer = models_for(args.train_size)
-        fns = train_fns(args, args.train_batch, args.train_size, device, ours, peer)
-        cpu = {}
-        times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
-        rows += make_rows("train_step", args.train_batch, args.train_size, times, errors, impls, cpu)
+        for size, batch, opt_name in args.train_runs:
+            ours, peer = models_for(size)
+            fns = train_fns(args, batch, size, device, ours, peer, opt_name)
+            extra = {impl: {"opt": opt_name} for impl in impls}
+            extra[OURS]["compile_s"] = compile_seconds(fns, args)
+            cpu = {}
+            times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
+            rows += make_rows("train_step", batch, size, times, errors, impls, cpu, extra)
 
     print_table(rows, meta)
     path = write_results(rows, meta, args.results_dir)

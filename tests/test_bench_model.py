@@ -22,8 +22,12 @@ def _effdet_importable() -> bool:
 def test_parse_args_quick_and_defaults():
     full = bm.parse_args([])
     assert (full.model, full.device, full.precision, full.backend) == ("efficientdet_d0", "cpu", "fp32", "auto")
-    assert (full.infer_batches, full.infer_size, full.train_batch, full.train_size) == ([1, 8], 512, 8, 256)
-    assert full.peer_memory_format == full.memory_format
+    assert (full.infer_batches, full.infer_size) == ([1, 8], 512)
+    assert full.train_runs == [(128, 16, "adamw"), (256, 8, "sgd")]  # the two train rows
+    assert full.peer_memory_format == full.memory_format == "nhwc"  # effdet's best CPU setting, as ours
+    assert bm.parse_args(["--train-size", "64,96", "--train-batch", "2", "--opt", "sgd"]).train_runs == [
+        (64, 2, "sgd"), (96, 2, "sgd")]
+    assert bm.parse_args(["--peer-memory-format", "same", "--memory-format", "nchw"]).peer_memory_format == "nchw"
     quick = bm.parse_args(["--quick", "--infer-batch", "1,2", "--memory-format", "nhwc",
                            "--peer-memory-format", "nchw"])
     assert quick.infer_batches == [1, 2] and quick.infer_size == 128 and quick.iters == 2  # explicit flag wins

@@ -19,10 +19,14 @@ COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_ep
                    input_size=None, bn_momentum=None, eval_interval=1, pictures=0, memory_format="nchw")
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
 # reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
-# make the averaged model usable after a few hundred steps.
+# make the averaged model usable after a few hundred steps. Input size, batch size, learning rate and epochs
+# are fitted to the training set (``training/recipe.py``); the values here are the built-in set's.
 SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=(0.6, 1.4),
                     input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc")
+# ``python train.py`` with no data flag (the built-in set) and no --epochs: a run of this many minutes of
+# wall time, evaluation included (the cosine schedule follows the clock; see --time-budget)
+DEMO_TIME_BUDGET = 4.5
 # the small-data recipe applies below this many training images, when training starts from scratch
 SMALL_DATA_IMAGES = 5000
 
@@ -90,8 +94,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(d, "--waymo-train", default=None, help="image folder relative to data")
     p.nvidia(d, "--waymo-val", default=None, help="image folder relative to data")
     d.add_argument("--skip-bad-images", action="store_true", help="skip and count missing or corrupt images")
-    p.nvidia(d, "-j", "--workers", "--worker", type=int, default=2, help="data loader worker processes",
-             note="default 2 (NVIDIA: 4), for small machines; --worker (as NVIDIA's scripts spell it) works too")
+    p.nvidia(d, "-j", "--workers", "--worker", type=int, default=None,
+             help="data loader worker processes (default: fitted to the CPU cores, see training/host.py)",
+             note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4), so a small machine never "
+                  "runs more processes than cores; --worker (as NVIDIA's scripts spell it) works too")
     p.nvidia(d, "--interpolation", default="", choices=["", "bilinear", "bicubic", "nearest"],
              help="resize filter of evaluation images ('' = bilinear, the model's)")
     p.nvidia(d, "--train-interpolation", default="bilinear", choices=["random", "bilinear", "bicubic", "nearest"],
@@ -184,6 +190,13 @@ def train_parser() -> argparse.ArgumentParser:
              help="mixed precision: fp16 with a GradScaler (default) or bf16",
              note="also --amp bf16; fp16 without CUDA says so and trains in fp32")
     o.add_argument("--max-nonfinite-steps", type=int, default=5, help="stop after this many NaN losses in a row")
+    o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="wall minutes for the whole run (set-up, training, evaluations, the final evaluation): "
+                        "the cosine schedule follows the clock and training stops in time for the final "
+                        "evaluation; --epochs still caps it. Default: %s minutes for the built-in data set "
+                        "when --epochs is not given, else none (0: none)" % DEMO_TIME_BUDGET)
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (inductor); pays only for long runs: see bench/RESULTS.md")
     r = p.add_argument_group("run")
     p.nvidia(r, "--seed", type=int, default=42)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -265,7 +278,11 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize", type=int, default=0, help="write N images with predicted and true boxes")
     p.add_argument("--output", default="output")
     p.add_argument("--device", default="auto")
-    p.nvidia(p, "-j", "--workers", type=int, default=2, note="default 2 (NVIDIA: 4)")
+    p.nvidia(p, "-j", "--workers", type=int, default=None,
+             note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the BN-folded model (inductor; compiling takes minutes on a small CPU, "
+                        "so it pays only for large evaluations: see bench/RESULTS.md)")
     p.add_argument("--skip-bad-images", action="store_true")
     p.nvidia(p, "--seed", type=int, default=42)
     p.nvidia(p, "--log-freq", type=int, default=10, help="batches between progress lines", note=_infra("log_freq"))
@@ -334,7 +351,7 @@ class TrainConfig:
     waymo_train: str | None = None
     waymo_val: str | None = None
     skip_bad_images: bool = False
-    workers: int = 2
+    workers: int | None = None
     interpolation: str = ""
     train_interpolation: str = "bilinear"
     fill_color: tuple[int, int, int] = (124, 116, 104)
@@ -389,6 +406,8 @@ class TrainConfig:
     scale_range: tuple[float, float] = (0.1, 2.0)
     amp: str | None = None
     max_nonfinite_steps: int = 5
+    time_budget: float | None = None
+    compile: bool = False
     # run
     seed: int = 42
     device: str = "auto"
@@ -417,9 +436,13 @@ class TrainConfig:
     notes: tuple[str, ...] = ()
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, num_train: int, cuda: bool) -> "TrainConfig":
+    def from_args(cls, args: argparse.Namespace, num_train: int, cuda: bool, stats=None,
+                  builtin_data: bool = False) -> "TrainConfig":
         """The flags, with the recipe's value for every flag left unset (``None``), and GPU-only flags turned
-        into what runs without one (``cuda=False``), each change said in ``notes``."""
+        into what runs without one (``cuda=False``), each change said in ``notes``.
+
+        ``stats`` (``training.recipe.DataStats`` of the training set) fits the small-data recipe to the data;
+        ``builtin_data`` (no data flag given) gives a run without ``--epochs`` the demo's time budget."""
         values = dict(vars(args))
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:  # a flag without a field would be silently ignored
@@ -446,11 +469,26 @@ class TrainConfig:
                 notes.append(f"{flag} {values[dest]}: no effect (NVIDIA's train.py does not use it either)")
         from_scratch = not (values["initial_checkpoint"] or values["pretrained_backbone_path"] or values["pretrained"])
         small = num_train < SMALL_DATA_IMAGES and from_scratch
-        recipe = SMALL_RECIPE if small else COCO_RECIPE
+        recipe = dict(SMALL_RECIPE if small else COCO_RECIPE)
+        values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
+        if small and stats is not None:
+            from .recipe import describe, fit_small_recipe
+
+            fitted = fit_small_recipe(stats)
+            recipe.update(fitted)
+            values["recipe"] += ", fitted to the data (training/recipe.py): " + describe(stats, fitted)
+        if values["time_budget"] is None and builtin_data and values["epochs"] is None:
+            values["time_budget"] = DEMO_TIME_BUDGET
+            notes.append(f"built-in data set: a {DEMO_TIME_BUDGET:g}-minute run (--time-budget; --epochs N "
+                         "trains N epochs instead)")
+        values["time_budget"] = values["time_budget"] or None  # 0 = no budget
         for k, v in recipe.items():
             if values.get(k) is None:
                 values[k] = v
-        values["recipe"] = "small-data recipe (training/config.py SMALL_RECIPE)" if small else "NVIDIA COCO recipe"
+        from .host import default_workers
+
+        if values["workers"] is None:
+            values["workers"] = default_workers()
         from .errors import UserError
 
         if values["log_interval"] < 1:
@@ -529,10 +567,15 @@ def synthetic_paths(split: str):
     return syn["ann_file"], syn["image_dir"]
 
 
+def uses_builtin_data(flags) -> bool:
+    """True when no data flag is given: train.py runs on the built-in synthetic set."""
+    return not (flags.waymo or flags.train_ann or flags.val_ann or flags.data)
+
+
 def train_data_paths(flags) -> dict:
     """{"train": (ann, images), "val": (ann, images)} from the parsed flags; "val" is absent when only
     ``--train-ann`` is given, and with no data flag at all both are the built-in synthetic set."""
-    if not (flags.waymo or flags.train_ann or flags.val_ann or flags.data):
+    if uses_builtin_data(flags):
         return {s: synthetic_paths(s) for s in ("train", "val")}
     data = None if (flags.train_ann or flags.val_ann) and not flags.waymo else flags.data
     found = {"train": split_paths("train", data, flags.train_ann, flags.train_images, flags.waymo,

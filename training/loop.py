@@ -21,13 +21,15 @@ from detector.layers import convert_sync_batchnorm
 from detector.pipeline import compute_loss
 
 from . import distributed as dist
-from .config import TrainConfig, train_data_paths
+from .config import TrainConfig, train_data_paths, uses_builtin_data
 from .errors import UserError, naming
-from .evaluation import autocast, evaluate_model, run_inference, save_pictures, waymo_iou_by_class
+from .evaluation import autocast, evaluate_model, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
 from .plots import plot_training
 from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
-from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
+from .host import tune_allocator
+from .recipe import DataStats
+from .schedule import TimeBudget, build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
 
 
 class NonFiniteLoss(UserError):
@@ -65,6 +67,9 @@ class Run:
     stats: dict | None = None
     bn_buffers: list = field(default_factory=list)
     bn_before: list = field(default_factory=list)
+    budget: TimeBudget | None = None  # --time-budget
+    out_of_time: bool = False  # the budget ended training; the current epoch is the last
+    pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
 
     @property
     def steps_per_epoch(self) -> int:
@@ -80,6 +85,9 @@ class Run:
     def last_epoch(self) -> int:
         stop, end = self.cfg.stop_after, scheduled_epochs(self.cfg)
         return end if not stop else min(end, self.start_epoch + stop)
+
+    def is_last(self, epoch: int) -> bool:
+        return epoch + 1 == self.last_epoch or self.out_of_time
 
     @property
     def eval_model(self) -> nn.Module:
@@ -103,11 +111,16 @@ def train(args) -> dict | None:
 def setup(args, info: dist.DistInfo) -> Run:
     """Data, config, model, optimizer and schedule; then the saved state when resuming."""
     t0 = time.perf_counter()
+    if info.device.type == "cpu":
+        tune_allocator()
     seed_everything(args.seed)  # identical initial weights on every rank; per-rank streams below
     train_set, val_set = load_data(args)
-    cfg = TrainConfig.from_args(args, num_train=len(train_set), cuda=info.device.type == "cuda")
+    stats = DataStats.of(train_set.coco.dataset)
+    cfg = TrainConfig.from_args(args, num_train=len(train_set), cuda=info.device.type == "cuda", stats=stats,
+                                builtin_data=uses_builtin_data(args))
     if info.is_main:
         console.print(f"recipe: {cfg.recipe} ({len(train_set)} training images); flags you gave take precedence")
+        console.print(f"data loader: {cfg.workers} worker process(es); {torch.get_num_threads()} compute threads")
         for note in cfg.notes:
             console.print(f"[yellow]{note}[/]")
     model = build_training_model(cfg, train_set, info)
@@ -121,7 +134,7 @@ def setup(args, info: dist.DistInfo) -> Run:
                    dllogger=cfg.dllogger_file if info.is_main else None)
     jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),
                world_size=info.world_size, device=str(info.device), train_images=len(train_set),
-               val_images=len(val_set) if val_set else 0, data_stats=dict(train_set.stats))
+               val_images=len(val_set) if val_set else 0, data_stats=stats.to_dict())
     load_initial_weights(cfg, model, info)
     model = to_memory_format(model, cfg.channels_last)
     if cfg.sync_bn and info.distributed:
@@ -130,6 +143,8 @@ def setup(args, info: dist.DistInfo) -> Run:
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if cfg.compile:  # compiled on the first step (minutes on a small CPU: bench/RESULTS.md)
+        net = torch.compile(net)
     ema = ModelEma(model, decay=cfg.model_ema_decay, warmup=cfg.ema_warmup,
                    backend=cfg.kernel_backend) if cfg.model_ema else None  # after DDP's broadcast
     seed_everything(cfg.seed + info.rank)
@@ -143,8 +158,9 @@ def setup(args, info: dist.DistInfo) -> Run:
                         train_set.ann_file, "--batch-size", "pass a smaller --batch-size or more images")
     optimizer = build_optimizer(cfg, model)
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
+    budget = TimeBudget(cfg.time_budget, t0) if cfg.time_budget else None
     run = Run(cfg=cfg, info=info, model=model, net=net, ema=ema, optimizer=optimizer,
-              scheduler=build_scheduler(cfg, optimizer, len(train_loader)),
+              scheduler=build_scheduler(cfg, optimizer, len(train_loader), budget), budget=budget,
               scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), train_set=train_set, val_set=val_set,
               train_loader=train_loader, val_loader=val_loader, jlog=jlog, t0=t0,
               start_epoch=cfg.start_epoch or 0)
@@ -211,6 +227,8 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
 def fit(run: Run) -> dict | None:
     interrupt = InterruptFlag()
     for epoch in range(run.start_epoch, run.last_epoch):
+        if run.budget is not None and run.budget.expired():
+            break  # a resumed run whose budget was already spent
         if not train_one_epoch(run, epoch, interrupt):
             return None  # interrupted; the state is saved
         if run.cfg.benchmark:
@@ -219,9 +237,23 @@ def fit(run: Run) -> dict | None:
         improved = maybe_evaluate(run, epoch)
         save_state(run, epoch, None, improved)
         dist.barrier()
+        if run.out_of_time:
+            break
     interrupt.restore()
     finish(run)
     return run.stats
+
+
+def budget_spent(run: Run) -> bool:
+    """--time-budget: True once training must stop for the final evaluation to end in time (agreed by all
+    workers, so every rank leaves the epoch at the same step)."""
+    if run.budget is None:
+        return False
+    spent = run.budget.expired()
+    if run.info.distributed:
+        spent = bool(dist.all_reduce_sum(torch.tensor([float(spent)], device=run.info.device)) > 0)
+    run.out_of_time = spent
+    return spent
 
 
 def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
@@ -232,6 +264,8 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
     run.train_loader.set_epoch(epoch, skip_batches=skip)
     prefetch = D.DevicePrefetcher(run.train_loader, info.device, channels_last=cfg.channels_last)
     t_epoch, seen = time.perf_counter(), 0
+    if run.budget is not None:
+        run.budget.start()
     with progress(info.is_main) as bar:
         task = bar.add_task(f"epoch {epoch}", total=run.steps_per_epoch, completed=skip, info="")
         for i, batch in enumerate(prefetch, start=skip):
@@ -249,6 +283,15 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
                                  step_time=time.perf_counter() - t0)
                 bar.update(task, info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s")
             bar.update(task, advance=1)
+            if run.budget is not None:
+                if i - skip >= 5:  # past the first, slow steps
+                    run.budget.guess_reserve(len(run.val_set) if run.val_set else 0,
+                                             seen / (time.perf_counter() - t_epoch))
+                if budget_spent(run):
+                    if info.is_main:
+                        console.print(f"time budget: training stops at epoch {epoch}, batch {i + 1}/"
+                                      f"{run.steps_per_epoch} to leave time for the final evaluation")
+                    break
             step_limit = cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps
             if cfg.benchmark and (len(run.bench_times) >= cfg.benchmark_steps or step_limit):
                 break
@@ -324,14 +367,18 @@ def maybe_evaluate(run: Run, epoch: int) -> bool:
     """Evaluate (the EMA model when there is one) when the schedule says so; True when AP improved."""
     cfg = run.cfg
     due = run.val_loader is not None and epoch + 1 >= cfg.eval_after and (
-        (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == run.last_epoch)
+        (epoch + 1) % cfg.eval_interval == 0 or run.is_last(epoch))
     if not due:
         return False
     iou_by_class = waymo_iou_by_class(run.val_set.coco.dataset["categories"]) if cfg.waymo else None
-    stats, _, timing, _ = evaluate_model(run.eval_model, run.val_loader, run.info, amp=cfg.amp,
-                                         channels_last=cfg.channels_last, backend=cfg.kernel_backend,
-                                         iou_by_class=iou_by_class)
+    t_eval = time.perf_counter()
+    stats, _, timing, pictures = evaluate_model(
+        run.eval_model, run.val_loader, run.info, amp=cfg.amp, channels_last=cfg.channels_last,
+        backend=cfg.kernel_backend, iou_by_class=iou_by_class, keep_images=cfg.pictures if run.is_last(epoch) else 0)
+    run.pictures = pictures
     run.stats = stats
+    if run.budget is not None:
+        run.budget.evaluated(time.perf_counter() - t_eval)
     if run.info.is_main:
         console.print(stats_table(stats, f"epoch {epoch} ({'EMA' if run.ema else 'model'}) on "
                                          f"{len(run.val_set)} val images"))
@@ -362,11 +409,12 @@ def finish(run: Run) -> None:
     out = run.cfg.output
     if os.path.isfile(os.path.join(out, "log.jsonl")):
         plot_training(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
-    if run.val_loader is not None and run.cfg.pictures and run.stats is not None:
-        loader = D.build_loader(run.val_set, run.cfg.batch_size, False, 0, run.cfg.seed)
-        _, _, pics = run_inference(run.eval_model, loader, run.info.device, amp=run.cfg.amp,
-                                   backend=run.cfg.kernel_backend, show_progress=False, keep_images=run.cfg.pictures)
-        save_pictures(run.val_set, pics, os.path.join(out, "pictures"), run.train_set.class_names)
+    if run.pictures:  # kept by the final evaluation (rank 0's shard)
+        save_pictures(run.val_set, run.pictures, os.path.join(out, "pictures"), run.train_set.class_names)
+    minutes = (time.perf_counter() - run.t0) / 60
+    run.jlog.write(event="end", step=run.step, minutes=minutes, time_budget=run.cfg.time_budget)
+    budget = f" (time budget {run.cfg.time_budget:g} min)" if run.cfg.time_budget else ""
+    console.print(f"finished in {minutes:.2f} min{budget}: {run.step} steps; outputs in {out}/")
 
 
 # ---------------------------------------------------------------- checkpoints and resume
@@ -379,6 +427,7 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": run.step,
              "best": run.best, "rng": rngs if run.info.distributed else rngs[0], "args": run.cfg.to_dict(),
+             "budget_fraction": run.budget.fraction() if run.budget is not None else None,
              "config": run.model.config.to_dict(), "class_names": run.train_set.class_names,
              "label_to_cat_id": run.train_set.label_to_cat_id}
     out, every = run.cfg.output, run.cfg.save_checkpoint_interval
@@ -402,6 +451,8 @@ def resume(run: Run, path: str) -> None:
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
     run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
+    if run.budget is not None and state.get("budget_fraction") is not None:
+        run.budget.offset = min(1.0, state["budget_fraction"])  # the schedule continues where it stopped
     if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first
         run.start_epoch, run.skip_batches = state["epoch"], state["batch_in_epoch"]
     if run.cfg.no_resume_opt:

@@ -9,6 +9,7 @@ before and its peak ``--decay-rate`` times lower), then ``--cooldown-epochs`` at
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -103,8 +104,49 @@ def lr_noise(cfg, epoch: int) -> float:
             return n
 
 
-def lr_lambda(cfg, steps_per_epoch: int):
-    """Per-step LR factor (see the module docstring)."""
+class TimeBudget:
+    """``--time-budget``: the run's wall clock, from set-up to the end of its final evaluation.
+
+    Training gets what is left of the budget after set-up, minus a reserve for the final evaluation (1.2x the
+    last evaluation's duration plus 10 s; before the first evaluation, a guess from the validation set's size
+    and the training speed). ``fraction()`` is the share of that window used so far, plus ``offset`` (the
+    fraction a resumed run had reached); the cosine schedule follows it and training stops at 1.
+    """
+
+    def __init__(self, minutes: float, t0: float, offset: float = 0.0):
+        self.seconds, self.t0, self.offset = 60.0 * minutes, t0, offset
+        self.t_train: float | None = None
+        self.reserve = 10.0
+        self.measured = False
+
+    def start(self) -> None:
+        """Training starts now (set-up time is spent)."""
+        if self.t_train is None:
+            self.t_train = time.perf_counter()
+
+    def guess_reserve(self, val_images: int, train_img_per_s: float) -> None:
+        """Before any evaluation: inference takes about a third of a training step's time per image."""
+        if not self.measured and train_img_per_s > 0:
+            self.reserve = min(10.0 + 1.2 * val_images / (3.0 * train_img_per_s), self.seconds / 3)
+
+    def evaluated(self, seconds: float) -> None:
+        self.reserve, self.measured = min(10.0 + 1.2 * seconds, self.seconds / 3), True
+
+    def fraction(self) -> float:
+        if self.t_train is None:
+            return self.offset
+        window = self.seconds - (self.t_train - self.t0) - self.reserve
+        if window <= 0:
+            return 1.0
+        return self.offset + (time.perf_counter() - self.t_train) / window * (1.0 - self.offset)
+
+    def expired(self) -> bool:
+        return self.fraction() >= 1.0
+
+
+def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
+    """Per-step LR factor (see the module docstring). With a ``budget``, the cosine position is the larger of
+    the step count's and the clock's (``budget.fraction()``)."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     first = max(1, cfg.epochs * steps_per_epoch)
     base = cfg.lr
@@ -114,6 +156,8 @@ def lr_lambda(cfg, steps_per_epoch: int):
         i, t, length = _cycle(step, first, cfg.lr_cycle_mul)
         if i == 0:  # the first cycle starts after the warm-up
             t, length = step - warm, max(1, first - warm)
+            if budget is not None:
+                t = max(t, budget.fraction() * length)
         if 0 < cfg.lr_cycle_limit <= i:
             return cfg.min_lr
         gamma = cfg.decay_rate ** i
@@ -135,8 +179,9 @@ def lr_lambda(cfg, steps_per_epoch: int):
     return f
 
 
-def build_scheduler(cfg, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+def build_scheduler(cfg, optimizer, steps_per_epoch: int, budget: TimeBudget | None = None):
+    """A per-step ``LambdaLR``; with a ``budget`` the cosine follows the clock too (``lr_lambda``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch, budget))
 
 
 def seek_scheduler(scheduler, step: int) -> None:

@@ -1,0 +1,52 @@
+"""Host settings fitted to the machine: data-loader workers per CPU core, and the C allocator on Linux.
+
+* ``default_workers()``: one loader process per core beyond the first (at most 4). On a 2-core laptop the
+  step's own threads need both cores; a second loader process only competes with them.
+* ``tune_allocator()``: glibc serves every allocation above its mmap threshold (at most 32 MB) with fresh
+  pages from the kernel and returns them on free, so each large activation, gradient or loss intermediate of
+  a CPU step is page-faulted in anew, every step. Keeping freed memory in the heap instead
+  (``M_MMAP_MAX = 0``, a high trim threshold) removes that cost; the process keeps its peak memory.
+  ``EFFDET_MALLOC=default`` leaves glibc's settings alone. Called by train.py / evaluate.py on the CPU only.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+_tuned: bool | None = None
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(cores: int | None = None) -> int:
+    """Data-loader worker processes for ``-j`` left unset: ``cores - 1``, between 0 and 4."""
+    cores = cpu_cores() if cores is None else cores
+    return max(0, min(4, cores - 1))
+
+
+def tune_allocator() -> bool:
+    """Make glibc keep freed memory for reuse (see the module doc); True when the setting took effect.
+    Idempotent; a no-op off Linux/glibc or with ``EFFDET_MALLOC=default``."""
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    _tuned = False
+    if os.environ.get("EFFDET_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _tuned
