@@ -1,0 +1,137 @@
+"""Issue 10's run settings: the recipe fitted to the data's statistics, --time-budget, workers per core."""
+import json
+import os
+import sys
+
+import pytest
+
+import train
+from datasets.synthetic import generate_synthetic
+from training import host, schedule
+from training.config import DEMO_TIME_BUDGET, TrainConfig, train_parser
+from training.recipe import DataStats, fit_small_recipe, input_size_for
+
+TINY = dict(seed=3, num_train=6, num_val=2, image_size=64, num_classes=3, min_object=12, max_object=40, workers=1)
+
+
+def coco(n_images, side, box_sides, per_image=1, classes=3):
+    images = [{"id": i, "width": side, "height": side, "file_name": f"{i}.png"} for i in range(n_images)]
+    anns = [{"id": k, "image_id": k % n_images, "category_id": 1, "bbox": [0, 0, s, s], "iscrowd": 0}
+            for k, s in enumerate(box_sides * per_image)]
+    return {"images": images, "annotations": anns, "categories": [{"id": c + 1, "name": str(c)} for c in range(classes)]}
+
+
+def test_stats_read_counts_and_relative_sizes():
+    st = DataStats.of(coco(4, 200, [20, 40, 60, 80], per_image=2, classes=5))
+    assert (st.images, st.classes, st.objects, st.objects_per_image, st.image_side) == (4, 5, 8, 2.0, 200.0)
+    assert st.object_rel_size == pytest.approx(0.25)  # median of 0.1, 0.2, 0.3, 0.4 (each twice)
+
+
+@pytest.mark.parametrize("side, obj, size", [
+    (256, 76, 128),  # the built-in set: objects 24-128 px in 256 px images
+    (320, 26, 256),  # small glyphs: 128 px would make them 10 px
+    (640, 20, 512),  # tiny objects: the largest size, the images are big enough
+    (200, 10, 256),  # tiny objects in small images: never above the images' own size (rounded up to 128)
+])
+def test_input_size_follows_object_size(side, obj, size):
+    assert input_size_for(DataStats.of(coco(10, side, [obj]))) == size
+
+
+def test_fitted_recipe_scales_batch_lr_and_epochs():
+    shapes = fit_small_recipe(DataStats.of(coco(600, 256, [76])))
+    assert shapes == dict(input_size=(128, 128), batch_size=16, lr=2e-3, epochs=30)  # the built-in set's values
+    small_objects = fit_small_recipe(DataStats.of(coco(4000, 320, [26])))
+    assert small_objects["batch_size"] == 8 and small_objects["lr"] == pytest.approx(2e-3 * 0.5 ** 0.5, rel=1e-3)
+    assert small_objects["epochs"] == 10  # 18,000 image views, at least 10 epochs
+    assert fit_small_recipe(DataStats.of(coco(20, 256, [76])))["epochs"] == 300  # at most 300
+
+
+def config(*argv, stats=None, builtin=False, num_train=10):
+    return TrainConfig.from_args(train_parser().parse_args(list(argv)), num_train=num_train, cuda=False,
+                                 stats=stats, builtin_data=builtin)
+
+
+def test_config_uses_fitted_values_but_flags_win():
+    st = DataStats.of(coco(800, 320, [26]))
+    cfg = config(stats=st, num_train=800)
+    assert cfg.input_size == (256, 256) and cfg.batch_size == 8 and "input 256 px" in cfg.recipe
+    given = config("--input_size", "384", "-b", "2", stats=st, num_train=800)
+    assert given.input_size == (384, 384) and given.batch_size == 2
+    assert config(stats=st, num_train=10_000).input_size is None  # NVIDIA's recipe: the model's own size
+
+
+def test_time_budget_defaults_to_the_demo_only():
+    assert config(builtin=True).time_budget == DEMO_TIME_BUDGET
+    assert config("--epochs", "3", builtin=True).time_budget is None  # N epochs asked for: N epochs
+    assert config().time_budget is None  # your own data: no budget unless asked for
+    assert config("--time-budget", "2").time_budget == 2.0
+    assert config("--time-budget", "0", builtin=True).time_budget is None
+
+
+def test_workers_fit_the_cores():
+    assert [host.default_workers(c) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert config().workers == host.default_workers() and config("-j", "3").workers == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_allocator_setting_takes_effect():
+    assert host.tune_allocator() is True
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_fraction_and_schedule_follow_the_clock(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(schedule.time, "perf_counter", clock)
+    budget = schedule.TimeBudget(1.0, t0=100.0)  # 60 s in all
+    clock.now = 110.0  # 10 s of set-up
+    budget.start()
+    assert budget.fraction() == 0.0
+    clock.now = 130.0  # window = 60 - 10 - 10 (reserve) = 40 s; 20 s used
+    assert budget.fraction() == pytest.approx(0.5) and not budget.expired()
+    budget.evaluated(5.0)  # reserve = 10 + 6 = 16 s -> window 34 s
+    assert budget.fraction() == pytest.approx(20 / 34)
+    clock.now = 150.0
+    assert budget.expired()
+    cfg = config("--epochs", "1000", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
+    f = schedule.lr_lambda(cfg, steps_per_epoch=10, budget=budget)
+    assert f(5) == pytest.approx(0.0, abs=1e-9)  # the clock says the schedule is over at step 5 of 10,000
+    clock.now = 110.0 + 17.0  # half the 34 s window
+    assert f(5) == pytest.approx(0.5, abs=1e-6)
+    assert schedule.lr_lambda(cfg, 10)(5) == pytest.approx(1.0, abs=1e-6)  # without a budget: steps only
+
+
+def test_resumed_budget_continues_from_its_fraction(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(schedule.time, "perf_counter", clock)
+    budget = schedule.TimeBudget(1.0, t0=100.0, offset=0.5)
+    assert budget.fraction() == 0.5
+    budget.start()
+    clock.now = 120.0  # window 50 s, 20 s used -> 0.5 + 0.4 * 0.5
+    assert budget.fraction() == pytest.approx(0.7)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("syn") / "tiny", **TINY)
+
+
+def test_train_stops_in_time_and_evaluates(tiny, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+            "--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"], "--output", str(out),
+            "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", "--kernel-backend", "torch",
+            "--pictures", "1", "--epochs", "100000", "--eval-interval", "100000", "--time-budget", "0.4"]
+    assert train.main(argv) == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    evals, end = [e for e in log if e["event"] == "eval"], log[-1]
+    assert end["event"] == "end" and end["time_budget"] == 0.4
+    assert len(evals) == 1 and evals[0]["epoch"] < 100000 - 1  # stopped by the clock, then evaluated once
+    assert end["minutes"] < 0.4 + 1.0  # generous: a loaded CI machine; the demo run's figure is measured
+    assert os.listdir(out / "pictures")  # pictures come from the final evaluation
