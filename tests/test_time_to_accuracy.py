@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,14 @@ def test_output_default_and_bad_names():
     for bad in (["--name", "a/b"], ["--name", "x", "--timeout-minutes", "0"], []):
         with pytest.raises(SystemExit):
             tta.main(bad + ["--", "--epochs", "1"])
+
+
+def test_timeout_interrupts_the_run():
+    t0 = time.perf_counter()
+    rc, timed_out = tta.run_train([sys.executable, "-c", "import time; time.sleep(60)"], timeout_minutes=0.02)
+    assert timed_out and rc != 0 and time.perf_counter() - t0 < 30  # SIGINT ends it well before 60 s
+    rc, timed_out = tta.run_train([sys.executable, "-c", "raise SystemExit(4)"], timeout_minutes=1)
+    assert (rc, timed_out) == (4, False)
 
 
 @pytest.mark.slow  # about a minute on 2 CPU cores: two tiny epochs of train.py
