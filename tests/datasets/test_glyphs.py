@@ -39,6 +39,18 @@ def test_glyph_mask_is_cropped_to_its_ink(char, angle):
     assert abs(max(m.shape) - 30) <= 12  # a rotation by 12 degrees grows the box by at most ~1/3
 
 
+def test_bitmap_font_fallback_for_old_pillow(monkeypatch):
+    """Pillow < 10.1 has no scalable default font: the scaled bitmap font still gives sized, cropped glyphs."""
+    gl._raw_mask.cache_clear()
+    monkeypatch.setattr(gl, "_font", lambda px: None)
+    try:
+        for char in "08AM":
+            m = gl.render_glyph(char, 24)
+            assert max(m.shape) == 24 and ink_box(m) == [0, 0, m.shape[1], m.shape[0]]
+    finally:
+        gl._raw_mask.cache_clear()  # later tests render with the real font again
+
+
 def test_one_glyph_alone_box_is_its_ink_box():
     """Flat background, one glyph: the pixels that changed are exactly the annotated box."""
     for index in range(6):
