@@ -82,8 +82,9 @@ def _crop(mask: np.ndarray) -> np.ndarray:
 
 
 def render_glyph(char: str, size: int, angle: float = 0.0) -> np.ndarray:
-    """The uint8 mask of ``char`` whose ink box's longer side is ``size`` pixels (within a pixel or two
-    after rotation by ``angle`` degrees), cropped to that ink box: every border row/column holds ink."""
+    """The uint8 mask of ``char``, rotated by ``angle`` degrees and cropped to its ink box (every border
+    row and column holds ink). Unrotated, the box's longer side is ``size`` pixels; a rotation grows it
+    (``render_image`` rejects a glyph whose rotated box falls outside its size range)."""
     from PIL import Image
 
     px = max(4, size)
