@@ -16,6 +16,11 @@ not depend on the number of worker processes.
 
 CLI: ``python -m datasets.synthetic --out DIR --num-train 1000 --num-val 200 --size 256
 --classes 3 --min-object 20 --max-object 120``.
+
+A second family, ``family="glyphs"`` (``--family glyphs``; drawn by ``datasets.glyphs``), is unlike
+the shapes: more classes (rendered characters), smaller objects and many more per image, on
+cluttered backgrounds. It is written in the same layout; its flags left out take its own defaults
+(``datasets.glyphs.DEFAULTS``) and its cache folder name starts with ``glyphs-``.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ensure_synthetic", "generate_synthetic", "synthetic_name", "SHAPES", "DEFAULT_NUM_TRAIN",
+__all__ = ["ensure_synthetic", "generate_synthetic", "synthetic_name", "FAMILIES", "SHAPES", "DEFAULT_NUM_TRAIN",
            "DEFAULT_NUM_VAL", "DEFAULT_IMAGE_SIZE", "DEFAULT_NUM_CLASSES", "DEFAULT_MIN_OBJECT",
            "DEFAULT_MAX_OBJECT", "DEFAULT_MAX_OBJECTS_PER_IMAGE", "DEFAULT_SEED", "GENERATOR_VERSION"]
 
@@ -49,6 +54,7 @@ GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of the cache 
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 _SPLITS = {"train": 0, "val": 1}
+FAMILIES = ("shapes", "glyphs")
 _MARKER = "synthetic.json"
 
 
@@ -57,13 +63,43 @@ def _default_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "efficientdet-triton" / "synthetic"
 
 
-def synthetic_name(seed=DEFAULT_SEED, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL,
-                   image_size=DEFAULT_IMAGE_SIZE, num_classes=DEFAULT_NUM_CLASSES, min_object=DEFAULT_MIN_OBJECT,
-                   max_object=DEFAULT_MAX_OBJECT, textured=True,
-                   max_objects_per_image=DEFAULT_MAX_OBJECTS_PER_IMAGE) -> str:
-    """Cache folder name derived from every parameter (and the generator version)."""
+def synthetic_name(seed=DEFAULT_SEED, num_train=None, num_val=None, image_size=None, num_classes=None,
+                   min_object=None, max_object=None, textured=True, max_objects_per_image=None,
+                   family="shapes", min_objects_per_image=None) -> str:
+    """Cache folder name derived from every parameter (and the family's generator version)."""
+    k = _resolve(family, locals())
+    if family == "glyphs":
+        from . import glyphs
+
+        return (f"glyphs-v{glyphs.GENERATOR_VERSION}-s{seed}-n{k['num_train']}x{k['num_val']}-px{k['image_size']}"
+                f"-c{k['num_classes']}-o{k['min_object']}to{k['max_object']}"
+                f"-k{k['min_objects_per_image']}to{k['max_objects_per_image']}-{'tex' if textured else 'flat'}")
+    num_train, num_val, image_size, num_classes, min_object, max_object, max_objects_per_image = (
+        k[n] for n in _SHAPES_KEYS)
     return (f"shapes-v{GENERATOR_VERSION}-s{seed}-n{num_train}x{num_val}-px{image_size}-c{num_classes}"
             f"-o{min_object}to{max_object}-k{max_objects_per_image}-{'tex' if textured else 'flat'}")
+
+
+_SHAPES_KEYS = ("num_train", "num_val", "image_size", "num_classes", "min_object", "max_object",
+                "max_objects_per_image")
+_SHAPES_DEFAULTS = dict(zip(_SHAPES_KEYS, (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_IMAGE_SIZE,
+                                           DEFAULT_NUM_CLASSES, DEFAULT_MIN_OBJECT, DEFAULT_MAX_OBJECT,
+                                           DEFAULT_MAX_OBJECTS_PER_IMAGE)))
+
+
+def _resolve(family: str, given: dict) -> dict:
+    """The family's size parameters: those ``given`` as None take the family's defaults."""
+    if family == "shapes":
+        if given.get("min_objects_per_image") is not None:
+            raise ValueError("min_objects_per_image is a glyphs-family parameter (shapes draw 1..max per image)")
+        defaults = _SHAPES_DEFAULTS
+    elif family == "glyphs":
+        from . import glyphs
+
+        defaults = glyphs.DEFAULTS
+    else:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return {k: int(defaults[k] if given.get(k) is None else given[k]) for k in defaults}
 
 
 # ---------------------------------------------------------------------------------- drawing
@@ -188,19 +224,38 @@ def _write_one(args):
     return objects
 
 
+def _write_glyphs_one(args):
+    from PIL import Image
+
+    from .glyphs import render_image as render_glyphs
+
+    out_dir, index, rest = args[0], args[3], args[1:]
+    img, objects = render_glyphs(*rest)
+    Image.fromarray(img).save(os.path.join(out_dir, f"{index:06d}.png"), compress_level=1)
+    return objects
+
+
 def _write_split(root: Path, name: str, n: int, params: dict, workers: int, categories) -> None:
     img_dir = root / name
     img_dir.mkdir(parents=True)
-    jobs = [(str(img_dir), params["seed"], _SPLITS[name], i, params["image_size"], params["num_classes"],
-             params["min_object"], params["max_object"], params["textured"], params["max_objects_per_image"])
-            for i in range(n)]
+    glyphs = params.get("family") == "glyphs"
+    if glyphs:
+        write = _write_glyphs_one
+        jobs = [(str(img_dir), params["seed"], _SPLITS[name], i, params["image_size"], params["num_classes"],
+                 params["min_object"], params["max_object"], params["textured"], params["min_objects_per_image"],
+                 params["max_objects_per_image"]) for i in range(n)]
+    else:
+        write = _write_one
+        jobs = [(str(img_dir), params["seed"], _SPLITS[name], i, params["image_size"], params["num_classes"],
+                 params["min_object"], params["max_object"], params["textured"], params["max_objects_per_image"])
+                for i in range(n)]
     if workers > 1 and n >= 64:
         import multiprocessing as mp
 
         with mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(workers) as pool:
-            results = pool.map(_write_one, jobs, chunksize=16)
+            results = pool.map(write, jobs, chunksize=16)
     else:
-        results = [_write_one(j) for j in jobs]
+        results = [write(j) for j in jobs]
     images, anns = [], []
     for i, objects in enumerate(results):
         images.append({"id": i + 1, "file_name": f"{i:06d}.png", "height": params["image_size"],
@@ -208,8 +263,8 @@ def _write_split(root: Path, name: str, n: int, params: dict, workers: int, cate
         for cls, (x0, y0, x1, y1), area in objects:
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cls + 1,
                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": round(float(area), 2), "iscrowd": 0})
-    data = {"info": {"description": "efficientdet-triton synthetic shapes", "version": GENERATOR_VERSION,
-                     "split": name, **params},
+    description = "efficientdet-triton synthetic " + ("glyphs" if glyphs else "shapes")
+    data = {"info": {"description": description, "version": params["generator_version"], "split": name, **params},
             "licenses": [], "images": images, "annotations": anns, "categories": categories}
     (root / "annotations").mkdir(exist_ok=True)
     with open(root / "annotations" / f"instances_{name}.json", "w") as f:
@@ -222,12 +277,19 @@ def _paths(d: Path, class_names) -> dict:
                for s in _SPLITS}}
 
 
-def generate_synthetic(out_dir, seed=DEFAULT_SEED, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL,
-                       image_size=DEFAULT_IMAGE_SIZE, num_classes=DEFAULT_NUM_CLASSES,
-                       min_object=DEFAULT_MIN_OBJECT, max_object=DEFAULT_MAX_OBJECT, textured=True,
-                       max_objects_per_image=DEFAULT_MAX_OBJECTS_PER_IMAGE, workers=None) -> dict:
+def generate_synthetic(out_dir, seed=DEFAULT_SEED, num_train=None, num_val=None, image_size=None, num_classes=None,
+                       min_object=None, max_object=None, textured=True, max_objects_per_image=None, workers=None,
+                       family="shapes", min_objects_per_image=None) -> dict:
     """Generate into exactly ``out_dir`` (atomically). If ``out_dir`` already holds a finished set
-    with the same parameters it is reused; anything else already there is an error."""
+    with the same parameters it is reused; anything else already there is an error.
+
+    ``family``: ``"shapes"`` (the built-in set) or ``"glyphs"``; size parameters left None take the
+    family's defaults. ``min_objects_per_image`` belongs to the glyphs family only."""
+    k = _resolve(family, locals())
+    if family == "glyphs":
+        return _generate_glyphs(out_dir, seed, textured, workers, **k)
+    num_train, num_val, image_size, num_classes, min_object, max_object, max_objects_per_image = (
+        k[n] for n in _SHAPES_KEYS)
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be 1..{len(SHAPES)}, got {num_classes}")
     if num_train < 1 or num_val < 1:
@@ -240,7 +302,27 @@ def generate_synthetic(out_dir, seed=DEFAULT_SEED, num_train=DEFAULT_NUM_TRAIN, 
               "image_size": int(image_size), "num_classes": int(num_classes), "min_object": int(min_object),
               "max_object": int(max_object), "textured": bool(textured),
               "max_objects_per_image": int(max_objects_per_image), "generator_version": GENERATOR_VERSION}
-    names = SHAPES[:num_classes]
+    return _generate(out_dir, params, SHAPES[:num_classes], "shape", workers)
+
+
+def _generate_glyphs(out_dir, seed, textured, workers, num_train, num_val, image_size, num_classes, min_object,
+                     max_object, min_objects_per_image, max_objects_per_image) -> dict:
+    from . import glyphs
+
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
+    glyphs.check_params(num_classes, min_object, max_object, image_size, min_objects_per_image,
+                        max_objects_per_image)
+    params = {"family": "glyphs", "seed": int(seed), "num_train": num_train, "num_val": num_val,
+              "image_size": image_size, "num_classes": num_classes, "min_object": min_object,
+              "max_object": max_object, "textured": bool(textured), "min_objects_per_image": min_objects_per_image,
+              "max_objects_per_image": max_objects_per_image, "generator_version": glyphs.GENERATOR_VERSION}
+    return _generate(out_dir, params, list(glyphs.GLYPHS[:num_classes]), "glyph", workers)
+
+
+def _generate(out_dir, params: dict, names, supercategory: str, workers) -> dict:
+    """Write the set of ``params`` into ``out_dir`` atomically, or reuse the finished one already there."""
+    num_train, num_val = params["num_train"], params["num_val"]
     out = Path(out_dir)
 
     def finished():
@@ -262,7 +344,7 @@ def generate_synthetic(out_dir, seed=DEFAULT_SEED, num_train=DEFAULT_NUM_TRAIN, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(names)]
+        categories = [{"id": i + 1, "name": n, "supercategory": supercategory} for i, n in enumerate(names)]
         if workers is None:
             workers = min(os.cpu_count() or 1, 8)
         for split, n in (("train", num_train), ("val", num_val)):
@@ -282,44 +364,60 @@ def generate_synthetic(out_dir, seed=DEFAULT_SEED, num_train=DEFAULT_NUM_TRAIN, 
     return _paths(out, names)
 
 
-def ensure_synthetic(root=None, seed=DEFAULT_SEED, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL,
-                     image_size=DEFAULT_IMAGE_SIZE, num_classes=DEFAULT_NUM_CLASSES, min_object=DEFAULT_MIN_OBJECT,
-                     max_object=DEFAULT_MAX_OBJECT, textured=True,
-                     max_objects_per_image=DEFAULT_MAX_OBJECTS_PER_IMAGE, workers=None) -> dict:
+def ensure_synthetic(root=None, seed=DEFAULT_SEED, num_train=None, num_val=None, image_size=None, num_classes=None,
+                     min_object=None, max_object=None, textured=True, max_objects_per_image=None, workers=None,
+                     family="shapes", min_objects_per_image=None) -> dict:
     """Paths of the synthetic set with these parameters, generating it on first use.
 
     ``root`` defaults to ``$EFFDET_DATA`` or ``~/.cache/efficientdet-triton/synthetic``; the set
     lives in ``root/<synthetic_name(...)>``. Returns ``{"root": dir, "class_names": [...],
-    "train": {"ann_file", "image_dir"}, "val": {"ann_file", "image_dir"}}``.
+    "train": {"ann_file", "image_dir"}, "val": {"ann_file", "image_dir"}}``. ``family="glyphs"``
+    gives the second family (parameters left None take its defaults).
     """
     root = Path(root) if root is not None else _default_root()
-    name = synthetic_name(seed, num_train, num_val, image_size, num_classes, min_object, max_object, textured,
-                          max_objects_per_image)
-    return generate_synthetic(root / name, seed=seed, num_train=num_train, num_val=num_val,
-                              image_size=image_size, num_classes=num_classes, min_object=min_object,
-                              max_object=max_object, textured=textured,
-                              max_objects_per_image=max_objects_per_image, workers=workers)
+    kw = dict(seed=seed, num_train=num_train, num_val=num_val, image_size=image_size, num_classes=num_classes,
+              min_object=min_object, max_object=max_object, textured=textured,
+              max_objects_per_image=max_objects_per_image, family=family,
+              min_objects_per_image=min_objects_per_image)
+    return generate_synthetic(root / synthetic_name(**kw), workers=workers, **kw)
 
 
 def main(argv=None) -> int:
+    from . import glyphs
+
     p = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
+    p.add_argument("--family", choices=FAMILIES, default="shapes",
+                   help="shapes: the built-in set; glyphs: many small characters on cluttered backgrounds")
+
+    def dflt(key):
+        return f"default {_SHAPES_DEFAULTS[key]} (shapes), {glyphs.DEFAULTS[key]} (glyphs)"
+
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--num-train", type=int, default=DEFAULT_NUM_TRAIN)
-    p.add_argument("--num-val", type=int, default=DEFAULT_NUM_VAL)
-    p.add_argument("--size", type=int, default=DEFAULT_IMAGE_SIZE)
-    p.add_argument("--classes", type=int, default=DEFAULT_NUM_CLASSES, help=f"1..{len(SHAPES)}: {', '.join(SHAPES)}")
-    p.add_argument("--min-object", type=int, default=DEFAULT_MIN_OBJECT)
-    p.add_argument("--max-object", type=int, default=DEFAULT_MAX_OBJECT)
-    p.add_argument("--max-objects-per-image", type=int, default=DEFAULT_MAX_OBJECTS_PER_IMAGE)
+    p.add_argument("--num-train", type=int, default=None, help=dflt("num_train"))
+    p.add_argument("--num-val", type=int, default=None, help=dflt("num_val"))
+    p.add_argument("--size", type=int, default=None, help=dflt("image_size"))
+    p.add_argument("--classes", type=int, default=None,
+                   help=f"shapes 1..{len(SHAPES)}: {', '.join(SHAPES)}; glyphs 1..{len(glyphs.GLYPHS)}: "
+                        f"{glyphs.GLYPHS}; {dflt('num_classes')}")
+    p.add_argument("--min-object", type=int, default=None, help=dflt("min_object"))
+    p.add_argument("--max-object", type=int, default=None, help=dflt("max_object"))
+    p.add_argument("--min-objects-per-image", type=int, default=None,
+                   help=f"glyphs only, default {glyphs.DEFAULTS['min_objects_per_image']}")
+    p.add_argument("--max-objects-per-image", type=int, default=None, help=dflt("max_objects_per_image"))
     p.add_argument("--flat", action="store_true", help="plain backgrounds instead of textured ones")
     p.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
+    if a.family == "shapes" and a.min_objects_per_image is not None:
+        p.error("--min-objects-per-image applies to --family glyphs only")
     t0 = time.perf_counter()
-    paths = generate_synthetic(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val, image_size=a.size,
-                               num_classes=a.classes, min_object=a.min_object, max_object=a.max_object,
-                               textured=not a.flat, max_objects_per_image=a.max_objects_per_image,
-                               workers=a.workers)
+    try:
+        paths = generate_synthetic(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val, image_size=a.size,
+                                   num_classes=a.classes, min_object=a.min_object, max_object=a.max_object,
+                                   textured=not a.flat, max_objects_per_image=a.max_objects_per_image,
+                                   workers=a.workers, family=a.family, min_objects_per_image=a.min_objects_per_image)
+    except ValueError as e:
+        p.error(str(e))
     print(json.dumps({**paths, "seconds": round(time.perf_counter() - t0, 2)}, indent=1))
     return 0
 
