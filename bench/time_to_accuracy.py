@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make ``bench`` importable
+    sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 GRACE_S = 120  # after an interrupt on timeout, how long train.py may take to save and stop
 
@@ -71,26 +72,14 @@ def curve(events: list[dict]) -> list[dict]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"cpu": cpu, "cpu_cores": cores, "gpu": None}
-    try:
-        import torch
+    """CPU (model and cores), GPU when there is one, torch version: the same naming as the other benchmarks."""
+    import torch
 
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - the record is still useful without it
-        info["torch"] = None
-    return info
+    from bench.harness import device_name
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": device_name(torch.device("cpu")), "cpu_cores": cores, "gpu": gpu, "torch": torch.__version__}
 
 
 def git_commit() -> str:

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .synthetic import _iou_and_cover  # (largest IoU with boxes, largest share of one of them covered)
+
 __all__ = ["GLYPHS", "GENERATOR_VERSION", "DEFAULTS", "INK_THRESHOLD", "render_glyph", "render_image",
            "check_params"]
 
@@ -120,19 +122,6 @@ def _strokes(draw, rng, size: int, count: int) -> None:
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
 
 
-def _overlap(box, boxes) -> tuple[float, float]:
-    """(largest IoU with ``boxes``, largest fraction of one of ``boxes`` that ``box`` covers)."""
-    if not boxes:
-        return 0.0, 0.0
-    b = np.asarray(boxes, dtype=np.float64)
-    iw = np.clip(np.minimum(box[2], b[:, 2]) - np.maximum(box[0], b[:, 0]), 0, None)
-    ih = np.clip(np.minimum(box[3], b[:, 3]) - np.maximum(box[1], b[:, 1]), 0, None)
-    inter = iw * ih
-    area_old = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    iou = inter / ((box[2] - box[0]) * (box[3] - box[1]) + area_old - inter)
-    return float(iou.max()), float((inter / area_old).max())
-
-
 def render_image(seed: int, split: int, index: int, size: int, num_classes: int, min_object: int,
                  max_object: int, textured: bool, min_objects: int, max_objects: int):
     """One image (uint8 HWC) and its objects ``[(class index, [x0, y0, x1, y1], ink pixels), ...]``;
@@ -162,7 +151,7 @@ def render_image(seed: int, split: int, index: int, size: int, num_classes: int,
             continue
         x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
         box = [x0, y0, x0 + w, y0 + h]
-        iou, cover = _overlap(box, boxes)
+        iou, cover = _iou_and_cover(box, boxes)
         if iou > 0.25 or cover > 0.4:  # partial overlap only: every glyph stays mostly visible
             continue
         region = canvas[y0:y0 + h, x0:x0 + w].reshape(-1, 3).mean(axis=0)
