@@ -136,3 +136,31 @@ def test_loss_ignores_ignored_anchors_and_has_gradients():
     cls2[1, :10] = -2
     _, c2, _ = detection_loss(logits, deltas, Targets(cls2, t.box, t.num_pos), backend="torch")
     assert c2 < c
+
+
+def test_box_loss_is_the_huber_formula_on_positives():
+    """The fused ``F.huber_loss`` equals ``huber(x - y, delta)`` masked to positives (values and gradient),
+    at 0, at exactly +-delta and beyond; a NaN delta of a non-positive anchor still makes the loss NaN."""
+    from detector.loss import huber
+    from detector.targets import Targets
+    g = torch.Generator().manual_seed(0)
+    B, N, delta = 2, 30, 0.1
+    deltas = torch.randn(B, N, 4, generator=g) * 0.2
+    deltas[0, 0] = torch.tensor([0.0, 0.1, -0.1, 0.35])
+    box = torch.randn(B, N, 4, generator=g) * 0.1
+    cls = torch.randint(-2, 3, (B, N), generator=g)
+    cls[0, 0] = 1
+    box = torch.where((cls >= 0)[..., None], box, 0.0)
+    box[0, 0] = 0.0
+    t = Targets(cls, box, (cls >= 0).sum(1).float())
+    norm = t.num_pos.sum() + 1.0
+    x1, x2 = deltas.clone().requires_grad_(True), deltas.clone().requires_grad_(True)
+    _, _, got = detection_loss(torch.zeros(B, N, 3), x1, t, delta=delta, normalizer=norm)
+    want = (huber(x2 - box, delta) * (cls >= 0)[..., None]).sum() / (4.0 * norm)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-9)
+    bad = deltas.clone()
+    bad[(cls < 0).nonzero()[0].tolist()] = float("nan")
+    assert detection_loss(torch.zeros(B, N, 3), bad, t, delta=delta, normalizer=norm)[2].isnan()
