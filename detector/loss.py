@@ -7,6 +7,7 @@ positive count summed over all workers as ``normalizer`` so every worker divides
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -28,6 +29,7 @@ def detection_loss(cls_logits: torch.Tensor, box_deltas: torch.Tensor, targets: 
     cls = kernels.focal_loss(cls_logits, targets.cls, normalizer, alpha=alpha, gamma=gamma,
                              label_smoothing=label_smoothing, backend=backend)
     positive = (targets.cls >= 0)[..., None]
-    err = huber(box_deltas.float() - targets.box, delta) * positive
+    # F.huber_loss is ``huber(x - y, delta)`` in one fused pass (and one for its gradient)
+    err = F.huber_loss(box_deltas.float(), targets.box, reduction="none", delta=delta) * positive
     box = err.sum() / (4.0 * normalizer)
     return cls + box_loss_weight * box, cls, box

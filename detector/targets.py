@@ -34,29 +34,29 @@ def assign_targets(gt_boxes: torch.Tensor, gt_labels: torch.Tensor, anchors: tor
     if M == 0:
         return Targets(torch.full((B, N), BACKGROUND, dtype=torch.long, device=anchors.device),
                        anchors.new_zeros(B, N, 4), anchors.new_zeros(B))
-    iou = box_iou(gt_boxes, anchors.expand(B, N, 4))  # (B, M, N)
+    # (B, N, M): the box axis last, so the per-anchor reductions over boxes run along contiguous memory
+    # (a reduction over a short strided axis is ~10x slower); IoU is symmetric, so the values are the same
+    iou = box_iou(anchors.expand(B, N, 4), gt_boxes)
     valid = gt_labels >= 0  # real, non-crowd boxes
     crowd = gt_labels == IGNORE
-    iou_valid = iou.masked_fill(~valid[..., None], -1.0)
+    iou_valid = iou.masked_fill(~valid[:, None, :], -1.0)
 
-    best_iou = iou_valid.amax(dim=1)  # (B, N)
-    best_gt = iou_valid.argmax(dim=1)  # first max on ties
-    matches = torch.where(best_iou >= match_threshold, best_gt, torch.full_like(best_gt, -1))
+    best_iou, best_gt = iou_valid.max(dim=2)  # (B, N); first max on ties
+    matches = torch.where(best_iou >= match_threshold, best_gt, -1)
 
     # every valid box claims its best anchor; lowest box index wins a shared anchor
-    best_anchor = iou_valid.argmax(dim=2)  # (B, M)
-    box_index = torch.arange(M, device=gt_labels.device).expand(B, M)
-    claim = torch.where(valid, box_index, torch.full_like(box_index, M))
+    best_anchor = iou_valid.argmax(dim=1)  # (B, M)
+    claim = torch.where(valid, torch.arange(M, device=gt_labels.device), M)
     forced = torch.full((B, N), M, dtype=torch.long, device=gt_labels.device)
     forced.scatter_reduce_(1, best_anchor, claim, reduce="amin")
     matches = torch.where(forced < M, forced, matches)
 
     positive = matches >= 0
     idx = matches.clamp(min=0)
-    cls = torch.where(positive, gt_labels.gather(1, idx), torch.full_like(idx, BACKGROUND))
+    cls = torch.where(positive, gt_labels.gather(1, idx), BACKGROUND)
     if crowd.any():
-        crowd_iou = iou.masked_fill(~crowd[..., None], 0.0).amax(dim=1)
-        cls = torch.where(~positive & (crowd_iou >= match_threshold), torch.full_like(cls, IGNORE), cls)
+        crowd_iou = iou.masked_fill(~crowd[:, None, :], 0.0).amax(dim=2)
+        cls = torch.where(~positive & (crowd_iou >= match_threshold), IGNORE, cls)
     matched_boxes = gt_boxes.gather(1, idx[..., None].expand(B, N, 4))
-    box = torch.where(positive[..., None], encode(matched_boxes, anchors), torch.zeros_like(matched_boxes))
+    box = torch.where(positive[..., None], encode(matched_boxes, anchors), 0.0)
     return Targets(cls, box, positive.sum(1).float())

@@ -163,8 +163,8 @@ def bifpn_fusion_reference(inputs: Sequence[torch.Tensor], resample: Sequence[st
     nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device).to(md)
     f = None
     for k, (x, mode) in enumerate(zip(inputs, resample)):
-        term = nw[k] * _resample_reference(x.to(md), mode, (H, W), pool_padding)
-        f = term if f is None else f + term
+        r = _resample_reference(x.to(md), mode, (H, W), pool_padding)
+        f = nw[k] * r if f is None else torch.addcmul(f, nw[k], r)  # f + w*r in one pass, no temporary
     out = F.conv2d(F.silu(f), dw_weight.to(md), padding=1, groups=C)
     return out.to(inputs[0].dtype).contiguous(memory_format=_out_format(inputs[0]))
 

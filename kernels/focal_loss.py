@@ -58,27 +58,28 @@ _BWD_BLOCK = 2048
 def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: float = 0.25,
                          gamma: float = 1.5, label_smoothing: float = 0.0,
                          ignore_index: int = -2) -> torch.Tensor:
-    """Plain-PyTorch focal loss (the spec). fp32 math, differentiable by autograd.
+    """Plain-PyTorch focal loss (the spec, and the CPU training path). fp32 math, differentiable by autograd.
 
-    With ``t`` the one-hot target, ``1 - p_t`` is ``sigmoid(x)`` for a negative and ``sigmoid(-x)`` for a
-    positive, i.e. ``sigmoid(x * (1 - 2t))``; masks enter as float factors so every step is one dense op.
+    With ``u = x`` for the target class and ``u = -x`` otherwise, ``1 - p_t = sigmoid(-u)``, so with
+    ``q = softplus(u) = -log(1 - p_t)`` each term is ``alpha_t * exp(-gamma q) * (q - (1 - s/2) u)`` (the
+    smoothed BCE of either class is ``softplus(-u) + (s/2) u = q - (1 - s/2) u``): one transcendental and a
+    few dense passes, no float one-hot, per-anchor masks broadcast, and a finite gradient for ``gamma < 1`` at
+    saturated logits (no ``pow`` of a zero). Ignored anchors have ``alpha_t = 0`` and their logits are
+    replaced by 0 first (zero loss and gradient whatever they hold). A counted non-finite logit gives a NaN
+    term (``inf - inf``) or an inf term and NaN gradient there; an inf total is turned into NaN.
     fp16/bf16 are promoted to fp32; float64 stays float64 (for gradcheck).
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
-    t = (targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)).to(x.dtype)
-    valid = (targets != ignore_index).unsqueeze(-1)
-    finite = x.isfinite()
-    xs = torch.where(valid & finite, x, 0.0)  # ignored anchors and non-finite logits never enter the formula
-    # (1 - p_t) ** gamma; the floor keeps the gradient finite (0, not inf * 0) for gamma < 1 at saturated logits
-    mod = torch.sigmoid(xs * (1.0 - 2.0 * t)).clamp_min(torch.finfo(x.dtype).tiny).pow(gamma)
-    alpha_t = (1.0 - alpha) + t * (2.0 * alpha - 1.0)  # alpha for positives, 1 - alpha for negatives
-    bce_target = t * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing > 0 else t
-    ce = F.binary_cross_entropy_with_logits(xs, bce_target, reduction="none")
-    terms = alpha_t * mod * ce * valid.to(x.dtype)
-    # a NaN/inf logit of a counted anchor: NaN loss and NaN gradient at that element (x * NaN)
-    bad = valid & ~finite
-    terms = terms + torch.where(bad, x, 0.0) * torch.where(bad, float("nan"), 0.0)
-    loss = terms.sum()
+    pos = targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)  # bool, never a float one-hot
+    valid = (targets != ignore_index).unsqueeze(-1)  # per-anchor mask, broadcast over the classes
+    zero, one = x.new_zeros(()), x.new_ones(())
+    alpha_t = torch.where(pos, torch.where(valid, alpha, zero), torch.where(valid, 1.0 - alpha, zero))
+    u = torch.where(valid, x, 0.0) * torch.where(pos, one, -one)
+    q = F.softplus(u)
+    ce = q.sub(u, alpha=1.0 - 0.5 * label_smoothing)
+    mod = torch.exp(q * -gamma)  # (1 - p_t) ** gamma
+    loss = torch.dot((mod * ce).flatten(), alpha_t.flatten())
+    loss = loss + (loss - loss)  # an inf total (a +-inf logit) becomes NaN; finite: + 0, same gradient
     if not isinstance(normalizer, torch.Tensor):
         return loss / float(normalizer)
     return loss / normalizer.to(x.dtype)

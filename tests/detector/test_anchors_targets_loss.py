@@ -136,3 +136,73 @@ def test_loss_ignores_ignored_anchors_and_has_gradients():
     cls2[1, :10] = -2
     _, c2, _ = detection_loss(logits, deltas, Targets(cls2, t.box, t.num_pos), backend="torch")
     assert c2 < c
+
+
+def test_box_loss_is_the_huber_formula_on_positives():
+    """The fused ``F.huber_loss`` equals ``huber(x - y, delta)`` masked to positives (values and gradient),
+    at 0, at exactly +-delta and beyond; a NaN delta of a non-positive anchor still makes the loss NaN."""
+    from detector.loss import huber
+    from detector.targets import Targets
+    g = torch.Generator().manual_seed(0)
+    B, N, delta = 2, 30, 0.1
+    deltas = torch.randn(B, N, 4, generator=g) * 0.2
+    deltas[0, 0] = torch.tensor([0.0, 0.1, -0.1, 0.35])
+    box = torch.randn(B, N, 4, generator=g) * 0.1
+    cls = torch.randint(-2, 3, (B, N), generator=g)
+    cls[0, 0] = 1
+    box = torch.where((cls >= 0)[..., None], box, 0.0)
+    box[0, 0] = 0.0
+    t = Targets(cls, box, (cls >= 0).sum(1).float())
+    norm = t.num_pos.sum() + 1.0
+    x1, x2 = deltas.clone().requires_grad_(True), deltas.clone().requires_grad_(True)
+    _, _, got = detection_loss(torch.zeros(B, N, 3), x1, t, delta=delta, normalizer=norm)
+    want = (huber(x2 - box, delta) * (cls >= 0)[..., None]).sum() / (4.0 * norm)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-9)
+    bad = deltas.clone()
+    bad[(cls < 0).nonzero()[0].tolist()] = float("nan")
+    assert detection_loss(torch.zeros(B, N, 3), bad, t, delta=delta, normalizer=norm)[2].isnan()
+
+
+def _old_assign_targets(gt_boxes, gt_labels, anchors, match_threshold=0.5):
+    """assign_targets as it was before its IoU matrix was laid out (B, N, M): the oracle it is pinned to."""
+    from detector.boxes import box_iou
+    B, M = gt_labels.shape
+    N = anchors.shape[0]
+    iou = box_iou(gt_boxes, anchors.expand(B, N, 4))
+    valid, crowd = gt_labels >= 0, gt_labels == -2
+    iou_valid = iou.masked_fill(~valid[..., None], -1.0)
+    best_iou, best_gt = iou_valid.amax(dim=1), iou_valid.argmax(dim=1)
+    matches = torch.where(best_iou >= match_threshold, best_gt, torch.full_like(best_gt, -1))
+    best_anchor = iou_valid.argmax(dim=2)
+    box_index = torch.arange(M).expand(B, M)
+    claim = torch.where(valid, box_index, torch.full_like(box_index, M))
+    forced = torch.full((B, N), M, dtype=torch.long)
+    forced.scatter_reduce_(1, best_anchor, claim, reduce="amin")
+    matches = torch.where(forced < M, forced, matches)
+    positive = matches >= 0
+    idx = matches.clamp(min=0)
+    cls = torch.where(positive, gt_labels.gather(1, idx), torch.full_like(idx, -1))
+    if crowd.any():
+        crowd_iou = iou.masked_fill(~crowd[..., None], 0.0).amax(dim=1)
+        cls = torch.where(~positive & (crowd_iou >= match_threshold), torch.full_like(cls, -2), cls)
+    matched = gt_boxes.gather(1, idx[..., None].expand(B, N, 4))
+    box = torch.where(positive[..., None], encode(matched, anchors), torch.zeros_like(matched))
+    return cls, box, positive.sum(1).float()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_targets_equal_old_formulation_exactly(seed):
+    """Bitwise the same targets as the (B, M, N) formulation, with duplicate boxes (IoU ties), crowd boxes,
+    padding and an all-padding image."""
+    anchors = anchors_for(get_config("efficientdet_d0", image_size=128))
+    boxes, labels = _random_gt(3, 7, 128, seed=seed)
+    boxes[:, 1], labels[:, 1] = boxes[:, 0], torch.where(labels[:, 0] >= 0, 4, labels[:, 1])  # ties
+    labels[1, 2] = -2                                                                       # crowd
+    labels[2] = -1                                                                          # no boxes
+    t = assign_targets(boxes, labels, anchors)
+    cls, box, num_pos = _old_assign_targets(boxes, labels, anchors)
+    assert torch.equal(t.cls, cls) and torch.equal(t.box, box) and torch.equal(t.num_pos, num_pos)
+    assert (t.cls >= 0).any()

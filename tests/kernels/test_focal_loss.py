@@ -79,6 +79,83 @@ def test_reference_gradcheck(smoothing, gamma):
         lambda v: focal_loss_reference(v, t, norm, 0.25, gamma, smoothing), (x,), eps=1e-6, atol=1e-6)
 
 
+def _old_focal_loss_reference(logits, targets, normalizer, alpha=0.25, gamma=1.5, label_smoothing=0.0,
+                              ignore_index=-2):
+    """The reference as it was before it was rewritten to take fewer passes (float one-hot, BCE with
+    logits, ``sigmoid ** gamma`` with a floor, full-size masks): the oracle the current one is pinned to."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    t = (targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)).to(x.dtype)
+    valid = (targets != ignore_index).unsqueeze(-1)
+    finite = x.isfinite()
+    xs = torch.where(valid & finite, x, 0.0)
+    mod = torch.sigmoid(xs * (1.0 - 2.0 * t)).clamp_min(torch.finfo(x.dtype).tiny).pow(gamma)
+    alpha_t = (1.0 - alpha) + t * (2.0 * alpha - 1.0)
+    bce_target = t * (1.0 - label_smoothing) + 0.5 * label_smoothing if label_smoothing > 0 else t
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(xs, bce_target, reduction="none")
+    terms = alpha_t * mod * ce * valid.to(x.dtype)
+    bad = valid & ~finite
+    terms = terms + torch.where(bad, x, 0.0) * torch.where(bad, float("nan"), 0.0)
+    loss = terms.sum()
+    return loss / (normalizer.to(x.dtype) if isinstance(normalizer, torch.Tensor) else float(normalizer))
+
+
+_EDGE = [0.0, 1e-3, -1e-3, 17.0, -17.0, 30.0, -30.0, 88.0, -88.0, 1e4, -1e4,
+         float("nan"), float("inf"), -float("inf")]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reference_matches_old_formula(dtype, seed):
+    """Loss and gradient of the rewritten reference equal the old formula's, on random logits with edge
+    values (saturated, huge, NaN, +-inf) in positive, negative, background and ignored anchors."""
+    g = torch.Generator().manual_seed(seed)
+    C = 7
+    x = torch.randn(3, 40, C, generator=g) * 6
+    edge = torch.tensor(_EDGE)
+    pick = torch.rand(x.shape, generator=g) < 0.15
+    x[pick] = edge[torch.randint(0, len(_EDGE), (int(pick.sum()),), generator=g)]
+    t = make_targets((3, 40), C, g, p_pos=0.3, p_ignore=0.15)
+    t[0, :3] = torch.tensor([C, 100, -7])               # no class column: all-negative anchors
+    x = x.to(dtype)
+    finite_rows = x.isfinite().all(-1)
+    for gamma, alpha, smoothing, ignore_index in [(1.5, 0.25, 0.0, -2), (2.0, 0.5, 0.1, -2),
+                                                  (0.0, 0.25, 0.1, -2), (0.5, 0.25, 0.0, -1)]:
+        kw = dict(alpha=alpha, gamma=gamma, label_smoothing=smoothing, ignore_index=ignore_index)
+        tt = t.clone()
+        # two cases: only finite logits in counted anchors (finite loss), and everything (NaN loss)
+        for case in (torch.where(finite_rows, tt, ignore_index), tt):
+            xn, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            ln = focal_loss_reference(xn, case, torch.tensor(3.0), **kw)
+            lo = _old_focal_loss_reference(xo, case, torch.tensor(3.0), **kw)
+            ln.backward()
+            lo.backward()
+            assert ln.dtype == lo.dtype
+            n = x.numel()
+            assert_close(ln, lo, *tolerance(lowest_precision(x.dtype, torch.float32), n), f"loss {kw}")
+            assert_close(xn.grad, xo.grad, *tolerance(lowest_precision(x.dtype, torch.float32)), f"grad {kw}")
+        assert torch.isfinite(focal_loss_reference(x, torch.where(finite_rows, tt, ignore_index), 3.0, **kw))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.5])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_reference_single_non_finite_logit_like_old_formula(gamma, smoothing):
+    """One NaN / +-inf logit alone (positive, negative, background, ignored anchor): same loss (NaN unless
+    ignored) and gradient (NaN exactly there) as the old formula."""
+    for v in (float("nan"), float("inf"), -float("inf")):
+        for tv in (0, 1, -1, -2):
+            x = torch.tensor([[0.5, -3.0, 2.0], [v, 0.5, -3.0]])
+            t = torch.tensor([2, tv])
+            xn, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            ln = focal_loss_reference(xn, t, 2.0, gamma=gamma, label_smoothing=smoothing)
+            lo = _old_focal_loss_reference(xo, t, 2.0, gamma=gamma, label_smoothing=smoothing)
+            ln.backward()
+            lo.backward()
+            assert ln.isnan().item() == (tv != -2), (v, tv)
+            assert_close(ln, lo, *F32, f"loss v={v} t={tv}")
+            assert_close(xn.grad, xo.grad, *F32, f"grad v={v} t={tv}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton (interpreter on CPU)
 
