@@ -134,17 +134,23 @@ def to_coco_results(boxes, scores, labels, image_ids, scales, label_to_cat_id, o
         hw = np_(orig_sizes).astype(np.float64).reshape(b, 2)
         boxes = np.clip(boxes, 0, np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)[:, None, :])
     lut = label_to_cat_id if isinstance(label_to_cat_id, dict) else dict(enumerate(label_to_cat_id))
-    bi, ki = np.nonzero(labels.reshape(b, -1) >= 0)
-    out, unmapped = [], 0
-    for i, k in zip(bi.tolist(), ki.tolist()):
-        cat = lut.get(int(labels[i, k]))
-        if cat is None:  # a class the ground truth has no category for: it cannot match anything
-            unmapped += 1
-            continue
-        x1, y1, x2, y2 = boxes[i, k].tolist()
-        out.append({"image_id": int(image_ids[i]), "category_id": int(cat),
-                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                    "score": round(float(scores[i, k]), 5)})
+    labels = labels.reshape(b, -1)
+    bi, ki = np.nonzero(labels >= 0)
+    lab = labels[bi, ki]
+    classes, inv = np.unique(lab, return_inverse=True)  # one look-up per class, not per detection
+    cats = [lut.get(int(c)) for c in classes.tolist()]
+    ok = np.array([c is not None for c in cats], dtype=bool)[inv.reshape(-1)]
+    unmapped = int(ok.size - ok.sum())  # classes the ground truth has no category for: they match nothing
+    cat_of = [int(c) if c is not None else 0 for c in cats]
+    bi, ki, inv = bi[ok], ki[ok], inv.reshape(-1)[ok]
+    sel = boxes[bi, ki]  # (K, 4) float64, xyxy original pixels
+    x1, y1 = sel[:, 0], sel[:, 1]
+    w, h = sel[:, 2] - x1, sel[:, 3] - y1
+    # Python's round (correctly rounded) on the same float64 values as a per-detection loop would see
+    out = [{"image_id": i, "category_id": cat_of[c], "bbox": [round(a, 3), round(bb, 3), round(ww, 3), round(hh, 3)],
+            "score": round(sc, 5)}
+           for i, c, a, bb, ww, hh, sc in zip(image_ids[bi].astype(np.int64).tolist(), inv.tolist(), x1.tolist(),
+                                               y1.tolist(), w.tolist(), h.tolist(), scores[bi, ki].tolist())]
     if unmapped:
         log.warning("to_coco_results: %d detections of classes without a category id were left out "
                     "(classes known: %d)", unmapped, len(lut))
