@@ -362,7 +362,8 @@ def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: t
         class_logits: ``(B, N, C)`` logits (any float dtype).
         box_deltas: ``(B, N, 4)`` in **(dy, dx, dh, dw)** order.
         anchors: ``(N, 4)`` xyxy pixels.
-        k: candidates per image (clipped to ``N*C``); chosen by ``torch.topk``, sorted descending.
+        k: candidates per image (clipped to ``N*C``): the ``k`` largest logits, sorted descending, as a flat
+            ``torch.topk`` ranks them (computed in two exact stages, see ``_topk_select``).
         clip_to: ``None``, an ``(H, W)`` pair or a ``(B, 2)`` tensor of per-image ``(height, width)``.
         backend: ``"auto" | "triton" | "torch"``.
 
