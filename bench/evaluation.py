@@ -18,8 +18,8 @@ that load from other processes on a shared machine hits both sides alike:
 * ``eval`` - ``training.evaluation.run_inference`` over a COCO-format set (default: the built-in synthetic
   validation split, ``datasets.ensure_synthetic()``) at ``--size``, batch ``--batch``: img/s from its wall
   time (data loading, the final copy and the COCO conversion included), beside ``detector.predict`` alone
-  (model + post-processing, BN folded as ``run_inference`` does) on random images of the same batch shape,
-  and their ratio (predict img/s / eval img/s). Random weights unless ``--checkpoint``.
+  (model + post-processing, BN folded as ``run_inference`` does) on the same batches, loaded and normalized
+  beforehand, and their ratio (predict img/s / eval img/s). Random weights unless ``--checkpoint``.
 
 Prints a rich table and appends one JSON line per row to ``<results-dir>/eval-<device-slug>.jsonl`` with the
 machine, commit and date. ``--quick``: tiny shapes for the tests (no warm-up, 2 NMS rounds and 1 evaluation
@@ -204,8 +204,10 @@ def eval_rows(args, device) -> list[dict]:
     model.eval()
     loader = D.build_loader(dataset, args.batch, train=False, workers=args.workers, seed=0)
     fused = fuse_for_inference(model)
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    n_batches = len(loader)
+    # the same batches, loaded and normalized beforehand: predict alone does the evaluation's model and
+    # post-processing work (the candidates, hence the NMS cost, depend on the images) without the rest
+    batches = [(b["images"], b["scale"], b["orig_size"].to(device) * b["scale"][:, None])
+               for b in D.DevicePrefetcher(loader, device)]
 
     def evaluation():
         _, timing, _ = run_inference(model, loader, device, backend=args.backend, show_progress=False)
@@ -213,9 +215,9 @@ def eval_rows(args, device) -> list[dict]:
 
     @torch.no_grad()
     def predict_alone():
-        for _ in range(n_batches):  # as many calls as evaluation makes
-            predict(fused, images, backend=args.backend)
-        return n_batches * args.batch
+        for images, scale, clip in batches:
+            predict(fused, images, image_scale=scale, clip_size=clip, score_threshold=0.001, backend=args.backend)
+        return sum(len(b[0]) for b in batches)
 
     times = interleaved({"evaluation": evaluation, "predict": predict_alone}, device, args.warmup, args.eval_iters)
     ips = {k: statistics.median(n / t for t, n in v) for k, v in times.items()}

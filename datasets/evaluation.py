@@ -115,6 +115,25 @@ def load_detections(path) -> list:
     return _validate(dets, path)
 
 
+def _round_like_python(v: np.ndarray, ndigits: int) -> list:
+    """``[round(x, ndigits) for x in v.tolist()]`` (Python's correctly rounded ``round``), vectorized.
+
+    ``round(x, n)`` is the double nearest to ``m / 10**n``, ``m`` the integer nearest to the exact ``x * 10**n``
+    (ties to even); ``np.rint(x * 10**n) / 10**n`` is the same double whenever the rounded product
+    ``x * 10**n`` gives the same ``m`` (the division of two exact doubles is correctly rounded), which holds
+    unless that product is within its rounding error of a half-integer. Those values (and non-finite or huge
+    ones) are taken from ``round`` itself."""
+    v = np.asarray(v, dtype=np.float64)
+    scale = 10.0 ** ndigits
+    y = v * scale
+    out = (np.rint(y) / scale).tolist()
+    with np.errstate(invalid="ignore"):
+        doubt = ~(np.abs(y) < 2.0 ** 40) | (np.abs(np.abs(y - np.trunc(y)) - 0.5) < 1e-6)
+    for i in np.flatnonzero(doubt).tolist():
+        out[i] = round(float(v[i]), ndigits)
+    return out
+
+
 def to_coco_results(boxes, scores, labels, image_ids, scales, label_to_cat_id, orig_sizes=None) -> list:
     """Batched detections -> COCO results list.
 
@@ -146,11 +165,10 @@ def to_coco_results(boxes, scores, labels, image_ids, scales, label_to_cat_id, o
     sel = boxes[bi, ki]  # (K, 4) float64, xyxy original pixels
     x1, y1 = sel[:, 0], sel[:, 1]
     w, h = sel[:, 2] - x1, sel[:, 3] - y1
-    # Python's round (correctly rounded) on the same float64 values as a per-detection loop would see
-    out = [{"image_id": i, "category_id": cat_of[c], "bbox": [round(a, 3), round(bb, 3), round(ww, 3), round(hh, 3)],
-            "score": round(sc, 5)}
-           for i, c, a, bb, ww, hh, sc in zip(image_ids[bi].astype(np.int64).tolist(), inv.tolist(), x1.tolist(),
-                                               y1.tolist(), w.tolist(), h.tolist(), scores[bi, ki].tolist())]
+    r3 = [_round_like_python(v, 3) for v in (x1, y1, w, h)]
+    out = [{"image_id": i, "category_id": cat_of[c], "bbox": [a, bb, ww, hh], "score": sc}
+           for i, c, a, bb, ww, hh, sc in zip(image_ids[bi].astype(np.int64).tolist(), inv.tolist(), *r3,
+                                               _round_like_python(scores[bi, ki], 5))]
     if unmapped:
         log.warning("to_coco_results: %d detections of classes without a category id were left out "
                     "(classes known: %d)", unmapped, len(lut))

@@ -201,6 +201,21 @@ def test_to_coco_results_same_as_a_loop(seed, caplog):
     assert empty == []
 
 
+@pytest.mark.parametrize("ndigits", [3, 5])
+def test_vectorized_round_is_pythons_round(ndigits):
+    from datasets.evaluation import _round_like_python
+
+    rng = np.random.default_rng(ndigits)
+    k = np.arange(-3000, 3000)
+    v = np.concatenate([rng.uniform(-1e4, 1e4, 20000), rng.random(20000), (k + 0.5) / 10 ** ndigits,  # halfway
+                        (2 * k + 1) / 2 * 10.0 ** -ndigits + rng.choice([-1, 1], k.size) * 1e-17,
+                        np.float32(rng.uniform(0, 600, 5000)).astype(np.float64),
+                        [0.0625, -0.0, 1e300, -1e20, np.inf, -np.inf, np.nan, 5e-324]])
+    got = _round_like_python(v, ndigits)
+    want = [round(x, ndigits) for x in v.tolist()]
+    assert [repr(x) for x in got] == [repr(x) for x in want]
+
+
 def test_faster_coco_eval_gives_pycocotools_numbers(tiny_synthetic, monkeypatch):
     pytest.importorskip("faster_coco_eval", reason="faster-coco-eval (optional) not installed")
     import datasets.evaluation as E
