@@ -115,6 +115,25 @@ def load_detections(path) -> list:
     return _validate(dets, path)
 
 
+def _round_like_python(v: np.ndarray, ndigits: int) -> list:
+    """``[round(x, ndigits) for x in v.tolist()]`` (Python's correctly rounded ``round``), vectorized.
+
+    ``round(x, n)`` is the double nearest to ``m / 10**n``, ``m`` the integer nearest to the exact ``x * 10**n``
+    (ties to even); ``np.rint(x * 10**n) / 10**n`` is the same double whenever the rounded product
+    ``x * 10**n`` gives the same ``m`` (the division of two exact doubles is correctly rounded), which holds
+    unless that product is within its rounding error of a half-integer. Those values (and non-finite or huge
+    ones) are taken from ``round`` itself."""
+    v = np.asarray(v, dtype=np.float64)
+    scale = 10.0 ** ndigits
+    y = v * scale
+    out = (np.rint(y) / scale).tolist()
+    with np.errstate(invalid="ignore"):
+        doubt = ~(np.abs(y) < 2.0 ** 40) | (np.abs(np.abs(y - np.trunc(y)) - 0.5) < 1e-6)
+    for i in np.flatnonzero(doubt).tolist():
+        out[i] = round(float(v[i]), ndigits)
+    return out
+
+
 def to_coco_results(boxes, scores, labels, image_ids, scales, label_to_cat_id, orig_sizes=None) -> list:
     """Batched detections -> COCO results list.
 
@@ -134,17 +153,22 @@ def to_coco_results(boxes, scores, labels, image_ids, scales, label_to_cat_id, o
         hw = np_(orig_sizes).astype(np.float64).reshape(b, 2)
         boxes = np.clip(boxes, 0, np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)[:, None, :])
     lut = label_to_cat_id if isinstance(label_to_cat_id, dict) else dict(enumerate(label_to_cat_id))
-    bi, ki = np.nonzero(labels.reshape(b, -1) >= 0)
-    out, unmapped = [], 0
-    for i, k in zip(bi.tolist(), ki.tolist()):
-        cat = lut.get(int(labels[i, k]))
-        if cat is None:  # a class the ground truth has no category for: it cannot match anything
-            unmapped += 1
-            continue
-        x1, y1, x2, y2 = boxes[i, k].tolist()
-        out.append({"image_id": int(image_ids[i]), "category_id": int(cat),
-                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                    "score": round(float(scores[i, k]), 5)})
+    labels = labels.reshape(b, -1)
+    bi, ki = np.nonzero(labels >= 0)
+    lab = labels[bi, ki]
+    classes, inv = np.unique(lab, return_inverse=True)  # one look-up per class, not per detection
+    cats = [lut.get(int(c)) for c in classes.tolist()]
+    ok = np.array([c is not None for c in cats], dtype=bool)[inv.reshape(-1)]
+    unmapped = int(ok.size - ok.sum())  # classes the ground truth has no category for: they match nothing
+    cat_of = [int(c) if c is not None else 0 for c in cats]
+    bi, ki, inv = bi[ok], ki[ok], inv.reshape(-1)[ok]
+    sel = boxes[bi, ki]  # (K, 4) float64, xyxy original pixels
+    x1, y1 = sel[:, 0], sel[:, 1]
+    w, h = sel[:, 2] - x1, sel[:, 3] - y1
+    r3 = [_round_like_python(v, 3) for v in (x1, y1, w, h)]
+    out = [{"image_id": i, "category_id": cat_of[c], "bbox": [a, bb, ww, hh], "score": sc}
+           for i, c, a, bb, ww, hh, sc in zip(image_ids[bi].astype(np.int64).tolist(), inv.tolist(), *r3,
+                                               _round_like_python(scores[bi, ki], 5))]
     if unmapped:
         log.warning("to_coco_results: %d detections of classes without a category id were left out "
                     "(classes known: %d)", unmapped, len(lut))

@@ -15,8 +15,9 @@ NaN and inf follow PyTorch: a NaN delta, anchor coordinate or clip size gives Na
 clamp and the clip propagate NaN, as ``torch.clamp``/``torch.minimum`` do); ``dh, dw = +inf`` are
 clamped like any large value, ``-inf`` gives a zero-size box.
 
-``decode_topk`` selects the ``k`` largest logits over all anchors x classes of each image with
-``torch.topk`` (sorted, both backends; NaN logits rank first, as in ``torch.topk``), then ONE Triton
+``decode_topk`` selects the ``k`` largest logits over all anchors x classes of each image (sorted
+descending, both backends; NaN logits rank first, as in ``torch.topk``; a two-stage top-k, exact: see
+``_topk_select``), then ONE Triton
 kernel turns each chosen flat index into (anchor, class), gathers that anchor's deltas and box,
 decodes, clips and writes ``sigmoid(logit)`` computed in fp32. Inference ops: no autograd.
 
@@ -109,9 +110,40 @@ def decode_boxes_reference(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=
 
 
 def _topk_select(class_logits: torch.Tensor, k: int):
+    """The ``k`` largest logits of each image over all anchors x classes: ``(values, flat_index)``, (B, k)
+    each, values sorted descending (NaN first, as ``torch.topk`` ranks it), ``flat_index = anchor*C + class``.
+
+    Two stages instead of one ``torch.topk`` over ``N*C`` (D0 at 512 px: 49104 x 90 logits, the flat top-k
+    was most of the CPU post-processing): (1) the max over classes of every anchor and the ``k`` anchors with
+    the largest max; (2) ``torch.topk`` over the ``k x C`` logits of those anchors only.
+
+    Exactness. Order values as ``torch.topk`` does (NaN above every number, NaNs equal to each other) and
+    let ``v`` be the k-th largest logit of the image, ``g < k`` the number of logits strictly above ``v``.
+    (a) Every anchor holding a logit ``> v`` has max ``> v``; there are at most ``g < k`` such anchors, so the
+    k-th largest anchor max ``M`` is ``<= v`` and all of them are strictly above ``M``: stage 1 picks every one
+    of them, whichever way it breaks ties. So all ``g`` logits ``> v`` are candidates.
+    (b) Candidates hold at least ``k`` logits ``>= v``: if ``M < v`` every anchor with a logit ``>= v`` is
+    strictly above ``M`` and picked; if ``M = v`` each of the ``k`` picked anchors has its max ``>= v``, one
+    distinct logit each. The candidates are some of the image's logits, so they hold exactly the ``g`` logits
+    above ``v`` (a) and at least ``k - g`` equal to ``v`` (b): stage 2 returns those ``g`` and ``k - g`` logits
+    equal to ``v``, i.e. the same values, in the same sorted order,
+    as the flat top-k; when no other logit ties with the k-th value (the usual case) the same (anchor, class)
+    set too. Ties at the k-th value: which of the tied logits are chosen is unspecified, as for
+    ``torch.topk`` itself (the values, and every (anchor, class) above the tie, are exact). The order among
+    equal values is unspecified too (``torch.topk``'s). ``k >= N`` (every anchor is a candidate) uses the
+    flat top-k directly; ``k`` is clipped to ``N*C``.
+    """
     B, N, C = class_logits.shape
     k = max(0, min(int(k), N * C))
-    values, flat_index = torch.topk(class_logits.reshape(B, N * C), k, dim=1, largest=True, sorted=True)
+    if k >= N or C == 1:
+        return torch.topk(class_logits.reshape(B, N * C), k, dim=1, largest=True, sorted=True)
+    anchor_max = class_logits.amax(dim=2)                                  # (B, N); NaN if any logit is NaN
+    cand = torch.topk(anchor_max, k, dim=1, largest=True, sorted=False).indices        # (B, k) anchors
+    rows = (cand + torch.arange(B, device=cand.device).unsqueeze(1) * N).reshape(-1)
+    cand_logits = torch.index_select(class_logits.reshape(B * N, C), 0, rows)          # (B*k, C)
+    values, pos = torch.topk(cand_logits.reshape(B, k * C), k, dim=1, largest=True, sorted=True)
+    slot = torch.div(pos, C, rounding_mode="floor")
+    flat_index = torch.gather(cand, 1, slot) * C + (pos - slot * C)
     return values, flat_index
 
 
@@ -330,7 +362,8 @@ def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: t
         class_logits: ``(B, N, C)`` logits (any float dtype).
         box_deltas: ``(B, N, 4)`` in **(dy, dx, dh, dw)** order.
         anchors: ``(N, 4)`` xyxy pixels.
-        k: candidates per image (clipped to ``N*C``); chosen by ``torch.topk``, sorted descending.
+        k: candidates per image (clipped to ``N*C``): the ``k`` largest logits, sorted descending, as a flat
+            ``torch.topk`` ranks them (computed in two exact stages, see ``_topk_select``).
         clip_to: ``None``, an ``(H, W)`` pair or a ``(B, 2)`` tensor of per-image ``(height, width)``.
         backend: ``"auto" | "triton" | "torch"``.
 

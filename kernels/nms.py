@@ -29,9 +29,12 @@ Preparation (both paths, PyTorch on the tensors' device): three stable sorts put
 (image, class, score desc, index) order, so every (image, class) group is one contiguous *segment*
 of the sorted boxes.
 
-* The reference (:func:`batched_nms_reference`) computes IoU only for pairs inside a segment, in
-  chunks, and resolves the greedy suppression by a fixed-point iteration (see
-  :func:`_greedy_fixed_point` for the exactness argument).
+* The reference (:func:`batched_nms_reference`) computes IoU only for pairs inside a segment. Short
+  segments (<= ``_SHORT_SEGMENT`` boxes): every pair at once, in chunks, and the greedy suppression
+  by a fixed-point iteration (see :func:`_greedy_fixed_point` for the exactness argument). Long
+  segments: blocks of surviving boxes in rank order, the first small and then doubling, each decided
+  by the same fixed point and then suppressing the later boxes it reaches, so IoU is computed from
+  kept boxes only, as torchvision's loop does (:func:`_greedy_blocks`).
 * The Triton path runs two kernels for the whole batch. The sorted positions are cut into 64-box
   blocks (global, not per segment). (1) ``_nms_mask_kernel``, grid (row block ``b``, 8): the
   64x64 IoU tiles of row block ``b`` against column blocks ``b + w`` (program ``s`` takes ``w = s,
@@ -66,6 +69,11 @@ __all__ = ["batched_nms", "batched_nms_reference"]
 OP_NAME = "batched_nms"
 # Pairs per chunk in the reference's IoU pass (bounds memory: ~40 bytes per pair).
 _PAIR_CHUNK = 1 << 22
+# The reference: segments longer than this go through blocks of _REF_BLOCK sorted positions (its Python loop
+# runs over these blocks), shorter ones through all their pairs at once.
+_SHORT_SEGMENT = 1024
+_REF_BLOCK = 16
+_REF_BLOCK_MAX = 256
 # Boxes per block = bits per mask word.
 _BLOCK = 64
 # Upper bound on the suppression mask of the Triton path (bytes); see the module docstring.
@@ -222,23 +230,128 @@ def _greedy_fixed_point(n, src, dst, device):
         keep = new
 
 
+def _iou_rows_cols(cols, rows, c):
+    """(len(rows), len(c)) float32 IoU of sorted boxes ``rows`` (ranked higher) with boxes ``c``, the same
+    operations, in the same order, as :func:`_pair_iou` (so the same float32 values)."""
+    x1, y1, x2, y2, area = cols
+    g = torch.index_select
+    w = (torch.minimum(g(x2, 0, rows)[:, None], g(x2, 0, c)[None])
+         - torch.maximum(g(x1, 0, rows)[:, None], g(x1, 0, c)[None])).clamp_(min=0)
+    h = (torch.minimum(g(y2, 0, rows)[:, None], g(y2, 0, c)[None])
+         - torch.maximum(g(y1, 0, rows)[:, None], g(y1, 0, c)[None])).clamp_(min=0)
+    inter = w.mul_(h)
+    return inter / (g(area, 0, rows)[:, None] + g(area, 0, c)[None] - inter)
+
+
+def _block_fixed_point(edge):
+    """Greedy NMS inside one block from its (a, a) edge matrix (``edge[i, j]``: i ranks above j, same
+    segment, IoU > threshold; every box alive on entry). ``keep[j] = not any(keep[i] for edges i -> j)``
+    has exactly one solution since edges go forward (decide boxes in rank order), and it is the greedy
+    answer. Iterating ``keep <- F(keep)`` from all-kept: a box with no incoming edge is right after one
+    step, and a box whose predecessors are all final is final one step later, so after d steps every box
+    at depth < d is final; we stop at the first ``F(keep) == keep``, which is that unique fixed point. In
+    practice a few steps (a cluster's top box settles it)."""
+    keep = torch.ones(edge.shape[0], dtype=torch.bool, device=edge.device)
+    if not bool(edge.any()):
+        return keep
+    while True:
+        new = ~(edge & keep[:, None]).any(0)
+        if torch.equal(new, keep):
+            return keep
+        keep = new
+
+
+def _greedy_blocks(sboxes, seg_end, iou_threshold):
+    """Exact greedy NMS of boxes in sorted (segment, rank) order; ``seg_end[p]`` = end of p's segment.
+
+    Positions are taken in blocks of ``_REF_BLOCK``, in order. When a block is reached, ``removed`` holds
+    every suppression by the kept boxes of earlier blocks (each block's kept boxes mark all later boxes of
+    their segments); the block's surviving boxes are then decided among themselves
+    (:func:`_block_fixed_point`), so each block's decisions are the greedy ones and, by induction, so is
+    the whole. IoU is only computed from kept (or still alive) boxes, as torchvision's loop skips
+    suppressed ones: work ~ kept x segment length instead of all pairs. Python loops: over blocks and
+    column chunks of at most ``_PAIR_CHUNK`` pairs, never over boxes.
+    """
+    n = sboxes.shape[0]
+    dev = sboxes.device
+    cols = _columns(sboxes)
+    removed = torch.zeros(n, dtype=torch.bool, device=dev)
+    keep = torch.zeros(n, dtype=torch.bool, device=dev)
+    block, p = max(1, int(_REF_BLOCK)), 0
+    while p < n:
+        alive = p + torch.nonzero(~removed[p:]).flatten()  # boxes from p on that nothing suppressed yet
+        if alive.numel() == 0:
+            break
+        nr = min(block, alive.numel())
+        last = int(alive[nr - 1])
+        end = int(seg_end[last])                 # seg_end is non-decreasing: the last row reaches furthest
+        reach = alive[:int(torch.searchsorted(alive, end))]  # the block's rows, then the alive boxes they reach
+        rows = reach[:nr]
+        one_segment = int(seg_end[int(rows[0])]) == end
+        if nr * reach.numel() <= _PAIR_CHUNK:   # one IoU matrix: rows x (rows + later)
+            hit = _iou_rows_cols(cols, rows, reach) > iou_threshold
+            if not one_segment:                  # segments are contiguous: the same end = the same segment
+                hit &= torch.index_select(seg_end, 0, rows)[:, None] == torch.index_select(seg_end, 0, reach)[None]
+            k = _block_fixed_point(hit[:, :nr].triu(diagonal=1))  # rows are in rank order: higher -> lower
+            keep[rows[k]] = True
+            if reach.numel() > nr:
+                removed[reach[nr:]] |= hit[k, nr:].any(0)
+        else:                                    # the same in column chunks of about _PAIR_CHUNK pairs
+            same = torch.index_select(seg_end, 0, rows)
+            edge = (_iou_rows_cols(cols, rows, rows) > iou_threshold) & (same[:, None] == same[None, :])
+            kept = rows[_block_fixed_point(edge.triu_(diagonal=1))]
+            keep[kept] = True
+            later = reach[nr:]
+            kept_end = torch.index_select(seg_end, 0, kept)[:, None]
+            step = max(1, _PAIR_CHUNK // max(1, kept.numel()))
+            for c0 in range(0, later.numel() if kept.numel() else 0, step):
+                c = later[c0:c0 + step]
+                hit = (_iou_rows_cols(cols, kept, c) > iou_threshold) & (kept_end == torch.index_select(seg_end, 0, c))
+                removed[c] |= hit.any(0)
+        p = last + 1
+        block = min(2 * block, _REF_BLOCK_MAX)  # the top boxes first, in a small block: they suppress most
+    return keep
+
+
 def batched_nms_reference(boxes, scores, classes, iou_threshold, batch_index=None):
     """Plain-PyTorch exact batched greedy NMS (float32 IoU); see the module docstring.
 
-    Vectorized: no N x N matrix, no Python loop over images, classes or boxes (only over chunks of
-    candidate pairs and over fixed-point steps). It synchronises with the host (segment count, chunk
-    bounds, the fixed-point test): it is the spec, not the fast path.
+    Vectorized: no N x N matrix, no Python loop over images, classes or boxes (only over blocks of sorted
+    positions, column chunks and fixed-point steps). It synchronises with the host (block reach, chunk
+    bounds, the fixed-point test): it is the spec, not the GPU path.
     """
     _check_inputs(boxes, scores, classes, batch_index)
     n = boxes.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order, score_perm = _sort_groups(scores, classes, batch_index)
-    starts = torch.nonzero(_segment_starts(order, classes, batch_index)).flatten()
-    seg = torch.cat([starts, starts.new_tensor([n])])
+    new = _segment_starts(order, classes, batch_index)
+    pos = torch.arange(n, device=boxes.device)
+    last = torch.roll(new, -1)  # p is the last of its segment (p = n-1: new[0] is True)
+    seg_end = torch.flip(torch.cummin(torch.flip(torch.where(last, pos + 1, n), [0]), 0).values, [0])
     sboxes = boxes[order].float()
-    src, dst = _suppression_edges(sboxes, seg, _threshold_f32(iou_threshold))
-    keep_sorted = _greedy_fixed_point(n, src, dst, boxes.device)
+    thr = _threshold_f32(iou_threshold)
+    # Segments are independent. Short ones: every pair's IoU, then one fixed point (few pairs, no loop over
+    # blocks); long ones: blocks in rank order, IoU only from surviving boxes (all pairs would be ~L^2/2).
+    seg_start = torch.cummax(torch.where(new, pos, 0), 0).values
+    long = (seg_end - seg_start) > _SHORT_SEGMENT
+    keep_sorted = torch.zeros(n, dtype=torch.bool, device=boxes.device)
+    for part in (~long, long):
+        idx = torch.nonzero(part).flatten()
+        m = idx.numel()
+        if m == 0:
+            continue
+        sub = sboxes[idx]
+        sub_new = new[idx]  # a segment is wholly in one part: its start stays a start
+        if part is long:
+            sub_pos = torch.arange(m, device=boxes.device)
+            sub_last = torch.roll(sub_new, -1)
+            sub_end = torch.flip(torch.cummin(torch.flip(torch.where(sub_last, sub_pos + 1, m), [0]), 0).values, [0])
+            keep_sorted[idx] = _greedy_blocks(sub, sub_end, thr)
+        else:
+            starts = torch.nonzero(sub_new).flatten()
+            src, dst = _suppression_edges(sub, torch.cat([starts, starts.new_tensor([m])]), thr)
+            keep_sorted[idx] = _greedy_fixed_point(m, src, dst, boxes.device)
     return _kept_indices(keep_sorted, order, score_perm)
 
 

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from datasets.evaluation import STAT_NAMES, evaluate_detections, load_detections, to_coco_results
 
@@ -157,6 +158,62 @@ def test_to_coco_results_maps_back_and_skips_padding():
         {"image_id": 6, "category_id": 4, "bbox": [20.0, 20.0, 40.0, 40.0], "score": 0.7}]
     clipped = to_coco_results(boxes, scores, labels, [5, 6], [2.0, 0.5], [4, 8], orig_sizes=[[100, 15], [50, 50]])
     assert clipped[0]["bbox"] == [10.0, 20.0, 5.0, 30.0]
+
+
+def _to_coco_results_loop(boxes, scores, labels, image_ids, scales, lut, orig_sizes):
+    """The former per-detection loop, kept as the oracle of the vectorized to_coco_results."""
+    boxes = np.asarray(boxes, np.float64) / np.asarray(scales, np.float64)[:, None, None]
+    hw = np.asarray(orig_sizes, np.float64)
+    boxes = np.clip(boxes, 0, np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1)[:, None, :])
+    out = []
+    for i, k in zip(*np.nonzero(labels >= 0)):
+        cat = lut.get(int(labels[i, k]))
+        if cat is None:
+            continue
+        x1, y1, x2, y2 = boxes[i, k].tolist()
+        out.append({"image_id": int(image_ids[i]), "category_id": int(cat),
+                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                    "score": round(float(scores[i, k]), 5)})
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_to_coco_results_same_as_a_loop(seed, caplog):
+    """Random detections (padding, a class without a category, values on rounding edges, boxes beyond the
+    image) give exactly the dicts of the per-detection loop, in the same order."""
+    rng = np.random.default_rng(seed)
+    b, k = 4, 30
+    xy = rng.uniform(-20, 300, (b, k, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 200, (b, k, 2))], 2).astype(np.float32)
+    boxes[0, :5] = np.round(boxes[0, :5] * 2000) / 2000 + 0.0005  # halfway cases of round(., 3)
+    scores = rng.random((b, k)).astype(np.float32)
+    scores[1, :5] = np.round(scores[1, :5] * 1e5) / 1e5 + 5e-6
+    labels = rng.integers(-1, 7, (b, k))  # -1 = padding; class 6 has no category
+    lut = {c: 10 * c + 3 for c in range(6)}
+    ids, scales = [7, 3, 9, 11], rng.uniform(0.5, 2.0, b)
+    sizes = rng.integers(50, 400, (b, 2))
+    got = to_coco_results(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels),
+                          torch.tensor(ids), torch.from_numpy(scales), lut, orig_sizes=torch.from_numpy(sizes))
+    want = _to_coco_results_loop(boxes, scores, labels, ids, scales, lut, sizes)
+    assert got == want and len(got) == int(((labels >= 0) & (labels < 6)).sum())
+    assert "left out" in caplog.text
+    empty = to_coco_results(boxes[:, :0], scores[:, :0], labels[:, :0], ids, scales, lut)
+    assert empty == []
+
+
+@pytest.mark.parametrize("ndigits", [3, 5])
+def test_vectorized_round_is_pythons_round(ndigits):
+    from datasets.evaluation import _round_like_python
+
+    rng = np.random.default_rng(ndigits)
+    k = np.arange(-3000, 3000)
+    v = np.concatenate([rng.uniform(-1e4, 1e4, 20000), rng.random(20000), (k + 0.5) / 10 ** ndigits,  # halfway
+                        (2 * k + 1) / 2 * 10.0 ** -ndigits + rng.choice([-1, 1], k.size) * 1e-17,
+                        np.float32(rng.uniform(0, 600, 5000)).astype(np.float64),
+                        [0.0625, -0.0, 1e300, -1e20, np.inf, -np.inf, np.nan, 5e-324]])
+    got = _round_like_python(v, ndigits)
+    want = [round(x, ndigits) for x in v.tolist()]
+    assert [repr(x) for x in got] == [repr(x) for x in want]
 
 
 def test_faster_coco_eval_gives_pycocotools_numbers(tiny_synthetic, monkeypatch):

@@ -264,6 +264,86 @@ def test_decode_topk_empty_and_zero_k():
 
 
 # --------------------------------------------------------------------------------------------------
+# the two-stage top-k of the reference vs the flat torch.topk (the oracle, kept here)
+
+
+def _flat_topk_oracle(logits, k):
+    B, N, C = logits.shape
+    return torch.topk(logits.reshape(B, N * C), max(0, min(k, N * C)), dim=1, sorted=True)
+
+
+def _check_topk_select(logits, k):
+    """decode_topk_reference's selection vs the flat top-k: the same values in the same order (NaN first),
+    distinct (anchor, class) pairs that hold those values, every logit above the k-th value chosen, and the
+    same set when nothing else ties with the k-th value."""
+    B, N, C = logits.shape
+    g = torch.Generator().manual_seed(0)
+    deltas, anchors = make_deltas((B, N, 4), g), make_anchors(N, g)
+    _, scores, classes, anchor_index = decode_topk_reference(logits, deltas, anchors, k)
+    want = _flat_topk_oracle(logits, k)
+    kk = want.values.shape[1]
+    assert classes.shape == (B, kk) and anchor_index.shape == (B, kk)
+    assert ((classes >= 0) & (classes < C) & (anchor_index >= 0) & (anchor_index < N)).all()
+    flat = anchor_index * C + classes
+    got_vals = torch.gather(logits.reshape(B, N * C), 1, flat)
+    assert torch.equal(got_vals.isnan(), want.values.isnan()), "NaN positions"
+    assert torch.equal(torch.nan_to_num(got_vals, nan=0.0), torch.nan_to_num(want.values, nan=0.0)), "values"
+    torch.testing.assert_close(scores, torch.sigmoid(want.values.float()), equal_nan=True)
+    x = logits.reshape(B, N * C)
+    for b in range(B):
+        assert flat[b].unique().numel() == kk, "an (anchor, class) chosen twice"
+        if kk == 0:
+            continue
+        v = want.values[b, -1]
+        above = torch.zeros_like(x[b], dtype=torch.bool) if v.isnan() else (x[b].isnan() | (x[b] > v))
+        tied = x[b].isnan() if v.isnan() else (x[b] == v)
+        chosen = torch.zeros_like(above)
+        chosen[flat[b]] = True
+        assert (chosen[above]).all(), "a logit above the k-th value was left out"
+        assert (above | tied)[chosen].all(), "a logit below the k-th value was chosen"
+        if int(tied.sum()) == int((want.values[b] == v).sum() if not v.isnan() else want.values[b].isnan().sum()):
+            assert torch.equal(chosen, torch.zeros_like(chosen).index_fill_(0, want.indices[b], True)), "set"
+
+
+_LOGIT_VALUES = [-2.0, -1.0, 0.0, 0.5, 1.0, 3.0, float("inf"), -float("inf"), float("nan")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(1, 24), c=st.integers(1, 7), k=st.integers(0, 60),
+       ties=st.booleans(), special=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 10_000))
+def test_two_stage_topk_matches_flat_topk(b, n, c, k, ties, special, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: ties everywhere, also at the k-th value
+        pool = torch.tensor(_LOGIT_VALUES if special else _LOGIT_VALUES[:6])
+        logits = pool[torch.randint(0, pool.numel(), (b, n, c), generator=g)]
+    else:
+        logits = torch.randn(b, n, c, generator=g) * 3
+        if special:
+            m = torch.rand(b, n, c, generator=g)
+            logits[m < 0.05] = float("nan")
+            logits[(m >= 0.05) & (m < 0.1)] = float("inf")
+            logits[(m >= 0.1) & (m < 0.15)] = -float("inf")
+    _check_topk_select(logits.to(dtype), k)
+
+
+def test_two_stage_topk_cases():
+    g = torch.Generator().manual_seed(21)
+    # one anchor holds all of the best logits: stage 1 must keep it, stage 2 takes several classes from it
+    logits = torch.randn(2, 50, 6, generator=g)
+    logits[0, 17] = 10 + torch.arange(6.0)
+    logits[1, 3, 2] = float("nan")
+    logits[1, 3, 4] = float("nan")
+    for k in (1, 3, 6, 7, 49, 50, 51, 300, 301):
+        _check_topk_select(logits, k)
+    _, _, classes, anchor_index = decode_topk_reference(logits, make_deltas((2, 50, 4), g), make_anchors(50, g), 6)
+    assert anchor_index[0].tolist() == [17] * 6 and classes[0].tolist() == [5, 4, 3, 2, 1, 0]
+    assert anchor_index[1, :2].tolist() == [3, 3] and sorted(classes[1, :2].tolist()) == [2, 4]
+    # all logits tied: any k distinct pairs, all of them the tied value
+    _check_topk_select(torch.zeros(1, 40, 5), 7)
+
+
+# --------------------------------------------------------------------------------------------------
 # torch.compile
 
 

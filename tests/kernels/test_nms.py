@@ -245,15 +245,29 @@ def test_public_torchvision_batched_nms_integer_boxes():
     assert_same(ours, torchvision.ops.batched_nms(boxes, scores, bi * 6 + cls, 0.5))
 
 
-def test_reference_chunking_is_exact(monkeypatch):
+@pytest.mark.parametrize("short_segment,block,block_max,chunk", [
+    (1024, 32, 256, 97),     # all pairs, chunked
+    (0, 32, 256, 1 << 22),   # every segment through blocks, one IoU matrix per block
+    (0, 3, 8, 97),           # tiny blocks, column chunks
+    (40, 1, 1, 5),           # long and short segments mixed, one box per block
+])
+def test_reference_paths_and_chunking_are_exact(monkeypatch, short_segment, block, block_max, chunk):
     import kernels.nms as nms_mod
 
     gen = torch.Generator().manual_seed(9)
-    boxes, scores = cluster_boxes(150, gen), torch.rand(150, generator=gen)
-    cls = torch.randint(0, 2, (150,), generator=gen)
-    full = batched_nms_reference(boxes, scores, cls, 0.5)
-    monkeypatch.setattr(nms_mod, "_PAIR_CHUNK", 97)
-    assert_same(batched_nms_reference(boxes, scores, cls, 0.5), full)
+    n = 300
+    boxes, scores = cluster_boxes(n, gen), torch.rand(n, generator=gen)
+    cls = torch.randint(0, 4, (n,), generator=gen)
+    cls[:120] = 0                                   # one long segment beside short ones
+    bi = torch.randint(0, 2, (n,), generator=gen)
+    full = batched_nms_reference(boxes, scores, cls, 0.5, bi)
+    assert_same(full, tv_oracle(boxes, scores, cls, 0.5, bi))
+    for name, v in (("_SHORT_SEGMENT", short_segment), ("_REF_BLOCK", block), ("_REF_BLOCK_MAX", block_max),
+                    ("_PAIR_CHUNK", chunk)):
+        monkeypatch.setattr(nms_mod, name, v)
+    assert_same(batched_nms_reference(boxes, scores, cls, 0.5, bi), full)
+    one = torch.zeros_like(cls)
+    assert_same(batched_nms_reference(boxes, scores, one, 0.3), tv_oracle(boxes, scores, one, 0.3))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -346,6 +360,24 @@ def test_reference_properties(case):
             assert any(same[i, j] and rank[i] < rank[j] and iou[i, j] > t for i in kl), f"{j} suppressed by nobody"
     if torchvision is not None:
         assert_same(keep, tv_oracle(boxes, scores, cls, t, bi), "reference vs torchvision")
+
+
+@settings(max_examples=40)
+@given(nms_inputs(), st.integers(1, 5), st.integers(1, 16))
+def test_reference_block_path_properties(case, block, block_max):
+    """The reference's block path (segments longer than _SHORT_SEGMENT; here every segment, with tiny
+    blocks) has every property above and gives the all-pairs path's result."""
+    import kernels.nms as nms_mod
+
+    boxes, scores, cls, bi, t = case
+    want = batched_nms_reference(boxes, scores, cls, t, bi)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(nms_mod, "_SHORT_SEGMENT", 0)
+        m.setattr(nms_mod, "_REF_BLOCK", block)
+        m.setattr(nms_mod, "_REF_BLOCK_MAX", max(block, block_max))
+        m.setattr(nms_mod, "_PAIR_CHUNK", 7)
+        assert_same(batched_nms_reference(boxes, scores, cls, t, bi), want, "block path vs all pairs")
+        test_reference_properties.hypothesis.inner_test(case)
 
 
 @settings(max_examples=10)
