@@ -79,14 +79,14 @@ def _main(argv):
     loader = D.build_loader(dataset, args.batch_size, train=False, workers=args.workers, seed=0)
     results, timing, pictures = run_inference(
         model, loader, device, amp=amp, soft_nms=args.use_soft_nms, channels_last=channels_last,
-        backend=args.kernel_backend, keep_images=args.visualize, torchscript=args.torchscript)
+        backend=args.kernel_backend, keep_images=args.visualize, torchscript=args.torchscript, compile=args.compile)
     out_json = args.results or os.path.join(args.output, "detections.json")
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
         json.dump(results, f)
     console.print(f"{len(results)} detections on {timing['images']} images -> {out_json} "
-                  f"(inference {timing['img_per_s']:.1f} img/s, model + post-processing"
-                  f"{', TorchScript' if args.torchscript else ''})")
+                  f"(evaluation {timing['img_per_s']:.1f} img/s: loading, model, post-processing, conversion"
+                  f"{'; TorchScript' if args.torchscript else ''}{'; torch.compile' if args.compile else ''})")
     if args.visualize:
         pics = save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         console.print(f"{len(pics)} pictures in {os.path.join(args.output, 'pictures')}")

@@ -38,7 +38,7 @@ def autocast(device: torch.device, amp: str | None):
 
 @torch.no_grad()
 def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=False, score_threshold=0.001,
-                  backend="auto", show_progress=True, keep_images=0, torchscript=False):
+                  backend="auto", show_progress=True, keep_images=0, torchscript=False, compile=False):
     """Detections of every image in ``loader`` as COCO results (original pixels), plus timing.
 
     No host round trip per batch: each batch's detections stay on the device, all of them are moved to the
@@ -46,6 +46,9 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
     the whole pass (data loading, the final copy and the conversion included; ``timing["data_seconds"]`` is
     the part spent waiting for batches), ``timing["img_per_s"]`` = images / seconds; the progress bar shows
     the same wall-clock rate (on a GPU it runs ahead of the device until the final copy).
+
+    ``compile``: run the BN-folded network through ``torch.compile`` (inductor with frozen weights); the first
+    batch pays the compilation (minutes on a small CPU), so it helps only long evaluations.
 
     ``timing["image_ids"]`` lists the images really processed: with ``--skip-bad-images`` a corrupt image is
     replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
@@ -56,6 +59,11 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
 
         with autocast(device, amp):  # traced in the precision it runs in
             model = TracedNetwork(model, fuse=False)
+    elif compile:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # weights are constants: inductor folds and fuses around the convs
+        model = torch.compile(model)
     dataset = loader.dataset
     all_dets, all_ids, all_sizes, n_images = [], [], [], 0
     prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)
