@@ -284,7 +284,12 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    rows = run(parse_args(argv))
+    args = parse_args(argv)
+    if args.device == "cpu":  # as evaluate.py runs (both sides of each comparison share the process)
+        from training.host import tune_allocator
+
+        tune_allocator()
+    rows = run(args)
     return 1 if any(r["part"] == "nms" and not r["same_result"] for r in rows) else 0
 
 
