@@ -98,7 +98,7 @@ def test_model_quick_subprocess(tmp_path):
             assert key in r, key
         assert r["error"] is None, r["error"]
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["img_per_s"] > 0
-        assert r["memory_format"] == "nchw" and r["quick"] is True and r["samples"] == 2
+        assert r["memory_format"] == "nhwc" and r["quick"] is True and r["samples"] == 2
     assert {(r["workload"], r["batch"], r["size"]) for r in rows} == {("predict", 1, 128), ("train_step", 2, 128)}
     if with_peer:
         assert "effdet" in out
