@@ -131,7 +131,8 @@ def test_train_stops_in_time_and_evaluates(tiny, tmp_path):
     assert train.main(argv) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     evals, end = [e for e in log if e["event"] == "eval"], log[-1]
-    assert end["event"] == "end" and end["time_budget"] == 0.4
-    assert len(evals) == 1 and evals[0]["epoch"] < 100000 - 1  # stopped by the clock, then evaluated once
-    assert end["minutes"] < 0.4 + 1.0  # generous: a loaded CI machine; the demo run's figure is measured
+    summary = [{k: e.get(k) for k in ("event", "epoch", "step", "minutes")} for e in log if e["event"] != "train"]
+    assert end["event"] == "end" and end["time_budget"] == 0.4, summary
+    assert len(evals) == 1 and evals[0]["epoch"] < 100000 - 1, summary  # stopped by the clock, evaluated once
+    assert end["minutes"] < 0.4 + 2.0, summary  # generous: a loaded CI machine; the demo run's time is measured
     assert os.listdir(out / "pictures")  # pictures come from the final evaluation
