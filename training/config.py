@@ -217,7 +217,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(r, "--log-interval", type=int, default=10, help="steps between log lines",
              note="default 10 (NVIDIA: 50)")
     p.nvidia(r, "--eval-after", type=int, default=0, help="evaluate only once this many epochs are done")
-    r.add_argument("--eval-interval", type=int, default=None, help="epochs between evaluations (default per recipe)")
+    r.add_argument("--eval-interval", type=int, default=None,
+                   help="epochs between evaluations; 0: only the final one (default per recipe; with "
+                        "--time-budget: 0, so the budget goes to training)")
     p.nvidia(r, "--eval-metric", default="map", help="metric that picks best.pth",
              note=_infra("eval_metric"))
     p.nvidia(r, "--save-checkpoint-interval", type=int, default=10, help="epochs between kept checkpoints")
@@ -482,6 +484,8 @@ class TrainConfig:
             notes.append(f"built-in data set: a {DEMO_TIME_BUDGET:g}-minute run (--time-budget; --epochs N "
                          "trains N epochs instead)")
         values["time_budget"] = values["time_budget"] or None  # 0 = no budget
+        if values["time_budget"] and values["eval_interval"] is None:
+            values["eval_interval"] = 0  # only the final evaluation: the budget goes to training
         for k, v in recipe.items():
             if values.get(k) is None:
                 values[k] = v

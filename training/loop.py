@@ -367,7 +367,7 @@ def maybe_evaluate(run: Run, epoch: int) -> bool:
     """Evaluate (the EMA model when there is one) when the schedule says so; True when AP improved."""
     cfg = run.cfg
     due = run.val_loader is not None and epoch + 1 >= cfg.eval_after and (
-        (epoch + 1) % cfg.eval_interval == 0 or run.is_last(epoch))
+        (cfg.eval_interval and (epoch + 1) % cfg.eval_interval == 0) or run.is_last(epoch))
     if not due:
         return False
     iou_by_class = waymo_iou_by_class(run.val_set.coco.dataset["categories"]) if cfg.waymo else None

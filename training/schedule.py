@@ -5,6 +5,11 @@ cosine cycles to ``min_lr`` (``--lr-cycle-limit`` of them, each ``--lr-cycle-mul
 before and its peak ``--decay-rate`` times lower), then ``--cooldown-epochs`` at ``min_lr``; or step decay.
 ``--lr-noise`` multiplies the LR of each epoch in its range by ``1 + n``, ``n ~ N(0, std)`` redrawn until
 ``|n| < --lr-noise-pct``, seeded by ``seed + epoch``: NVIDIA's rules, applied per step.
+
+With ``--time-budget`` the LR is the lower of that schedule and the clock's: hold the peak, then a cosine to
+``min_lr`` over the last ``BUDGET_DECAY`` of the budget's training window ("warm-up, stable, decay"). A cosine
+over the whole budget decays too early when only a few hundred steps fit: most of the learning happens at the
+peak LR (measured on the built-in set: ``bench/RESULTS.md``, "The default run").
 """
 from __future__ import annotations
 
@@ -104,6 +109,9 @@ def lr_noise(cfg, epoch: int) -> float:
             return n
 
 
+BUDGET_DECAY = 0.3  # share of a time budget's training window spent decaying the LR
+
+
 class TimeBudget:
     """``--time-budget``: the run's wall clock, from set-up to the end of its final evaluation.
 
@@ -145,8 +153,8 @@ class TimeBudget:
 
 
 def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
-    """Per-step LR factor (see the module docstring). With a ``budget``, the cosine position is the larger of
-    the step count's and the clock's (``budget.fraction()``)."""
+    """Per-step LR factor (see the module docstring). With a ``budget``, the lower of the step schedule and
+    the clock's hold-then-decay (``budget.fraction()``)."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     first = max(1, cfg.epochs * steps_per_epoch)
     base = cfg.lr
@@ -156,13 +164,15 @@ def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
         i, t, length = _cycle(step, first, cfg.lr_cycle_mul)
         if i == 0:  # the first cycle starts after the warm-up
             t, length = step - warm, max(1, first - warm)
-            if budget is not None:
-                t = max(t, budget.fraction() * length)
         if 0 < cfg.lr_cycle_limit <= i:
             return cfg.min_lr
         gamma = cfg.decay_rate ** i
         t = min(1.0, t / length)
         return cfg.min_lr * gamma + 0.5 * (base - cfg.min_lr) * gamma * (1 + math.cos(math.pi * t))
+
+    def clock_lr(fraction: float) -> float:
+        t = min(1.0, max(0.0, (fraction - (1 - BUDGET_DECAY)) / BUDGET_DECAY))
+        return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
     def f(step: int) -> float:
         if step < warm:
@@ -171,6 +181,8 @@ def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
             lr = base * cfg.decay_rate ** int((step // steps_per_epoch) // max(1e-9, cfg.decay_epochs))
         else:
             lr = cosine(step)
+        if budget is not None and step >= warm:
+            lr = min(lr, clock_lr(budget.fraction()))
         epoch = step // steps_per_epoch
         if epoch not in noise:
             noise[epoch] = lr_noise(cfg, epoch)

@@ -66,6 +66,8 @@ def test_time_budget_defaults_to_the_demo_only():
     assert config().time_budget is None  # your own data: no budget unless asked for
     assert config("--time-budget", "2").time_budget == 2.0
     assert config("--time-budget", "0", builtin=True).time_budget is None
+    assert config(builtin=True).eval_interval == 0  # a budgeted run evaluates once, at the end
+    assert config("--time-budget", "2", "--eval-interval", "1").eval_interval == 1
 
 
 def test_workers_fit_the_cores():
@@ -102,7 +104,11 @@ def test_budget_fraction_and_schedule_follow_the_clock(monkeypatch):
     cfg = config("--epochs", "1000", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
     f = schedule.lr_lambda(cfg, steps_per_epoch=10, budget=budget)
     assert f(5) == pytest.approx(0.0, abs=1e-9)  # the clock says the schedule is over at step 5 of 10,000
-    clock.now = 110.0 + 17.0  # half the 34 s window
+    clock.now = 110.0 + 17.0  # half the 34 s window: the LR still holds its peak
+    assert f(5) == pytest.approx(1.0, abs=1e-6)
+    short = config("--epochs", "1", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
+    assert schedule.lr_lambda(short, 10, budget)(5) == pytest.approx(0.5, abs=1e-6)  # the step cosine is lower
+    clock.now = 110.0 + 34 * (1 - schedule.BUDGET_DECAY / 2)  # half-way through the clock's decay
     assert f(5) == pytest.approx(0.5, abs=1e-6)
     assert schedule.lr_lambda(cfg, 10)(5) == pytest.approx(1.0, abs=1e-6)  # without a budget: steps only
 
