@@ -160,7 +160,7 @@ def setup(args, info: dist.DistInfo) -> Run:
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
     budget = TimeBudget(cfg.time_budget, t0) if cfg.time_budget else None
     run = Run(cfg=cfg, info=info, model=model, net=net, ema=ema, optimizer=optimizer,
-              scheduler=build_scheduler(cfg, optimizer, len(train_loader), budget), budget=budget,
+              scheduler=build_scheduler(cfg, optimizer, len(train_loader)), budget=budget,
               scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), train_set=train_set, val_set=val_set,
               train_loader=train_loader, val_loader=val_loader, jlog=jlog, t0=t0,
               start_epoch=cfg.start_epoch or 0)

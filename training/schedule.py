@@ -6,10 +6,10 @@ before and its peak ``--decay-rate`` times lower), then ``--cooldown-epochs`` at
 ``--lr-noise`` multiplies the LR of each epoch in its range by ``1 + n``, ``n ~ N(0, std)`` redrawn until
 ``|n| < --lr-noise-pct``, seeded by ``seed + epoch``: NVIDIA's rules, applied per step.
 
-With ``--time-budget`` the LR is the lower of that schedule and the clock's: hold the peak, then a cosine to
-``min_lr`` over the last ``BUDGET_DECAY`` of the budget's training window ("warm-up, stable, decay"). A cosine
-over the whole budget decays too early when only a few hundred steps fit: most of the learning happens at the
-peak LR (measured on the built-in set: ``bench/RESULTS.md``, "The default run").
+``--time-budget`` only decides when training stops; the LR keeps following the schedule above. Laying the
+cosine over the budget (or decaying over its last 30%) was measured to hurt when a few hundred steps fit: the
+LR fell while the model was still learning fast, and validation AP stopped rising (``bench/RESULTS.md``,
+"The default run").
 """
 from __future__ import annotations
 
@@ -109,16 +109,13 @@ def lr_noise(cfg, epoch: int) -> float:
             return n
 
 
-BUDGET_DECAY = 0.3  # share of a time budget's training window spent decaying the LR
-
-
 class TimeBudget:
     """``--time-budget``: the run's wall clock, from set-up to the end of its final evaluation.
 
     Training gets what is left of the budget after set-up, minus a reserve for the final evaluation (1.2x the
     last evaluation's duration plus 10 s; before the first evaluation, a guess from the validation set's size
     and the training speed). ``fraction()`` is the share of that window used so far, plus ``offset`` (the
-    fraction a resumed run had reached); the cosine schedule follows it and training stops at 1.
+    fraction a resumed run had reached); training stops at 1.
     """
 
     def __init__(self, minutes: float, t0: float, offset: float = 0.0):
@@ -152,9 +149,8 @@ class TimeBudget:
         return self.fraction() >= 1.0
 
 
-def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
-    """Per-step LR factor (see the module docstring). With a ``budget``, the lower of the step schedule and
-    the clock's hold-then-decay (``budget.fraction()``)."""
+def lr_lambda(cfg, steps_per_epoch: int):
+    """Per-step LR factor (see the module docstring)."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     first = max(1, cfg.epochs * steps_per_epoch)
     base = cfg.lr
@@ -170,10 +166,6 @@ def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
         t = min(1.0, t / length)
         return cfg.min_lr * gamma + 0.5 * (base - cfg.min_lr) * gamma * (1 + math.cos(math.pi * t))
 
-    def clock_lr(fraction: float) -> float:
-        t = min(1.0, max(0.0, (fraction - (1 - BUDGET_DECAY)) / BUDGET_DECAY))
-        return cfg.min_lr + 0.5 * (base - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
     def f(step: int) -> float:
         if step < warm:
             lr = cfg.warmup_lr + (base - cfg.warmup_lr) * step / warm
@@ -181,8 +173,6 @@ def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
             lr = base * cfg.decay_rate ** int((step // steps_per_epoch) // max(1e-9, cfg.decay_epochs))
         else:
             lr = cosine(step)
-        if budget is not None and step >= warm:
-            lr = min(lr, clock_lr(budget.fraction()))
         epoch = step // steps_per_epoch
         if epoch not in noise:
             noise[epoch] = lr_noise(cfg, epoch)
@@ -191,9 +181,9 @@ def lr_lambda(cfg, steps_per_epoch: int, budget: TimeBudget | None = None):
     return f
 
 
-def build_scheduler(cfg, optimizer, steps_per_epoch: int, budget: TimeBudget | None = None):
-    """A per-step ``LambdaLR``; with a ``budget`` the cosine follows the clock too (``lr_lambda``)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch, budget))
+def build_scheduler(cfg, optimizer, steps_per_epoch: int):
+    """A per-step ``LambdaLR`` (``lr_lambda``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
 
 
 def seek_scheduler(scheduler, step: int) -> None:

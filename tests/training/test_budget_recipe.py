@@ -88,7 +88,7 @@ class Clock:
         return self.now
 
 
-def test_budget_fraction_and_schedule_follow_the_clock(monkeypatch):
+def test_budget_fraction_follows_the_clock(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(schedule.time, "perf_counter", clock)
     budget = schedule.TimeBudget(1.0, t0=100.0)  # 60 s in all
@@ -101,16 +101,9 @@ def test_budget_fraction_and_schedule_follow_the_clock(monkeypatch):
     assert budget.fraction() == pytest.approx(20 / 34)
     clock.now = 150.0
     assert budget.expired()
-    cfg = config("--epochs", "1000", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
-    f = schedule.lr_lambda(cfg, steps_per_epoch=10, budget=budget)
-    assert f(5) == pytest.approx(0.0, abs=1e-9)  # the clock says the schedule is over at step 5 of 10,000
-    clock.now = 110.0 + 17.0  # half the 34 s window: the LR still holds its peak
-    assert f(5) == pytest.approx(1.0, abs=1e-6)
-    short = config("--epochs", "1", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
-    assert schedule.lr_lambda(short, 10, budget)(5) == pytest.approx(0.5, abs=1e-6)  # the step cosine is lower
-    clock.now = 110.0 + 34 * (1 - schedule.BUDGET_DECAY / 2)  # half-way through the clock's decay
-    assert f(5) == pytest.approx(0.5, abs=1e-6)
-    assert schedule.lr_lambda(cfg, 10)(5) == pytest.approx(1.0, abs=1e-6)  # without a budget: steps only
+    cfg = config("--epochs", "2", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
+    assert schedule.lr_lambda(cfg, steps_per_epoch=10)(10) == pytest.approx(0.5, abs=1e-6)  # the budget ends
+    # training, it does not bend the schedule (measured: decaying by the clock stalled AP, bench/RESULTS.md)
 
 
 def test_resumed_budget_continues_from_its_fraction(monkeypatch):
