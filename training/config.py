@@ -25,7 +25,7 @@ SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epoch
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=(0.6, 1.4),
                     input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc")
 # ``python train.py`` with no data flag (the built-in set) and no --epochs: a run of this many minutes of
-# wall time, evaluation included (the cosine schedule follows the clock; see --time-budget)
+# wall time, evaluation included (training stops in time for the final evaluation; see --time-budget)
 DEMO_TIME_BUDGET = 4.5
 # the small-data recipe applies below this many training images, when training starts from scratch
 SMALL_DATA_IMAGES = 5000
@@ -192,7 +192,7 @@ def train_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-nonfinite-steps", type=int, default=5, help="stop after this many NaN losses in a row")
     o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="wall minutes for the whole run (set-up, training, evaluations, the final evaluation): "
-                        "the cosine schedule follows the clock and training stops in time for the final "
+                        "training stops in time for the final "
                         "evaluation; --epochs still caps it. Default: %s minutes for the built-in data set "
                         "when --epochs is not given, else none (0: none)" % DEMO_TIME_BUDGET)
     o.add_argument("--compile", action="store_true",
