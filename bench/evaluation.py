@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as a scri
 
 import torch  # noqa: E402
 
-from bench.harness import device_name, device_slug, git_commit, triton_version  # noqa: E402
+from bench.harness import append_jsonl, device_name, device_slug, git_commit, triton_version  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -252,13 +251,7 @@ def print_table(rows: list[dict], meta: dict) -> None:
 
 
 def write_results(rows: list[dict], meta: dict, results_dir) -> Path:
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"eval-{meta['device_slug']}.jsonl"
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}, default=str) + "\n")
-    return path
+    return append_jsonl(rows, meta, results_dir, f"eval-{meta['device_slug']}")
 
 
 def run(args) -> list[dict]:

@@ -100,6 +100,17 @@ def triton_version() -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def append_jsonl(rows: list[dict], meta: dict, results_dir, name: str) -> Path:
+    """Append one JSON line per row (``meta`` merged into each) to ``<results_dir>/<name>.jsonl``."""
+    out_dir = Path(results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**meta, **r}, default=str) + "\n")
+    return path
+
+
 def quantile(values: list[float], q: float) -> float:
     """The ``q`` quantile of ``values`` with linear interpolation (numpy's default)."""
     s = sorted(values)

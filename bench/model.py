@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -52,8 +51,8 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as a scri
 
 import torch  # noqa: E402
 
-from bench.harness import (REPO_ROOT, autocast_context, device_name, device_slug, git_commit,  # noqa: E402,F401
-                           quantile, summarize, triton_version)
+from bench.harness import (REPO_ROOT, append_jsonl, autocast_context, device_name, device_slug,  # noqa: E402,F401
+                           git_commit, quantile, summarize, triton_version)
 
 OURS, PEER = "ours", "effdet"
 QUICK = dict(infer_batch="1", infer_size=128, train_batch="2", train_size="128", opt="sgd", warmup=1, iters=2)
@@ -380,13 +379,7 @@ def print_table(rows: list[dict], meta: dict, console=None) -> None:
 
 
 def write_results(rows: list[dict], meta: dict, results_dir) -> Path:
-    out_dir = Path(results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"model-{meta['device_slug']}.jsonl"
-    with open(path, "a") as f:
-        for r in rows:
-            f.write(json.dumps({**meta, **r}, default=str) + "\n")
-    return path
+    return append_jsonl(rows, meta, results_dir, f"model-{meta['device_slug']}")
 
 
 def compile_seconds(fns: dict, args) -> Optional[float]:
