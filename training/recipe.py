@@ -13,8 +13,9 @@ warm-up, fast BN statistics, gentle scale jitter). ``fit_small_recipe`` fills in
 * **epochs** (the length of the cosine schedule): about ``IMAGE_VIEWS`` images seen in all, 10 to 300 epochs,
   so a small set is revisited often and a larger one not for hours.
 
-The class count sets the class head's width and nothing else here; objects per image change nothing either
-(both were checked on a 10-class set with up to 30 small objects per image: ``bench/RESULTS.md``).
+The class count sets the class head's width and nothing else here, and objects per image change nothing
+either; a 10-class set with up to 30 small objects per image trains under these rules (its curve is in
+``bench/RESULTS.md``, "Glyphs"), though 10 minutes of a 2-core CPU are far from enough for it.
 """
 from __future__ import annotations
 
