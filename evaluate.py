@@ -25,6 +25,9 @@ def _main(argv):
 
     if args.workers is None:
         args.workers = default_workers()
+    if args.compile and args.torchscript:
+        raise UserError("--compile and --torchscript both choose how the network runs", None, "--compile",
+                        "pass one of them")
     if args.images:  # a folder of images without annotations: detections and pictures only
         from training.images import infer_images
 

@@ -483,6 +483,11 @@ class TrainConfig:
             values["time_budget"] = DEMO_TIME_BUDGET
             notes.append(f"built-in data set: a {DEMO_TIME_BUDGET:g}-minute run (--time-budget; --epochs N "
                          "trains N epochs instead)")
+        if values["time_budget"] is not None and values["time_budget"] < 0:
+            from .errors import UserError
+
+            raise UserError(f"--time-budget must be >= 0 minutes, got {values['time_budget']:g}", None,
+                            "--time-budget", "pass the run's wall minutes, or 0 for no budget")
         values["time_budget"] = values["time_budget"] or None  # 0 = no budget
         if values["time_budget"] and values["eval_interval"] is None:
             values["eval_interval"] = 0  # only the final evaluation: the budget goes to training

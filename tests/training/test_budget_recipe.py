@@ -66,8 +66,17 @@ def test_time_budget_defaults_to_the_demo_only():
     assert config().time_budget is None  # your own data: no budget unless asked for
     assert config("--time-budget", "2").time_budget == 2.0
     assert config("--time-budget", "0", builtin=True).time_budget is None
+    with pytest.raises(ValueError, match="--time-budget"):
+        config("--time-budget", "-1")
     assert config(builtin=True).eval_interval == 0  # a budgeted run evaluates once, at the end
     assert config("--time-budget", "2", "--eval-interval", "1").eval_interval == 1
+
+
+def test_evaluate_refuses_compile_with_torchscript():
+    import evaluate
+
+    with pytest.raises(ValueError, match="--compile and --torchscript"):
+        evaluate.main(["--compile", "--torchscript", "--debug"])
 
 
 def test_workers_fit_the_cores():
