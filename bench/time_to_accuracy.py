@@ -51,15 +51,9 @@ def read_events(path: Path, offset: int) -> list[dict]:
     with open(path, "rb") as f:
         f.seek(offset)
         text = f.read().decode("utf-8", errors="replace")
-    events = []
-    for line in text.splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(e, dict):
-            events.append(e)
-    return events
+    from training.plots import parse_events
+
+    return parse_events(text.splitlines())
 
 
 def curve(events: list[dict]) -> list[dict]:

@@ -30,18 +30,20 @@ AP_FIELDS = (("AP", "AP @[.5:.95]"), ("AP50", "AP @.5"))
 # ------------------------------------------------------------------------------------------ curves
 def read_log(path: str) -> list[dict]:
     """The events of a JSON-lines log; lines that are blank, cut short or not objects are skipped."""
-    events = []
     with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(e, dict):
-                events.append(e)
+        return parse_events(f)
+
+
+def parse_events(lines) -> list[dict]:
+    """The JSON objects among ``lines``; blank, cut-short or non-object lines are skipped."""
+    events = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(e, dict):
+            events.append(e)
     return events
 
 
