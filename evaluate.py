@@ -24,7 +24,10 @@ def _main(argv):
     from training.host import default_workers
 
     if args.workers is None:
-        args.workers = default_workers()
+        import torch
+
+        args.workers = default_workers(cuda=args.device.startswith("cuda") or (
+            args.device == "auto" and torch.cuda.is_available()))
     if args.compile and args.torchscript:
         raise UserError("--compile and --torchscript both choose how the network runs", None, "--compile",
                         "pass one of them")

@@ -497,7 +497,7 @@ class TrainConfig:
         from .host import default_workers
 
         if values["workers"] is None:
-            values["workers"] = default_workers()
+            values["workers"] = default_workers(cuda=cuda)
         from .errors import UserError
 
         if values["log_interval"] < 1:

@@ -1,7 +1,10 @@
 """Host settings fitted to the machine: data-loader workers per CPU core, and the C allocator on Linux.
 
-* ``default_workers()``: one loader process per core beyond the first (at most 4). On a 2-core laptop the
-  step's own threads need both cores; a second loader process only competes with them.
+* ``default_workers()``: one loader process per core beyond the first (at most 4); on a CPU-only machine with
+  at most 2 cores, none. There the step's own threads need both cores and a loader process only takes them
+  away: on 2 cores, the built-in run trained at 23-29 img/s loading in the main process and at 21-22 img/s
+  with one loader process (``python train.py --benchmark -j 0`` / ``-j 1``, 2026-12-01). A GPU step leaves
+  the cores to the loaders.
 * ``tune_allocator()``: glibc serves every allocation above its mmap threshold (at most 32 MB) with fresh
   pages from the kernel and returns them on free, so each large activation, gradient or loss intermediate of
   a CPU step is page-faulted in anew, every step. Keeping freed memory in the heap instead
@@ -27,9 +30,12 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_workers(cores: int | None = None) -> int:
-    """Data-loader worker processes for ``-j`` left unset: ``cores - 1``, between 0 and 4."""
+def default_workers(cores: int | None = None, cuda: bool = False) -> int:
+    """Data-loader worker processes for ``-j`` left unset: ``cores - 1``, between 0 and 4; 0 for a CPU step on
+    at most 2 cores (see the module doc)."""
     cores = cpu_cores() if cores is None else cores
+    if not cuda and cores <= 2:
+        return 0
     return max(0, min(4, cores - 1))
 
 

@@ -80,7 +80,8 @@ def test_evaluate_refuses_compile_with_torchscript():
 
 
 def test_workers_fit_the_cores():
-    assert [host.default_workers(c) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert [host.default_workers(c, cuda=True) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert [host.default_workers(c) for c in (1, 2, 3, 8, 64)] == [0, 0, 2, 4, 4]  # CPU step: 2 cores load inline
     assert config().workers == host.default_workers() and config("-j", "3").workers == 3
 
 
