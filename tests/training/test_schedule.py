@@ -64,3 +64,26 @@ def test_optimizer_mapping(opt, kind, nesterov):
         assert o.defaults["nesterov"] is nesterov
     if "novograd" in opt:
         assert o.defaults["betas"] == (0.95, 0.98)
+    assert o.defaults["fused"] is True  # one pass over all tensors, not a Python loop per tensor
+
+
+def test_fused_optimizer_takes_the_same_step_as_the_loop(monkeypatch):
+    import training.schedule as schedule
+
+    torch.manual_seed(0)
+    for opt in ("adamw", "sgd", "momentum"):
+        a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+        b.load_state_dict(a.state_dict())
+        fused = build_optimizer(cfg(opt=opt, weight_decay=1e-2, lr=1e-2), a)
+        with monkeypatch.context() as m:
+            m.setattr(schedule, "fused_kw", lambda params: {"foreach": False})
+            loop = build_optimizer(cfg(opt=opt, weight_decay=1e-2, lr=1e-2), b)
+        assert fused.defaults["fused"] and not loop.defaults["fused"]
+        x = torch.randn(16, 8)
+        for _ in range(3):
+            for model, o in ((a, fused), (b, loop)):
+                o.zero_grad()
+                model(x).square().mean().backward()
+                o.step()
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-5, atol=1e-6)
