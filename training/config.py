@@ -96,8 +96,9 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-bad-images", action="store_true", help="skip and count missing or corrupt images")
     p.nvidia(d, "-j", "--workers", "--worker", type=int, default=None,
              help="data loader worker processes (default: fitted to the CPU cores, see training/host.py)",
-             note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4), so a small machine never "
-                  "runs more processes than cores; --worker (as NVIDIA's scripts spell it) works too")
+             note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4), none for a CPU run on 2 "
+                  "cores, so a small machine never runs more processes than cores; --worker (as NVIDIA's scripts "
+                  "spell it) works too")
     p.nvidia(d, "--interpolation", default="", choices=["", "bilinear", "bicubic", "nearest"],
              help="resize filter of evaluation images ('' = bilinear, the model's)")
     p.nvidia(d, "--train-interpolation", default="bilinear", choices=["random", "bilinear", "bicubic", "nearest"],
@@ -281,7 +282,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="output")
     p.add_argument("--device", default="auto")
     p.nvidia(p, "-j", "--workers", type=int, default=None,
-             note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4)")
+             note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4), none for a CPU run on 2 cores")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the BN-folded model (inductor; compiling takes minutes on a small CPU, "
                         "so it pays only for large evaluations: see bench/RESULTS.md)")
