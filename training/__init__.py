@@ -6,6 +6,7 @@ Read in this order:
                     filled once from the parsed flags;
 * ``loop.py``       ``train(args)``: setup -> ``train_one_epoch`` -> ``train_step``, checkpoints and resume;
 * ``schedule.py``   optimizer and per-step learning-rate schedule;
+* ``budget.py``     ``--time-budget``: when training stops so that the final evaluation ends in time;
 * ``evaluation.py`` inference over a loader and COCO (or Waymo) scoring, shared by both scripts;
 * ``models.py``     the one place a model is built: from flags, or from a checkpoint;
 * ``runlog.py``     console, the JSON log and result tables;

@@ -29,7 +29,8 @@ from .plots import plot_training
 from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
 from .host import tune_allocator
 from .recipe import DataStats
-from .schedule import TimeBudget, build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
+from .budget import TimeBudget
+from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
 
 
 class NonFiniteLoss(UserError):

@@ -6,15 +6,12 @@ before and its peak ``--decay-rate`` times lower), then ``--cooldown-epochs`` at
 ``--lr-noise`` multiplies the LR of each epoch in its range by ``1 + n``, ``n ~ N(0, std)`` redrawn until
 ``|n| < --lr-noise-pct``, seeded by ``seed + epoch``: NVIDIA's rules, applied per step.
 
-``--time-budget`` only decides when training stops; the LR keeps following the schedule above. Laying the
-cosine over the budget (or decaying over its last 30%) was measured to hurt when a few hundred steps fit: the
-LR fell while the model was still learning fast, and validation AP stopped rising (``bench/RESULTS.md``,
-"The default run").
+``--time-budget`` (``training/budget.py``) only decides when training stops; the LR keeps following the
+schedule above.
 """
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
@@ -116,46 +113,6 @@ def lr_noise(cfg, epoch: int) -> float:
         n = torch.randn(1, generator=g).item() * cfg.lr_noise_std
         if abs(n) < cfg.lr_noise_pct:
             return n
-
-
-class TimeBudget:
-    """``--time-budget``: the run's wall clock, from set-up to the end of its final evaluation.
-
-    Training gets what is left of the budget after set-up, minus a reserve for the final evaluation (1.2x the
-    last evaluation's duration plus 10 s; before the first evaluation, a guess from the validation set's size
-    and the training speed). ``fraction()`` is the share of that window used so far, plus ``offset`` (the
-    fraction a resumed run had reached); training stops at 1.
-    """
-
-    def __init__(self, minutes: float, t0: float, offset: float = 0.0):
-        self.seconds, self.t0, self.offset = 60.0 * minutes, t0, offset
-        self.t_train: float | None = None
-        self.reserve = 10.0
-        self.measured = False
-
-    def start(self) -> None:
-        """Training starts now (set-up time is spent)."""
-        if self.t_train is None:
-            self.t_train = time.perf_counter()
-
-    def guess_reserve(self, val_images: int, train_img_per_s: float) -> None:
-        """Before any evaluation: inference takes about a third of a training step's time per image."""
-        if not self.measured and train_img_per_s > 0:
-            self.reserve = min(10.0 + 1.2 * val_images / (3.0 * train_img_per_s), self.seconds / 3)
-
-    def evaluated(self, seconds: float) -> None:
-        self.reserve, self.measured = min(10.0 + 1.2 * seconds, self.seconds / 3), True
-
-    def fraction(self) -> float:
-        if self.t_train is None:
-            return self.offset
-        window = self.seconds - (self.t_train - self.t0) - self.reserve
-        if window <= 0:
-            return 1.0
-        return self.offset + (time.perf_counter() - self.t_train) / window * (1.0 - self.offset)
-
-    def expired(self) -> bool:
-        return self.fraction() >= 1.0
 
 
 def lr_lambda(cfg, steps_per_epoch: int):

@@ -7,7 +7,7 @@ import pytest
 
 import train
 from datasets.synthetic import generate_synthetic
-from training import host, schedule
+from training import budget, host, schedule
 from training.config import DEMO_TIME_BUDGET, TrainConfig, train_parser
 from training.recipe import DataStats, fit_small_recipe, input_size_for
 
@@ -100,17 +100,17 @@ class Clock:
 
 def test_budget_fraction_follows_the_clock(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(schedule.time, "perf_counter", clock)
-    budget = schedule.TimeBudget(1.0, t0=100.0)  # 60 s in all
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    tb = budget.TimeBudget(1.0, t0=100.0)  # 60 s in all
     clock.now = 110.0  # 10 s of set-up
-    budget.start()
-    assert budget.fraction() == 0.0
+    tb.start()
+    assert tb.fraction() == 0.0
     clock.now = 130.0  # window = 60 - 10 - 10 (reserve) = 40 s; 20 s used
-    assert budget.fraction() == pytest.approx(0.5) and not budget.expired()
-    budget.evaluated(5.0)  # reserve = 10 + 6 = 16 s -> window 34 s
-    assert budget.fraction() == pytest.approx(20 / 34)
+    assert tb.fraction() == pytest.approx(0.5) and not tb.expired()
+    tb.evaluated(5.0)  # reserve = 10 + 6 = 16 s -> window 34 s
+    assert tb.fraction() == pytest.approx(20 / 34)
     clock.now = 150.0
-    assert budget.expired()
+    assert tb.expired()
     cfg = config("--epochs", "2", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
     assert schedule.lr_lambda(cfg, steps_per_epoch=10)(10) == pytest.approx(0.5, abs=1e-6)  # the budget ends
     # training, it does not bend the schedule (measured: decaying by the clock stalled AP, bench/RESULTS.md)
@@ -118,12 +118,12 @@ def test_budget_fraction_follows_the_clock(monkeypatch):
 
 def test_resumed_budget_continues_from_its_fraction(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(schedule.time, "perf_counter", clock)
-    budget = schedule.TimeBudget(1.0, t0=100.0, offset=0.5)
-    assert budget.fraction() == 0.5
-    budget.start()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    tb = budget.TimeBudget(1.0, t0=100.0, offset=0.5)
+    assert tb.fraction() == 0.5
+    tb.start()
     clock.now = 120.0  # window 50 s, 20 s used -> 0.5 + 0.4 * 0.5
-    assert budget.fraction() == pytest.approx(0.7)
+    assert tb.fraction() == pytest.approx(0.7)
 
 
 @pytest.fixture(scope="module")
