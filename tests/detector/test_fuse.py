@@ -23,3 +23,24 @@ def test_fused_model_gives_the_same_outputs(name):
     from detector import predict
     with torch.no_grad():
         torch.testing.assert_close(predict(f, x, backend="torch"), predict(m, x, backend="torch"), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("k,stride,groups,tf", [(1, 1, 1, False), (3, 2, 8, True), (5, 1, 8, False), (3, 2, 1, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_silu_one_call_equals_conv_then_silu(k, stride, groups, tf, channels_last):
+    """ConvSiLU's one oneDNN call (CPU, fp32, eager) computes silu(conv(x)), TF "same" padding included."""
+    from detector import fuse
+    from detector.layers import Conv2d
+
+    torch.manual_seed(k * 10 + stride)
+    conv = Conv2d(8, 8, k, stride, groups=groups, bias=True, tf_padding=tf).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 11, 9).contiguous(memory_format=fmt)
+    layer = fuse.ConvSiLU(conv)
+    with torch.no_grad():
+        assert fuse._fused_op_ok(x) == fuse._HAS_POINTWISE
+        ref = torch.nn.functional.silu(conv(x))
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+        traced = torch.jit.trace(layer, x)  # a trace records the portable conv + silu, not the oneDNN op
+        assert "mkldnn" not in str(traced.graph)
+        torch.testing.assert_close(traced(x), ref, rtol=1e-5, atol=1e-5)
