@@ -228,13 +228,15 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
 def fit(run: Run) -> dict | None:
     interrupt = InterruptFlag()
     for epoch in range(run.start_epoch, run.last_epoch):
-        if run.budget is not None and run.budget.expired():
+        if epoch == run.start_epoch and run.budget is not None and run.budget.expired():
             break  # a resumed run whose budget was already spent
         if not train_one_epoch(run, epoch, interrupt):
             return None  # interrupted; the state is saved
         if run.cfg.benchmark:
             return report_benchmark(run.bench_times, run.cfg, run.jlog, run.info)
         distribute_bn(run)
+        if not run.out_of_time:
+            budget_spent(run)  # the budget ran out at the epoch's last step: this epoch is the last
         improved = maybe_evaluate(run, epoch)
         save_state(run, epoch, None, improved)
         dist.barrier()

@@ -145,3 +145,32 @@ def test_train_stops_in_time_and_evaluates(tiny, tmp_path):
     assert len(evals) == 1 and evals[0]["epoch"] < 100000 - 1, summary  # stopped by the clock, evaluated once
     assert end["minutes"] < 0.4 + 2.0, summary  # generous: a loaded CI machine; the demo run's time is measured
     assert os.listdir(out / "pictures")  # pictures come from the final evaluation
+
+
+@pytest.mark.parametrize("where", ["end_of_epoch", "while_saving"])
+def test_budget_spent_between_epochs_still_ends_with_the_final_evaluation(tiny, tmp_path, monkeypatch, where):
+    """The budget can run out after an epoch's last step was checked: at the epoch's end (before its evaluation
+    is decided) or while its checkpoint is written. Either way the run evaluates once, at the end."""
+    from training import loop
+
+    hook = "distribute_bn" if where == "end_of_epoch" else "save_state"
+    original = getattr(loop, hook)
+
+    def spend_budget_after_first_epoch(run, *a, **kw):
+        result = original(run, *a, **kw)
+        if run.step == 3 and run.budget is not None:  # 6 images, batch 2: the end of epoch 0
+            run.budget.seconds = 0.0
+        return result
+
+    monkeypatch.setattr(loop, hook, spend_budget_after_first_epoch)
+    out = tmp_path / "out"
+    argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+            "--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"], "--output", str(out),
+            "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", "--kernel-backend", "torch",
+            "--pictures", "0", "--epochs", "50", "--eval-interval", "0", "--time-budget", "30"]
+    assert train.main(argv) == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    evals = [e for e in log if e["event"] == "eval"]
+    assert len(evals) == 1, [e["event"] for e in log]
+    # at the epoch's end: no further step; while saving: the next epoch's first step notices it
+    assert evals[0]["step"] == (3 if where == "end_of_epoch" else 4)
