@@ -43,8 +43,7 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_same:
             x = pad_same(x, self.kernel_size[0], self.stride[0])
-        if self.depthwise and x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad \
-                and _out_pixels(x, self) <= SMALL_MAP and not torch.jit.is_scripting():
+        if self.depthwise and _small_map_ok(x, self):
             return DepthwiseSmallMap.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
@@ -53,6 +52,14 @@ class Conv2d(nn.Conv2d):
 # is slow on tiny maps: for 16 x 1152 x 4 x 4 with a 5x5 kernel it took 14.2 ms against 2.3 ms for the
 # shifted sums below; at 16 x 64 x 16 x 16 (3x3) it is faster (0.14 against 0.93 ms). 2 cores, 2026-12-01.
 SMALL_MAP = 16
+
+
+def _small_map_ok(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Eager CPU training in one dtype (no autocast, trace or compile) of a map with few output pixels."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad
+            and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and _out_pixels(x, conv) <= SMALL_MAP)
 
 
 def _out_pixels(x: torch.Tensor, conv: nn.Conv2d) -> int:
@@ -90,7 +97,7 @@ class DepthwiseSmallMap(torch.autograd.Function):
                 for j in range(kw):
                     tap = xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
                     gw[:, i * kw + j] = (grad * tap).sum((0, 2, 3))
-            gw = gw.view(c, 1, kh, kw).to(weight.dtype)
+            gw = gw.view(c, 1, kh, kw)
         gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None
 

@@ -1,12 +1,11 @@
 """``detector.layers.DepthwiseSmallMap``: the CPU weight gradient of small depthwise maps equals PyTorch's."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detector import layers
-from detector.layers import Conv2d, DepthwiseSmallMap, pad_same
+from detector.layers import Conv2d, DepthwiseSmallMap
 
 
 def _grads(conv, x, g, small_map):
@@ -44,8 +43,9 @@ def test_small_map_gradients_equal_torch(n, c, h, w, k, stride, tf, bias, channe
         assert err < 1e-5, f"{name}: relative error {err:.2e} (n={n} c={c} {h}x{w} k={k} s={stride} tf={tf})"
 
 
-def test_used_only_where_it_pays():
-    """Training on the CPU, depthwise, output at most SMALL_MAP pixels; everything else is nn.Conv2d's path."""
+def test_used_only_where_it_pays(monkeypatch):
+    """Eager CPU training of a depthwise conv with at most SMALL_MAP output pixels; everything else (larger maps,
+    inference, other convs, autocast, traces) is nn.Conv2d's path."""
     seen = []
     orig = DepthwiseSmallMap.apply
 
@@ -53,26 +53,18 @@ def test_used_only_where_it_pays():
         seen.append(tuple(a[0].shape))
         return orig(*a)
 
-    DepthwiseSmallMap.apply = spy
-    try:
-        dw = Conv2d(8, 8, 3, groups=8)
-        dw(torch.randn(2, 8, 4, 4))  # 16 output pixels, grad enabled
-        dw(torch.randn(2, 8, 5, 5))  # 25 pixels: oneDNN
-        with torch.no_grad():
-            dw(torch.randn(2, 8, 2, 2))  # inference
-        Conv2d(8, 16, 3)(torch.randn(2, 8, 2, 2))  # not depthwise
-        Conv2d(8, 8, 3, groups=4)(torch.randn(2, 8, 2, 2))  # grouped, not depthwise
-    finally:
-        DepthwiseSmallMap.apply = orig
+    monkeypatch.setattr(DepthwiseSmallMap, "apply", spy)
+    dw = Conv2d(8, 8, 3, groups=8)
+    dw(torch.randn(2, 8, 4, 4))  # 16 output pixels, grad enabled
+    dw(torch.randn(2, 8, 5, 5))  # 25 pixels: oneDNN
+    with torch.no_grad():
+        dw(torch.randn(2, 8, 2, 2))  # inference
+    Conv2d(8, 16, 3)(torch.randn(2, 8, 2, 2))  # not depthwise
+    Conv2d(8, 8, 3, groups=4)(torch.randn(2, 8, 2, 2))  # grouped, not depthwise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dw(torch.randn(2, 8, 2, 2))  # mixed precision: PyTorch's autocast rules
+    y.float().sum().backward()
+    assert dw.weight.grad.dtype == torch.float32
+    torch.jit.trace(dw, torch.randn(2, 8, 2, 2), check_trace=False)  # a trace records the plain conv
     assert seen == [(2, 8, 4, 4)]
     assert layers.SMALL_MAP == 16
-
-
-def test_same_padding_is_applied_before_the_small_map_path():
-    conv = Conv2d(4, 4, 5, 2, groups=4, tf_padding=True)
-    x = torch.randn(1, 4, 7, 7, requires_grad=True)
-    y = conv(x)
-    ref = F.conv2d(pad_same(x, 5, 2), conv.weight, None, 2, 0, 1, 4)
-    torch.testing.assert_close(y, ref)
-    with pytest.raises(AssertionError):  # the test can fail: without the pad the shapes differ
-        torch.testing.assert_close(y, F.conv2d(x, conv.weight, None, 2, 0, 1, 4))
