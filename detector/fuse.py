@@ -34,8 +34,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 class ConvSiLU(nn.Module):
     """``silu(conv(x))`` for a (BN-folded) ``detector.layers.Conv2d``. On the CPU in fp32 (eager, no autocast)
     it is one oneDNN call with SiLU as a post-op (``torch.ops.mkldnn._convolution_pointwise``, the op inductor
-    emits for this pattern): no second pass over the output. Traced, scripted, compiled or elsewhere it is the
-    conv, then SiLU in place."""
+    emits for this pattern): no second pass over the output. Traced, scripted, compiled, under autocast, with
+    an input that needs a gradient, or elsewhere it is the conv, then SiLU in place."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
@@ -53,6 +53,7 @@ class ConvSiLU(nn.Module):
 
 def _fused_op_ok(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_POINTWISE
+            and not (torch.is_grad_enabled() and x.requires_grad)  # the oneDNN op has no backward
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling())
 
