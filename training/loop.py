@@ -30,7 +30,7 @@ from .runlog import JsonLog, console, progress, report_benchmark, stats_table, w
 from .host import tune_allocator
 from .recipe import DataStats
 from .budget import TimeBudget
-from .schedule import build_optimizer, build_scheduler, scheduled_epochs, seek_scheduler
+from .schedule import build_optimizer, build_scheduler, load_optimizer_state, scheduled_epochs, seek_scheduler
 
 
 class NonFiniteLoss(UserError):
@@ -449,13 +449,13 @@ def resume(run: Run, path: str) -> None:
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     if not run.cfg.no_resume_opt:
-        run.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(run.optimizer, state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
     run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
     if run.budget is not None and state.get("budget_fraction") is not None:
-        run.budget.offset = min(1.0, state["budget_fraction"])  # the schedule continues where it stopped
+        run.budget.offset = min(1.0, state["budget_fraction"])  # the budget continues where it stopped
     if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first
         run.start_epoch, run.skip_batches = state["epoch"], state["batch_in_epoch"]
     if run.cfg.no_resume_opt:

@@ -78,6 +78,16 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return getattr(torch.optim, cls)(groups, lr=cfg.lr, eps=cfg.opt_eps, betas=betas, **fused)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this run's implementation (``fused`` / ``foreach``): a
+    checkpoint's param groups carry the flags of the run that wrote it, and would otherwise replace them."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+
+
 def cycle_epochs(cfg) -> float:
     """Epochs of all LR cycles: ``epochs`` for the first, times ``lr_cycle_mul`` for each next one."""
     n, mul = max(1, cfg.lr_cycle_limit), cfg.lr_cycle_mul

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.schedule import build_optimizer, lr_lambda, lr_noise, scheduled_epochs
+from training.schedule import build_optimizer, load_optimizer_state, lr_lambda, lr_noise, scheduled_epochs
 
 SPE = 4  # steps per epoch
 
@@ -87,3 +87,22 @@ def test_fused_optimizer_takes_the_same_step_as_the_loop(monkeypatch):
                 o.step()
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.bias, b.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_keeps_this_runs_optimizer_implementation(monkeypatch):
+    """A checkpoint written by a loop-implementation optimizer resumes fused (and the other way round)."""
+    import training.schedule as schedule
+
+    a = torch.nn.Linear(4, 2)
+    with monkeypatch.context() as m:
+        m.setattr(schedule, "fused_kw", lambda params: {"foreach": False})
+        old = build_optimizer(cfg(opt="adamw"), a)
+    a(torch.randn(3, 4)).sum().backward()
+    old.step()
+    new = build_optimizer(cfg(opt="adamw"), a)
+    load_optimizer_state(new, old.state_dict())
+    assert all(g["fused"] is True and g["foreach"] is None for g in new.param_groups)
+    assert new.state_dict()["state"][0]["exp_avg"].equal(old.state_dict()["state"][0]["exp_avg"])
+    plain = torch.optim.AdamW(schedule.param_groups(a, 0.0))  # load_state_dict alone: the checkpoint's flags win
+    plain.load_state_dict(new.state_dict())
+    assert plain.param_groups[0]["fused"] is True
