@@ -21,13 +21,10 @@ def main(argv=None):
 def _main(argv):
     parser = eval_parser()
     args = parser.parse_args(argv)
-    from training.host import default_workers
+    from training.host import default_workers, uses_cuda
 
     if args.workers is None:
-        import torch
-
-        args.workers = default_workers(cuda=args.device.startswith("cuda") or (
-            args.device == "auto" and torch.cuda.is_available()))
+        args.workers = default_workers(cuda=uses_cuda(args.device))
     if args.compile and args.torchscript:
         raise UserError("--compile and --torchscript both choose how the network runs", None, "--compile",
                         "pass one of them")
@@ -64,7 +61,7 @@ def _main(argv):
         jlog.write(event="eval", step=0, epoch=0, detections=args.detections, **stats)
         return 0
 
-    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    use_cuda = uses_cuda(args.device)
     device = torch.device("cuda" if use_cuda else "cpu")
     if not use_cuda:
         from training.host import tune_allocator

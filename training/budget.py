@@ -1,9 +1,9 @@
 """``--time-budget``: when a run must stop training so that its final evaluation ends within the budget.
 
-The budget only decides when training stops; the LR keeps following its schedule (``training/schedule.py``).
-Laying the cosine over the budget (or decaying over its last 30%) was measured to hurt when a few hundred
-steps fit: the LR fell while the model was still learning fast, and validation AP stopped rising
-(``bench/RESULTS.md``, "The default run").
+The budget only decides when training stops; the LR keeps following its schedule (``training/schedule.py``),
+so a budgeted run learns like an unbudgeted one up to the step where it stops. Laying the cosine over the
+budget (or decaying over its last 30%) was tried once each and scored lower (``bench/RESULTS.md``, "The
+default run"); with single runs that noisy, that is no proof either way.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .host import uses_cuda
+
 
 @dataclass
 class DistInfo:
@@ -52,7 +54,7 @@ def init(device: str = "auto", local_rank: int = 0) -> DistInfo:
         rank, local = _env_int("SLURM_PROCID", default=0), _env_int("SLURM_LOCALID", default=0)
     else:
         world, rank, local = 1, 0, 0
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = uses_cuda(device)
     if use_cuda:
         if local >= torch.cuda.device_count():
             raise RuntimeError(f"local rank {local} has no GPU: this node has {torch.cuda.device_count()}; "

@@ -1,7 +1,7 @@
 """Host settings fitted to the machine: data-loader workers per CPU core, and the C allocator on Linux.
 
-* ``default_workers()``: one loader process per core beyond the first (at most 4); on a CPU-only machine with
-  at most 2 cores, none. There the step's own threads need both cores and a loader process only takes them
+* ``default_workers()``: one loader process per core beyond the first (at most 4); for a CPU run on at most
+  2 cores, none. There the step's own threads need both cores and a loader process only takes them
   away: on 2 cores, the built-in run trained at 23-29 img/s loading in the main process and at 21-22 img/s
   with one loader process (``python train.py --benchmark -j 0`` / ``-j 1``, 2026-12-01). A GPU step leaves
   the cores to the loaders.
@@ -28,6 +28,13 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether a ``--device`` value (``auto``, ``cpu``, ``cuda``, ``cuda:N``) runs on a GPU here."""
+    import torch
+
+    return torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
 
 
 def default_workers(cores: int | None = None, cuda: bool = False) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .host import uses_cuda
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -123,7 +124,7 @@ def infer_images(args) -> int:
     paths, root = find_images(args.images)
     if not args.checkpoint:
         raise UserError("--images needs a model", args.images, "--checkpoint", "pass --checkpoint FILE")
-    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    use_cuda = uses_cuda(args.device)
     device = torch.device("cuda" if use_cuda else "cpu")
     state = ckpt.read(args.checkpoint)
     recorded = state.get("config", {}).get("num_classes") if isinstance(state.get("config"), dict) else None

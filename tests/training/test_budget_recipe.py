@@ -113,7 +113,7 @@ def test_budget_fraction_follows_the_clock(monkeypatch):
     assert tb.expired()
     cfg = config("--epochs", "2", "--warmup-epochs", "0", "--lr", "1.0", "--min-lr", "0")
     assert schedule.lr_lambda(cfg, steps_per_epoch=10)(10) == pytest.approx(0.5, abs=1e-6)  # the budget ends
-    # training, it does not bend the schedule (measured: decaying by the clock stalled AP, bench/RESULTS.md)
+    # training, it does not bend the schedule (training/budget.py says why)
 
 
 def test_resumed_budget_continues_from_its_fraction(monkeypatch):
