@@ -131,14 +131,20 @@ def tiny(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("syn") / "tiny", **TINY)
 
 
-def test_train_stops_in_time_and_evaluates(tiny, tmp_path):
-    out = tmp_path / "out"
+def train_tiny(tiny, out, *flags) -> list[dict]:
+    """train.py on the tiny set (batch 2, 128 px, CPU) with ``flags``; the run's log events."""
     argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
             "--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"], "--output", str(out),
             "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", "--kernel-backend", "torch",
-            "--pictures", "1", "--epochs", "100000", "--eval-interval", "100000", "--time-budget", "0.4"]
+            *flags]
     assert train.main(argv) == 0
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    return [json.loads(line) for line in open(out / "log.jsonl")]
+
+
+def test_train_stops_in_time_and_evaluates(tiny, tmp_path):
+    out = tmp_path / "out"
+    log = train_tiny(tiny, out, "--pictures", "1", "--epochs", "100000", "--eval-interval", "100000",
+                     "--time-budget", "0.4")
     evals, end = [e for e in log if e["event"] == "eval"], log[-1]
     summary = [{k: e.get(k) for k in ("event", "epoch", "step", "minutes")} for e in log if e["event"] != "train"]
     assert end["event"] == "end" and end["time_budget"] == 0.4, summary
@@ -163,13 +169,8 @@ def test_budget_spent_between_epochs_still_ends_with_the_final_evaluation(tiny, 
         return result
 
     monkeypatch.setattr(loop, hook, spend_budget_after_first_epoch)
-    out = tmp_path / "out"
-    argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
-            "--val-ann", tiny["val"]["ann_file"], "--val-images", tiny["val"]["image_dir"], "--output", str(out),
-            "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", "--kernel-backend", "torch",
-            "--pictures", "0", "--epochs", "50", "--eval-interval", "0", "--time-budget", "30"]
-    assert train.main(argv) == 0
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    log = train_tiny(tiny, tmp_path / "out", "--pictures", "0", "--epochs", "50", "--eval-interval", "0",
+                     "--time-budget", "30")
     evals = [e for e in log if e["event"] == "eval"]
     assert len(evals) == 1, [e["event"] for e in log]
     # at the epoch's end: no further step; while saving: the next epoch's first step notices it
