@@ -4,7 +4,7 @@
                           [--memory-format nhwc|nchw] [--peer-memory-format nhwc|nchw|same]
                           [--backend auto|torch|triton] [--infer-batch 1,8] [--infer-size 512]
                           [--train-batch 16,8] [--train-size 128,256] [--opt adamw,sgd] [--compile]
-                          [--malloc tuned|default] [--warmup N] [--iters N] [--threads N]
+                          [--malloc tuned|default] [--warmup N] [--iters N] [--threads N] [--op-breakdown]
                           [--no-peer] [--no-train] [--no-infer] [--quick] [--results-dir bench/results]
 
 Workloads, each for ours and for the peer (effdet 0.4.1, when it imports; ``--no-peer`` skips it):
@@ -17,8 +17,11 @@ Workloads, each for ours and for the peer (effdet 0.4.1, when it imports; ``--no
 
 By default ours is channels-last and so is effdet (``--peer-memory-format nhwc``): what a careful effdet user
 runs. ``--compile`` runs ours through ``torch.compile`` (inductor; for predict with ``freezing``) and reports the
-compile time of each workload. ``--malloc tuned`` (default) applies ``training.host.tune_allocator`` to the
-process, so both sides run with it, as train.py and evaluate.py do.
+compile time of each workload. ``--op-breakdown`` (CPU) then profiles two more calls of each side and splits its
+self CPU time into convolutions (forward and backward, SiLU fused into the conv included), batch norm, SiLU and
+the rest, and gives our rows the ceilings that this work puts on the speed-up (``add_op_breakdown``: both sides
+call the same oneDNN convolutions). ``--malloc tuned`` (default) applies ``training.host.tune_allocator`` to
+the process, so both sides run with it, as train.py and evaluate.py do.
 
 Random normalized images and 1-5 random ground-truth boxes per image (padded with -1 labels). fp16/bf16
 run under AMP autocast (CUDA fp16 training adds a GradScaler; on the CPU only bf16 autocast exists
@@ -88,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile our model (reports compile seconds)")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="tuned: training.host.tune_allocator for the whole process (both sides)")
+    p.add_argument("--op-breakdown", action="store_true",
+                   help="CPU: profile 2 calls of each side; report the share of convolutions, BN, SiLU, the rest")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default 2)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 10)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -113,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--opt {o!r}: choose sgd or adamw")
     if args.peer_memory_format == "same":
         args.peer_memory_format = args.memory_format
+    if args.op_breakdown and args.device != "cpu":
+        p.error("--op-breakdown splits CPU time: use it with --device cpu")
     return args
 
 
@@ -316,6 +323,81 @@ def train_fns(args, batch: int, size: int, device: torch.device, ours_model, pee
 
 
 # --------------------------------------------------------------------------------------------------
+# where the time goes (--op-breakdown)
+# --------------------------------------------------------------------------------------------------
+
+OP_GROUPS = ("conv", "batch_norm", "silu", "other")
+
+
+def op_group(name: str) -> str:
+    """The group of a profiler event. Only ATen and oneDNN ops count as conv / batch_norm / silu (forward and
+    backward alike; a conv with SiLU fused in is conv); autograd bookkeeping and everything else is other."""
+    low = name.lower()
+    if not low.startswith(("aten::", "mkldnn::")):
+        return "other"
+    if "conv" in low:
+        return "conv"
+    if "batch_norm" in low:
+        return "batch_norm"
+    return "silu" if "silu" in low else "other"
+
+
+def op_shares(fn: Callable[[], object], calls: int = 2) -> dict[str, float]:
+    """Share of ``fn``'s self CPU time (``torch.profiler`` over ``calls`` calls) in each of ``OP_GROUPS``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    totals = dict.fromkeys(OP_GROUPS, 0.0)
+    for event in prof.key_averages():
+        totals[op_group(event.key)] += event.self_cpu_time_total
+    total = sum(totals.values()) or 1.0
+    return {group: t / total for group, t in totals.items()}
+
+
+def add_op_breakdown(rows: list[dict], fns: dict) -> None:
+    """Give each timed row its ``op_share`` and ``conv_ms`` (share x median); give ours three ceilings on its
+    speed-up over effdet, each the effdet ms over the time of work ours cannot drop:
+
+    * ``ceiling_conv``: our convolutions (SiLU fused into them included) as fast as they run now;
+    * ``ceiling_conv_bn_silu``: our convolutions, BN and SiLU as fast as they run now;
+    * ``ceiling_effdet_conv_silu``: effdet's own convolutions and SiLU (the same math), at effdet's speed.
+
+    Each is the speed-up ours would have if everything else it does took no time."""
+    by = {r["impl"]: r for r in rows if r["median_ms"]}
+    for impl, row in by.items():
+        share = op_shares(fns[impl])
+        row["op_share"] = share
+        row["conv_ms"] = share["conv"] * row["median_ms"]
+    if OURS in by and PEER in by:
+        ours, peer = by[OURS]["op_share"], by[PEER]["op_share"]
+        ours_ms, peer_ms = by[OURS]["median_ms"], by[PEER]["median_ms"]
+        by[OURS]["ceiling_conv"] = peer_ms / (ours["conv"] * ours_ms)
+        by[OURS]["ceiling_conv_bn_silu"] = peer_ms / ((ours["conv"] + ours["batch_norm"] + ours["silu"]) * ours_ms)
+        by[OURS]["ceiling_effdet_conv_silu"] = 1.0 / (peer["conv"] + peer["silu"])
+
+
+def print_breakdown(rows: list[dict], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="where the time goes (self CPU time, torch.profiler, 2 calls)", title_justify="left")
+    for col in ("workload", "impl", "batch", "size", "conv %", "BN %", "SiLU %", "other %", "conv ms",
+                "ceiling x effdet: our conv", "our conv+BN+SiLU", "effdet's conv+SiLU"):
+        table.add_column(col, justify="left" if col in ("workload", "impl") else "right")
+    for r in rows:
+        if "op_share" not in r:
+            continue
+        s = r["op_share"]
+        table.add_row(r["workload"], r["impl"], str(r["batch"]), str(r["size"]),
+                      *(f"{100 * s[g]:.0f}" for g in OP_GROUPS), _fmt(r["conv_ms"], ".1f"),
+                      *(_fmt(r.get(k), ".2f") for k in ("ceiling_conv", "ceiling_conv_bn_silu",
+                                                        "ceiling_effdet_conv_silu")))
+    (console or Console(width=160)).print(table)
+
+
+# --------------------------------------------------------------------------------------------------
 # rows, table, results
 # --------------------------------------------------------------------------------------------------
 
@@ -437,7 +519,10 @@ def run(args) -> list[dict]:
             extra = {OURS: {"compile_s": compile_seconds(fns, args)}}
             cpu = {}
             times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
-            rows += make_rows("predict", batch, args.infer_size, times, errors, impls, cpu, extra)
+            new = make_rows("predict", batch, args.infer_size, times, errors, impls, cpu, extra)
+            if args.op_breakdown:
+                add_op_breakdown(new, fns)
+            rows += new
     if not args.no_train:
         for size, batch, opt_name in args.train_runs:
             ours, peer = models_for(size)
@@ -446,9 +531,14 @@ def run(args) -> list[dict]:
             extra[OURS]["compile_s"] = compile_seconds(fns, args)
             cpu = {}
             times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
-            rows += make_rows("train_step", batch, size, times, errors, impls, cpu, extra)
+            new = make_rows("train_step", batch, size, times, errors, impls, cpu, extra)
+            if args.op_breakdown:
+                add_op_breakdown(new, fns)
+            rows += new
 
     print_table(rows, meta)
+    if args.op_breakdown:
+        print_breakdown(rows)
     path = write_results(rows, meta, args.results_dir)
     print(f"results appended to {path}")
     return rows

@@ -72,13 +72,39 @@ def test_time_interleaved_alternates_and_records_errors():
     assert len(times["a"]) == 3 and times["b"] == [] and errors["b"].startswith("RuntimeError: boom")
 
 
+def test_op_breakdown_groups_shares_and_ceilings():
+    assert bm.op_group("aten::convolution_backward") == bm.op_group("mkldnn::_convolution_pointwise") == "conv"
+    assert bm.op_group("aten::native_batch_norm_backward") == "batch_norm"
+    assert bm.op_group("aten::silu_") == bm.op_group("aten::silu_backward") == "silu"
+    assert bm.op_group("autograd::engine::evaluate_function: ConvolutionBackward0") == "other"
+    assert bm.op_group("aten::mul") == "other"
+    x = torch.randn(2, 8, 32, 32)
+    w = torch.randn(8, 8, 3, 3)
+    conv_heavy = lambda: torch.nn.functional.conv2d(x, w, padding=1) * 2.0  # noqa: E731
+    share = bm.op_shares(conv_heavy)
+    assert set(share) == set(bm.OP_GROUPS) and sum(share.values()) == pytest.approx(1.0)
+    assert share["conv"] > 0.2 and share["batch_norm"] == 0.0
+    assert bm.op_shares(lambda: x * 2.0)["conv"] == 0.0
+    rows = bm.make_rows("predict", 1, 32, {"ours": [10.0], "effdet": [15.0]}, {}, ["ours", "effdet"])
+    bm.add_op_breakdown(rows, {"ours": conv_heavy, "effdet": conv_heavy})
+    ours = rows[0]
+    assert ours["conv_ms"] == pytest.approx(ours["op_share"]["conv"] * 10.0)
+    assert ours["ceiling_conv"] == pytest.approx(15.0 / ours["conv_ms"])
+    # a ceiling assumes the rest of ours takes no time: never below the measured speed-up
+    assert ours["ceiling_conv"] >= ours["ceiling_conv_bn_silu"] >= ours["speedup_vs_peer"] == pytest.approx(1.5)
+    effdet = rows[1]["op_share"]
+    assert ours["ceiling_effdet_conv_silu"] == pytest.approx(1.0 / (effdet["conv"] + effdet["silu"]))
+    assert "ceiling_conv" not in rows[1]
+
+
 def test_model_quick_subprocess(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # the benchmark measures real paths; on the CPU "auto" = the reference
     env["EFFDET_KERNEL_BACKEND"] = "auto"
     env["COLUMNS"] = "200"
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "model.py"), "--quick", "--results-dir", str(tmp_path)],
+        [sys.executable, str(REPO_ROOT / "bench" / "model.py"), "--quick", "--op-breakdown", "--results-dir",
+         str(tmp_path)],
         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -87,7 +113,7 @@ def test_model_quick_subprocess(tmp_path):
     assert "efficientdet_d0 on" in out and "precision fp32" in out and "backend auto" in out
     for col in ("workload", "median ms", "p20 ms", "p80 ms", "img/s", "x effdet"):
         assert col in out, col
-    assert "predict" in out and "train_step" in out and "ours" in out
+    assert "predict" in out and "train_step" in out and "ours" in out and "where the time goes" in out
     files = list(tmp_path.glob("model-*.jsonl"))
     assert len(files) == 1 and files[0].name == "model-cpu.jsonl"
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
@@ -99,6 +125,7 @@ def test_model_quick_subprocess(tmp_path):
         assert r["error"] is None, r["error"]
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["img_per_s"] > 0
         assert r["memory_format"] == "nhwc" and r["quick"] is True and r["samples"] == 2
+        assert sum(r["op_share"].values()) == pytest.approx(1.0) and r["conv_ms"] > 0
     assert {(r["workload"], r["batch"], r["size"]) for r in rows} == {("predict", 1, 128), ("train_step", 2, 128)}
     if with_peer:
         assert "effdet" in out
