@@ -197,7 +197,8 @@ def train_parser() -> argparse.ArgumentParser:
                         "evaluation; --epochs still caps it. Default: %s minutes for the built-in data set "
                         "when --epochs is not given, else none (0: none)" % DEMO_TIME_BUDGET)
     o.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (inductor); pays only for long runs: see bench/RESULTS.md")
+                   help="torch.compile the model (inductor); on a 2-core CPU the compiled step was slower than eager: "
+                        "see bench/RESULTS.md")
     r = p.add_argument_group("run")
     p.nvidia(r, "--seed", type=int, default=42)
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
