@@ -386,7 +386,7 @@ def add_op_breakdown(rows: list[dict], fns: dict) -> None:
         share = op_shares(fns[impl])
         row["op_share"] = share
         row["conv_ms"] = share["conv"] * row["median_ms"]
-    if OURS in by and PEER in by:
+    if OURS in by and PEER in by and by[OURS]["op_share"]["conv"] > 0 and by[PEER]["op_share"]["conv"] > 0:
         ours, peer = by[OURS]["op_share"], by[PEER]["op_share"]
         ours_ms, peer_ms = by[OURS]["median_ms"], by[PEER]["median_ms"]
         by[OURS]["ceiling_conv"] = peer_ms / (ours["conv"] * ours_ms)
@@ -492,6 +492,17 @@ def compile_seconds(fns: dict, args) -> Optional[float]:
     return time.perf_counter() - t0
 
 
+def measure(workload: str, batch: int, size: int, fns: dict, impls: list[str], extra: dict, args,
+            device: torch.device) -> list[dict]:
+    """Time ``fns`` interleaved and make their rows (with ``--op-breakdown``, their op shares and ceilings)."""
+    cpu: dict = {}
+    times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
+    rows = make_rows(workload, batch, size, times, errors, impls, cpu, extra)
+    if args.op_breakdown:
+        add_op_breakdown(rows, fns)
+    return rows
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -533,24 +544,14 @@ def run(args) -> list[dict]:
             ours, peer = models_for(args.infer_size)
             fns = predict_fns(args, batch, args.infer_size, device, ours, peer)
             extra = {OURS: {"compile_s": compile_seconds(fns, args)}}
-            cpu = {}
-            times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
-            new = make_rows("predict", batch, args.infer_size, times, errors, impls, cpu, extra)
-            if args.op_breakdown:
-                add_op_breakdown(new, fns)
-            rows += new
+            rows += measure("predict", batch, args.infer_size, fns, impls, extra, args, device)
     if not args.no_train:
         for size, batch, opt_name in args.train_runs:
             ours, peer = models_for(size)
             fns = train_fns(args, batch, size, device, ours, peer, opt_name)
             extra = {impl: {"opt": opt_name} for impl in impls}
             extra[OURS]["compile_s"] = compile_seconds(fns, args)
-            cpu = {}
-            times, errors = time_interleaved(fns, device, args.warmup, args.iters, cpu)
-            new = make_rows("train_step", batch, size, times, errors, impls, cpu, extra)
-            if args.op_breakdown:
-                add_op_breakdown(new, fns)
-            rows += new
+            rows += measure("train_step", batch, size, fns, impls, extra, args, device)
 
     print_table(rows, meta)
     if args.op_breakdown:
