@@ -31,8 +31,8 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with symmetric padding ``(k-1)//2`` or, for strided TF convs, dynamic "same" padding.
 
-    A depthwise conv trained on the CPU whose output has at most ``SMALL_MAP`` pixels takes its weight
-    gradient from :class:`DepthwiseSmallMap` (same function, another summation order)."""
+    A depthwise conv trained on the CPU on a map smaller than its kernel (``kernel_exceeds_map``) takes its
+    weight gradient from :class:`DepthwiseSmallMap` (same function, another summation order)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, groups=1, bias=False, tf_padding=False):
         self.dynamic_same = tf_padding and stride > 1
@@ -41,37 +41,37 @@ class Conv2d(nn.Conv2d):
         self.depthwise = groups > 1 and groups == in_ch == out_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = self.depthwise and _small_map_ok(x, self)  # judged on the map before "same" padding
         if self.dynamic_same:
             x = pad_same(x, self.kernel_size[0], self.stride[0])
-        if self.depthwise and _small_map_ok(x, self):
+        if small:
             return DepthwiseSmallMap.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
 
-# Output pixels up to which DepthwiseSmallMap computes a depthwise weight gradient on the CPU. oneDNN's kernel
-# is slow on tiny maps: for 16 x 1152 x 4 x 4 with a 5x5 kernel it took 14.2 ms against 2.3 ms for the
-# shifted sums below; at 16 x 64 x 16 x 16 (3x3) it is faster (0.14 against 0.93 ms). 2 cores, 2026-12-01.
-SMALL_MAP = 16
+def kernel_exceeds_map(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """True when the kernel is larger than the input map in both dimensions (most taps read padding). There
+    oneDNN's depthwise weight gradient is slow and DepthwiseSmallMap's shifted sums are faster; elsewhere
+    oneDNN is. Forward + backward, batch 16, channels-last, 2 cores, 2026-12-01 (oneDNN / shifted sums):
+    1152 x 4x4 with 5x5: 16.6 / 4.5 ms; 1152 x 2x2 with 3x3: 8.5 / 1.5 ms; 64 x 2x2 with 3x3: 1.23 / 0.97 ms;
+    but 64 x 3x3 with 3x3: 0.40 / 0.62 ms, 64 x 4x4 with 3x3: 0.55 / 1.00 ms, 1152 x 8x8 with 5x5: 12.7 / 17.7 ms."""
+    kh, kw = conv.kernel_size
+    return x.shape[-2] < kh and x.shape[-1] < kw
 
 
 def _small_map_ok(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Eager CPU training in one dtype (no autocast, trace or compile) of a map with few output pixels."""
+    """Eager CPU training in one dtype (no autocast, trace or compile) of a map smaller than the kernel."""
     return (x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad
             and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and _out_pixels(x, conv) <= SMALL_MAP)
-
-
-def _out_pixels(x: torch.Tensor, conv: nn.Conv2d) -> int:
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    return ((x.shape[-2] + 2 * ph - kh) // sh + 1) * ((x.shape[-1] + 2 * pw - kw) // sw + 1)
+            and kernel_exceeds_map(x, conv))
 
 
 class DepthwiseSmallMap(torch.autograd.Function):
     """Depthwise ``F.conv2d`` (one filter per channel, no dilation) whose weight gradient is summed one kernel
     tap at a time: ``dW[c, 0, i, j] = sum over n, y, x of dY[n, c, y, x] * Xpad[n, c, i + s*y, j + s*x]``,
-    ``k*k`` small products instead of oneDNN's kernel, which is slow on small maps. Forward and input
-    gradient are PyTorch's."""
+    ``k*k`` small products instead of oneDNN's kernel, which is slow on maps smaller than the kernel
+    (``kernel_exceeds_map``). Forward and input gradient are PyTorch's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
