@@ -228,7 +228,7 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
 def fit(run: Run) -> dict | None:
     interrupt = InterruptFlag()
     for epoch in range(run.start_epoch, run.last_epoch):
-        if epoch == run.start_epoch and run.budget is not None and run.budget.expired():
+        if epoch == run.start_epoch and budget_spent(run):
             break  # a resumed run whose budget was already spent
         if not train_one_epoch(run, epoch, interrupt):
             return None  # interrupted; the state is saved
@@ -259,6 +259,19 @@ def budget_spent(run: Run) -> bool:
     return spent
 
 
+def stop_for_budget(run: Run, epoch: int, i: int, steps_done: int, img_per_s: float) -> bool:
+    """Before batch ``i``: True (and said) once the budget is spent. After the epoch's first, slow steps the
+    evaluation's reserve is guessed from the training speed."""
+    if steps_done > 5:
+        run.budget.guess_reserve(len(run.val_set) if run.val_set else 0, img_per_s)
+    if not budget_spent(run):
+        return False
+    if run.info.is_main:
+        console.print(f"time budget: training stops at epoch {epoch}, before batch {i + 1}/"
+                      f"{run.steps_per_epoch}, to leave time for the final evaluation")
+    return True
+
+
 def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
     """Train ``epoch`` (from the batch where an interrupted run stopped); False when interrupted."""
     cfg, info = run.cfg, run.info
@@ -272,6 +285,9 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
     with progress(info.is_main) as bar:
         task = bar.add_task(f"epoch {epoch}", total=run.steps_per_epoch, completed=skip, info="")
         for i, batch in enumerate(prefetch, start=skip):
+            if run.budget is not None and stop_for_budget(run, epoch, i, steps_done=i - skip,
+                                                          img_per_s=seen / max(time.perf_counter() - t_epoch, 1e-9)):
+                break  # checked before the step, so none starts once the budget is spent
             t0 = time.perf_counter()
             parts = train_step(run, batch, epoch, interrupt)
             if parts is None:
@@ -286,15 +302,6 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
                                  step_time=time.perf_counter() - t0)
                 bar.update(task, info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s")
             bar.update(task, advance=1)
-            if run.budget is not None:
-                if i - skip >= 5:  # past the first, slow steps
-                    run.budget.guess_reserve(len(run.val_set) if run.val_set else 0,
-                                             seen / (time.perf_counter() - t_epoch))
-                if budget_spent(run):
-                    if info.is_main:
-                        console.print(f"time budget: training stops at epoch {epoch}, batch {i + 1}/"
-                                      f"{run.steps_per_epoch} to leave time for the final evaluation")
-                    break
             step_limit = cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps
             if cfg.benchmark and (len(run.bench_times) >= cfg.benchmark_steps or step_limit):
                 break
