@@ -504,6 +504,8 @@ def measure(workload: str, batch: int, size: int, fns: dict, impls: list[str], e
 
 
 def run(args) -> list[dict]:
+    from training.schedule import fused_kw  # what make_optimizer applies to both sides' float parameters
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but CUDA is not available")
@@ -527,10 +529,12 @@ def run(args) -> list[dict]:
             "torch": torch.__version__, "triton": triton_version(), "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "precision": args.precision, "memory_format": args.memory_format,
-            "peer_memory_format": args.peer_memory_format if with_peer else None, "backend": args.backend, "ours_bn_folded": not args.no_fuse,
+            "peer_memory_format": args.peer_memory_format if with_peer else None, "backend": args.backend,
+            "ours_bn_folded": not args.no_fuse,
             "peer": "effdet" if with_peer else None, "warmup": args.warmup, "iters": args.iters,
             "quick": bool(args.quick), "peer_skipped_reason": None if with_peer else peer_reason,
-            "compile": bool(args.compile), "malloc_tuned": malloc_tuned, "optimizer_impl": "fused"}
+            "compile": bool(args.compile), "malloc_tuned": malloc_tuned,
+            "optimizer_impl": "fused" if fused_kw([torch.empty(1, device=device)]) else "default"}
     rows: list[dict] = []
     models: dict[int, tuple] = {}
 

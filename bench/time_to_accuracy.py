@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import signal
@@ -74,14 +73,6 @@ def machine() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": device_name(torch.device("cpu")), "cpu_cores": cores, "gpu": gpu, "torch": torch.__version__}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def run_train(cmd: list[str], timeout_minutes: float | None) -> tuple[int, bool]:
@@ -150,6 +141,8 @@ def main(argv=None) -> int:
     points = curve(events)
     print_table(a.name, points, wall, rc, timed_out)
 
+    from bench.harness import append_jsonl, git_commit  # imports torch: only once train.py has finished
+
     start = next((e for e in events if e.get("event") == "start"), {})
     args = start.get("args") or {}
     record = {"bench": "time_to_accuracy", "name": a.name,
@@ -159,12 +152,7 @@ def main(argv=None) -> int:
               "recipe": args.get("recipe"), "total_wall_minutes": round(wall, 3), "train_returncode": rc,
               "timed_out": timed_out}
     if points:
-        results = Path(a.results_dir)
-        results.mkdir(parents=True, exist_ok=True)
-        path = results / f"tta-{a.name}.jsonl"
-        with open(path, "a") as f:
-            for pt in points:
-                f.write(json.dumps({**record, **pt}) + "\n")
+        path = append_jsonl(points, record, a.results_dir, f"tta-{a.name}")
         print(f"{len(points)} points appended to {path}")
     else:
         print(f"no eval events in {log} from this run: nothing recorded", file=sys.stderr)
