@@ -16,7 +16,7 @@ from torch import nn
 from .backbone import DepthwiseSeparable, EfficientNetFeatures, InvertedResidual
 from .bifpn import ConvBn, FNode
 from .heads import HeadNet
-from .layers import pad_same
+from .layers import eager_cpu
 from .model import EfficientDet
 
 
@@ -44,18 +44,14 @@ class ConvSiLU(nn.Module):
     def forward(self, x):
         if _fused_op_ok(x):
             c = self.conv
-            if getattr(c, "dynamic_same", False):
-                x = pad_same(x, c.kernel_size[0], c.stride[0])
-            return torch.ops.mkldnn._convolution_pointwise(x, c.weight, c.bias, c.padding, c.stride, c.dilation,
-                                                           c.groups, "swish", [], "")
+            return torch.ops.mkldnn._convolution_pointwise(c.pad_input(x), c.weight, c.bias, c.padding, c.stride,
+                                                           c.dilation, c.groups, "swish", [], "")
         return F.silu(self.conv(x), inplace=True)
 
 
 def _fused_op_ok(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_POINTWISE
-            and not (torch.is_grad_enabled() and x.requires_grad)  # the oneDNN op has no backward
-            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+    return (eager_cpu(x) and x.dtype == torch.float32 and _HAS_POINTWISE
+            and not (torch.is_grad_enabled() and x.requires_grad))  # the oneDNN op has no backward
 
 
 _HAS_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")

@@ -40,13 +40,23 @@ class Conv2d(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
         self.depthwise = groups > 1 and groups == in_ch == out_ch
 
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the dynamic TF "same" padding this conv needs (unchanged for symmetric padding)."""
+        return pad_same(x, self.kernel_size[0], self.stride[0]) if self.dynamic_same else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         small = self.depthwise and _small_map_ok(x, self)  # judged on the map before "same" padding
-        if self.dynamic_same:
-            x = pad_same(x, self.kernel_size[0], self.stride[0])
+        x = self.pad_input(x)
         if small:
             return DepthwiseSmallMap.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
+
+
+def eager_cpu(x: torch.Tensor) -> bool:
+    """``x`` is on the CPU and runs in plain eager mode: no CPU autocast, TorchScript trace or script, or
+    ``torch.compile`` (the condition for the CPU-only eager paths here and in ``detector.fuse``)."""
+    return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and not torch.jit.is_scripting()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 def kernel_exceeds_map(x: torch.Tensor, conv: nn.Conv2d) -> bool:
@@ -61,10 +71,8 @@ def kernel_exceeds_map(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 def _small_map_ok(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Eager CPU training in one dtype (no autocast, trace or compile) of a map smaller than the kernel."""
-    return (x.device.type == "cpu" and torch.is_grad_enabled() and conv.weight.requires_grad
-            and x.dtype == conv.weight.dtype and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and kernel_exceeds_map(x, conv))
+    return (eager_cpu(x) and torch.is_grad_enabled() and conv.weight.requires_grad
+            and x.dtype == conv.weight.dtype and kernel_exceeds_map(x, conv))
 
 
 class DepthwiseSmallMap(torch.autograd.Function):
