@@ -16,14 +16,17 @@ from dataclasses import dataclass
 # Flags left unset take one of these. NVIDIA's COCO recipe is its train.py defaults.
 COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=5.0, weight_decay=4e-5,
                    model_ema=False, model_ema_decay=0.9998, ema_warmup=False, scale_range=(0.1, 2.0),
-                   input_size=None, bn_momentum=None, eval_interval=1, pictures=0, memory_format="nchw")
+                   input_size=None, bn_momentum=None, eval_interval=1, pictures=0, memory_format="nchw",
+                   freeze_bn_after=None)
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
 # reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
-# make the averaged model usable after a few hundred steps. Input size, batch size, learning rate and epochs
+# make the averaged model usable after a few hundred steps; the last 20% of the run trains with BN's running
+# statistics, as evaluation normalizes (``training/loop.py: freeze_bn_if_due`` says why). Input size, batch size, learning rate and epochs
 # are fitted to the training set (``training/recipe.py``); the values here are the built-in set's.
 SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=(0.6, 1.4),
-                    input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc")
+                    input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc",
+                    freeze_bn_after=0.8)
 # ``python train.py`` with no data flag (the built-in set) and no --epochs: a run of this many minutes of
 # wall time, evaluation included (training stops in time for the final evaluation; see --time-budget)
 DEMO_TIME_BUDGET = 4.5
@@ -190,6 +193,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(o, "--amp", nargs="?", const="fp16", default=None, choices=["fp16", "bf16"],
              help="mixed precision: fp16 with a GradScaler (default) or bf16",
              note="also --amp bf16; fp16 without CUDA says so and trains in fp32")
+    o.add_argument("--freeze-bn-after", type=float, default=None, metavar="FRACTION",
+                   help="from this fraction of the run on (of its steps, or of --time-budget), BN layers normalize "
+                        "with their running statistics, as in evaluation; 1: never (default: 0.8 in the small-data "
+                        "recipe, never in NVIDIA's)")
     o.add_argument("--max-nonfinite-steps", type=int, default=5, help="stop after this many NaN losses in a row")
     o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="wall minutes for the whole run (set-up, training, evaluations, the final evaluation): "
@@ -411,6 +418,7 @@ class TrainConfig:
     amp: str | None = None
     max_nonfinite_steps: int = 5
     time_budget: float | None = None
+    freeze_bn_after: float | None = None
     compile: bool = False
     # run
     seed: int = 42
@@ -505,6 +513,9 @@ class TrainConfig:
         if values["log_interval"] < 1:
             raise UserError(f"--log-interval must be >= 1, got {values['log_interval']}", None, "--log-interval",
                             "pass --log-interval 1 or more")
+        if values["freeze_bn_after"] is not None and not 0 < values["freeze_bn_after"] <= 1:
+            raise UserError(f"--freeze-bn-after must be in (0, 1], got {values['freeze_bn_after']:g}", None,
+                            "--freeze-bn-after", "pass a fraction of the run, or 1 for never")
         if not values["lr"] > 0:  # the schedule is a multiple of --lr
             raise UserError(f"--lr must be > 0, got {values['lr']}", None, "--lr",
                             "pass a positive learning rate (freeze layers with --freeze-layers instead)")

@@ -173,3 +173,28 @@ def test_budget_spent_between_epochs_still_ends_with_the_final_evaluation(tiny, 
     # at the epoch's end the epoch-end check notices it, while saving the check before the next step does:
     # either way no step starts after the budget is spent
     assert evals[0]["step"] == 3
+
+
+def test_freeze_bn_after_is_the_small_recipes_and_checked():
+    assert config().freeze_bn_after == 0.8  # from scratch on < 5,000 images: the small-data recipe
+    assert config(num_train=10_000).freeze_bn_after is None  # NVIDIA's recipe never freezes
+    assert config("--freeze-bn-after", "1").freeze_bn_after == 1.0
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValueError, match="--freeze-bn-after"):
+            config("--freeze-bn-after", bad)
+
+
+def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
+    import torch
+
+    out = tmp_path / "out"
+    # 6 images, batch 2: 3 steps per epoch, 6 in all; at 0.5 the freeze comes before step 4
+    log = train_tiny(tiny, out, "--epochs", "2", "--freeze-bn-after", "0.5", "--save-checkpoint-interval", "1",
+                     "--eval-interval", "0", "--pictures", "0")
+    assert [e["step"] for e in log if e["event"] == "bn_frozen"] == [3]
+    first, last = (torch.load(out / f, weights_only=False)["model"] for f in ("checkpoint_000.pth", "last.pth"))
+    stats = [k for k in first if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in first if k.endswith("conv_pw.weight")]
+    assert stats and weights
+    assert all(torch.equal(first[k], last[k]) for k in stats)  # steps 4-6 left them as they were after step 3
+    assert not all(torch.equal(first[k], last[k]) for k in weights)  # while the weights kept training
