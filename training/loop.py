@@ -280,7 +280,8 @@ def freeze_bn_if_due(run: Run) -> None:
     pulled back to at most about sqrt(batch) standard deviations; evaluation uses the running statistics and
     has no such bound. After a few hundred steps from scratch the network has never had to keep such
     features small, and in evaluation they grow from layer to layer into saturated class scores on every
-    anchor: 100 false detections at score 1.0 on 1-4% of the images, enough to sink AP50 below 0.2.
+    anchor: 100 false detections at score 1.0 on each of up to a tenth of the images, enough to sink AP50
+    below 0.1 (``bench/RESULTS.md``, "The default run").
     Training the last part of the run with the evaluation's normalization shows the network those features.
     """
     f = run.cfg.freeze_bn_after
