@@ -72,10 +72,8 @@ class Run:
     out_of_time: bool = False  # the budget ended training; the current epoch is the last
     pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
     bn_frozen: bool = False  # --freeze-bn-after reached: BN layers use their running statistics
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.train_loader)
+    # batches in a whole epoch (the loader's length before a resumed epoch's skipped batches are taken off)
+    steps_per_epoch: int = 0
 
     @property
     def use_scaler(self) -> bool:
@@ -165,7 +163,7 @@ def setup(args, info: dist.DistInfo) -> Run:
               scheduler=build_scheduler(cfg, optimizer, len(train_loader)), budget=budget,
               scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), train_set=train_set, val_set=val_set,
               train_loader=train_loader, val_loader=val_loader, jlog=jlog, t0=t0,
-              start_epoch=cfg.start_epoch or 0)
+              start_epoch=cfg.start_epoch or 0, steps_per_epoch=len(train_loader))
     resume_from = os.path.join(cfg.output, "last.pth") if cfg.resume == "auto" else cfg.resume
     if resume_from == os.path.join(cfg.output, "last.pth") and not os.path.exists(resume_from):
         if info.is_main:  # NVIDIA's scripts always pass --resume: the first run starts fresh
