@@ -21,7 +21,7 @@ COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_ep
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
 # reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
 # make the averaged model usable after a few hundred steps; the last 20% of the run trains with BN's running
-# statistics, as evaluation normalizes (``training/loop.py: freeze_bn_if_due`` says why). Input size, batch
+# statistics, as evaluation normalizes (README, "Training", says why). Input size, batch
 # size, learning rate and epochs are fitted to the training set (``training/recipe.py``); the values here are
 # the built-in set's.
 SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
@@ -195,9 +195,10 @@ def train_parser() -> argparse.ArgumentParser:
              help="mixed precision: fp16 with a GradScaler (default) or bf16",
              note="also --amp bf16; fp16 without CUDA says so and trains in fp32")
     o.add_argument("--freeze-bn-after", type=float, default=None, metavar="FRACTION",
-                   help="from this fraction of the run on (of its steps, or of --time-budget), BN layers normalize "
-                        "with their running statistics, as in evaluation; 1: never (default: 0.8 in the small-data "
-                        "recipe, never in NVIDIA's)")
+                   help="from this fraction of the run on (of its scheduled steps, or of the training time "
+                        "--time-budget leaves), BN layers normalize with their running statistics, as in "
+                        "evaluation (with --compile: one recompile then); 1: never (default: 0.8 in the "
+                        "small-data recipe, never in NVIDIA's)")
     o.add_argument("--max-nonfinite-steps", type=int, default=5, help="stop after this many NaN losses in a row")
     o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="wall minutes for the whole run (set-up, training, evaluations, the final evaluation): "

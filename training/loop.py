@@ -58,6 +58,7 @@ class Run:
     val_loader: D.EpochDataLoader | None
     jlog: JsonLog
     t0: float
+    steps_per_epoch: int  # batches in a whole epoch (a resumed epoch's loader is shorter by its skipped ones)
     start_epoch: int = 0
     step: int = 0
     best: float = -1.0
@@ -66,14 +67,13 @@ class Run:
     nonfinite_run: int = 0
     bench_times: list = field(default_factory=list)
     stats: dict | None = None
+    bn_layers: list = field(default_factory=list)  # every BN module of the model, collected at set-up
     bn_buffers: list = field(default_factory=list)
     bn_before: list = field(default_factory=list)
     budget: TimeBudget | None = None  # --time-budget
     out_of_time: bool = False  # the budget ended training; the current epoch is the last
     pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
     bn_frozen: bool = False  # --freeze-bn-after reached: BN layers use their running statistics
-    # batches in a whole epoch (the loader's length before a resumed epoch's skipped batches are taken off)
-    steps_per_epoch: int = 0
 
     @property
     def use_scaler(self) -> bool:
@@ -174,8 +174,8 @@ def setup(args, info: dist.DistInfo) -> Run:
     elif cfg.start_epoch:
         run.step = cfg.start_epoch * run.steps_per_epoch
         seek_scheduler(run.scheduler, run.step)
-    run.bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                      for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    run.bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    run.bn_buffers = [b for m in run.bn_layers for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
     run.bn_before = [b.clone() for b in run.bn_buffers]  # BN statistics before the current step
     return run
 
@@ -251,11 +251,8 @@ def budget_spent(run: Run) -> bool:
     workers, so every rank leaves the epoch at the same step)."""
     if run.budget is None:
         return False
-    spent = run.budget.expired()
-    if run.info.distributed:
-        spent = bool(dist.all_reduce_sum(torch.tensor([float(spent)], device=run.info.device)) > 0)
-    run.out_of_time = spent
-    return spent
+    run.out_of_time = run_fraction(run) >= 1.0
+    return run.out_of_time
 
 
 def run_fraction(run: Run) -> float:
@@ -271,30 +268,23 @@ def run_fraction(run: Run) -> float:
 
 def freeze_bn_if_due(run: Run) -> None:
     """--freeze-bn-after F: from fraction F of the run on, every BN layer normalizes with its running
-    statistics, as in evaluation, and stops updating them (re-applied each step: ``net.train()`` undoes it).
-
-    Why: in training a BN layer normalizes each image with statistics of its batch, which the image itself
-    is part of, so an image whose features sit far from the rest (a large flat, saturated background) is
-    pulled back to at most about sqrt(batch) standard deviations; evaluation uses the running statistics and
-    has no such bound. After a few hundred steps from scratch the network has never had to keep such
-    features small, and in evaluation they grow from layer to layer into saturated class scores on every
-    anchor: 100 false detections at score 1.0 on each of up to a tenth of the images, enough to sink AP50
-    below 0.1 (``bench/RESULTS.md``, "The default run").
-    Training the last part of the run with the evaluation's normalization shows the network those features.
-    """
+    statistics, as in evaluation, and stops updating them; re-applied before each step, since ``net.train()``
+    undoes it. Why the small-data recipe does this: README, "Training". Not under --benchmark (it would change
+    the speed being measured)."""
     f = run.cfg.freeze_bn_after
-    if f is None or f >= 1:
+    if f is None or f >= 1 or run.cfg.benchmark:
         return
     if not run.bn_frozen and run_fraction(run) >= f:
         run.bn_frozen = True
+        resumed = run.steps_this_run == 0 and run.step > 0  # the run it continues may have frozen them already
         if run.info.is_main:
-            console.print(f"BN statistics frozen at step {run.step} ({f:g} of the run, --freeze-bn-after): BN "
-                          "layers normalize with their running statistics from here on, as in evaluation")
-            run.jlog.write(event="bn_frozen", step=run.step, fraction=f)
+            console.print(f"BN statistics frozen at step {run.step} ({f:g} of the run, --freeze-bn-after"
+                          f"{', the resumed run is past it' if resumed else ''}): BN layers normalize with their "
+                          "running statistics from here on, as in evaluation")
+            run.jlog.write(event="bn_frozen", step=run.step, fraction=f, resumed=resumed)
     if run.bn_frozen:
-        for m in run.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in run.bn_layers:
+            m.eval()
 
 
 def stop_for_budget(run: Run, epoch: int, i: int, steps_done: int, img_per_s: float) -> bool:

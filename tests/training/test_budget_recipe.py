@@ -188,13 +188,30 @@ def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
     import torch
 
     out = tmp_path / "out"
-    # 6 images, batch 2: 3 steps per epoch, 6 in all; at 0.5 the freeze comes before step 4
-    log = train_tiny(tiny, out, "--epochs", "2", "--freeze-bn-after", "0.5", "--save-checkpoint-interval", "1",
+    # 6 images, batch 2: 3 steps per epoch, 9 in all; at 0.4 the freeze comes before step 5, inside epoch 1,
+    # and epoch 2 starts with net.train(), which the freeze must undo again
+    log = train_tiny(tiny, out, "--epochs", "3", "--freeze-bn-after", "0.4", "--save-checkpoint-interval", "1",
                      "--eval-interval", "0", "--pictures", "0")
-    assert [e["step"] for e in log if e["event"] == "bn_frozen"] == [3]
-    first, last = (torch.load(out / f, weights_only=False)["model"] for f in ("checkpoint_000.pth", "last.pth"))
-    stats = [k for k in first if k.endswith(("running_mean", "running_var"))]
-    weights = [k for k in first if k.endswith("conv_pw.weight")]
+    assert [(e["step"], e["resumed"]) for e in log if e["event"] == "bn_frozen"] == [(4, False)]
+    before, frozen, last = (torch.load(out / f, weights_only=False)["model"]
+                            for f in ("checkpoint_000.pth", "checkpoint_001.pth", "last.pth"))
+    stats = [k for k in last if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in last if k.endswith("conv_pw.weight")]
     assert stats and weights
-    assert all(torch.equal(first[k], last[k]) for k in stats)  # steps 4-6 left them as they were after step 3
-    assert not all(torch.equal(first[k], last[k]) for k in weights)  # while the weights kept training
+    assert not all(torch.equal(before[k], frozen[k]) for k in stats)  # step 4 still trained BN in train mode
+    assert all(torch.equal(frozen[k], last[k]) for k in stats)  # epoch 2 left them as they were after step 4
+    assert not all(torch.equal(frozen[k], last[k]) for k in weights)  # while the weights kept training
+
+
+def test_run_fraction_follows_the_budget_when_there_is_one():
+    from types import SimpleNamespace
+
+    from training.loop import run_fraction
+
+    run = SimpleNamespace(budget=None, step=30, steps_per_epoch=10, cfg=config("--epochs", "6"),
+                          info=SimpleNamespace(distributed=False))
+    assert run_fraction(run) == 0.5  # 30 of 6 x 10 scheduled steps
+    run.budget = SimpleNamespace(fraction=lambda: 0.85)
+    assert run_fraction(run) == 0.85
+
+
