@@ -45,6 +45,3 @@ class TimeBudget:
         if window <= 0:
             return 1.0
         return self.offset + (time.perf_counter() - self.t_train) / window * (1.0 - self.offset)
-
-    def expired(self) -> bool:
-        return self.fraction() >= 1.0

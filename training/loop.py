@@ -72,6 +72,7 @@ class Run:
     bn_before: list = field(default_factory=list)
     budget: TimeBudget | None = None  # --time-budget
     out_of_time: bool = False  # the budget ended training; the current epoch is the last
+    budget_fraction: float = 0.0  # the budget's fraction at the last check (budget_spent), agreed by all workers
     pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
     bn_frozen: bool = False  # --freeze-bn-after reached: BN layers use their running statistics
 
@@ -251,7 +252,8 @@ def budget_spent(run: Run) -> bool:
     workers, so every rank leaves the epoch at the same step)."""
     if run.budget is None:
         return False
-    run.out_of_time = run_fraction(run) >= 1.0
+    run.budget_fraction = run_fraction(run)
+    run.out_of_time = run.budget_fraction >= 1.0
     return run.out_of_time
 
 
@@ -270,11 +272,13 @@ def freeze_bn_if_due(run: Run) -> None:
     """--freeze-bn-after F: from fraction F of the run on, every BN layer normalizes with its running
     statistics, as in evaluation, and stops updating them; re-applied before each step, since ``net.train()``
     undoes it. Why the small-data recipe does this: README, "Training". Not under --benchmark (it would change
-    the speed being measured)."""
+    the speed being measured). With --time-budget it reads the fraction that ``stop_for_budget`` has just
+    agreed on before the same step, so a distributed run makes one all-reduce per step, not two."""
     f = run.cfg.freeze_bn_after
     if f is None or f >= 1 or run.cfg.benchmark:
         return
-    if not run.bn_frozen and run_fraction(run) >= f:
+    fraction = run.budget_fraction if run.budget is not None else run_fraction(run)
+    if not run.bn_frozen and fraction >= f:
         run.bn_frozen = True
         resumed = run.steps_this_run == 0 and run.step > 0  # the run it continues may have frozen them already
         if run.info.is_main:

@@ -106,11 +106,11 @@ def test_budget_fraction_follows_the_clock(monkeypatch):
     tb.start()
     assert tb.fraction() == 0.0
     clock.now = 130.0  # window = 60 - 10 - 10 (reserve) = 40 s; 20 s used
-    assert tb.fraction() == pytest.approx(0.5) and not tb.expired()
+    assert tb.fraction() == pytest.approx(0.5)
     tb.evaluated(5.0)  # reserve = 10 + 6 = 16 s -> window 34 s
     assert tb.fraction() == pytest.approx(20 / 34)
     clock.now = 150.0
-    assert tb.expired()
+    assert tb.fraction() >= 1.0  # 40 of 34 s: training must stop
 
 
 def test_resumed_budget_continues_from_its_fraction(monkeypatch):
@@ -215,3 +215,22 @@ def test_run_fraction_follows_the_budget_when_there_is_one():
     assert run_fraction(run) == 0.85
 
 
+def test_budgeted_freeze_reuses_the_stop_checks_fraction(monkeypatch):
+    """A distributed budgeted step agrees on the budget's fraction once (one all-reduce), for the stop check
+    and the BN freeze alike."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import training.loop as loop
+
+    reduces = []
+    monkeypatch.setattr(loop.dist, "all_reduce_max", lambda t: reduces.append(t) or t)
+    bn = torch.nn.BatchNorm2d(3).train()
+    run = SimpleNamespace(budget=SimpleNamespace(fraction=lambda: 0.85), step=7, steps_this_run=7,
+                          cfg=config("--freeze-bn-after", "0.8"), bn_frozen=False, bn_layers=[bn],
+                          budget_fraction=0.0, out_of_time=False,
+                          info=SimpleNamespace(distributed=True, device=torch.device("cpu"), is_main=False))
+    assert not loop.budget_spent(run)  # the stop check before step 8
+    loop.freeze_bn_if_due(run)
+    assert run.bn_frozen and not bn.training and len(reduces) == 1
