@@ -22,7 +22,12 @@ def test_fused_model_gives_the_same_outputs(name):
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
     from detector import predict
     with torch.no_grad():
-        torch.testing.assert_close(predict(f, x, backend="torch"), predict(m, x, backend="torch"), rtol=1e-4, atol=1e-3)
+        got, want = predict(f, x, backend="torch"), predict(m, x, backend="torch")
+    # the same detections; rows whose scores tie to rounding may come in either order (seen on one CPU)
+    assert got.shape == want.shape
+    for g, w in zip(got, want):
+        nearest = torch.cdist(w, g, p=float("inf")).min(dim=1).values
+        assert nearest.max() <= 1e-3 + 1e-4 * w.abs().max(), nearest.max()
 
 
 @pytest.mark.parametrize("k,stride,groups,tf", [(1, 1, 1, False), (3, 2, 8, True), (5, 1, 8, False), (3, 2, 1, True)])
