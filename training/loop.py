@@ -71,10 +71,14 @@ class Run:
     bn_buffers: list = field(default_factory=list)
     bn_before: list = field(default_factory=list)
     budget: TimeBudget | None = None  # --time-budget
-    out_of_time: bool = False  # the budget ended training; the current epoch is the last
     budget_fraction: float = 0.0  # the budget's fraction at the last check (budget_spent), agreed by all workers
     pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
     bn_frozen: bool = False  # --freeze-bn-after reached: BN layers use their running statistics
+
+    @property
+    def out_of_time(self) -> bool:
+        """The budget ended training at the last check; the current epoch is the last."""
+        return self.budget is not None and self.budget_fraction >= 1.0
 
     @property
     def use_scaler(self) -> bool:
@@ -253,8 +257,7 @@ def budget_spent(run: Run) -> bool:
     if run.budget is None:
         return False
     run.budget_fraction = run_fraction(run)
-    run.out_of_time = run.budget_fraction >= 1.0
-    return run.out_of_time
+    return run.budget_fraction >= 1.0
 
 
 def run_fraction(run: Run) -> float:
@@ -272,7 +275,7 @@ def freeze_bn_if_due(run: Run) -> None:
     """--freeze-bn-after F: from fraction F of the run on, every BN layer normalizes with its running
     statistics, as in evaluation, and stops updating them; re-applied before each step, since ``net.train()``
     undoes it. Why the small-data recipe does this: README, "Training". Not under --benchmark (it would change
-    the speed being measured). With --time-budget it reads the fraction that ``stop_for_budget`` has just
+    the speed being measured). With --time-budget it reads the fraction that ``budget_spent`` has just
     agreed on before the same step, so a distributed run makes one all-reduce per step, not two."""
     f = run.cfg.freeze_bn_after
     if f is None or f >= 1 or run.cfg.benchmark:

@@ -229,7 +229,7 @@ def test_budgeted_freeze_reuses_the_stop_checks_fraction(monkeypatch):
     bn = torch.nn.BatchNorm2d(3).train()
     run = SimpleNamespace(budget=SimpleNamespace(fraction=lambda: 0.85), step=7, steps_this_run=7,
                           cfg=config("--freeze-bn-after", "0.8"), bn_frozen=False, bn_layers=[bn],
-                          budget_fraction=0.0, out_of_time=False,
+                          budget_fraction=0.0,
                           info=SimpleNamespace(distributed=True, device=torch.device("cpu"), is_main=False))
     assert not loop.budget_spent(run)  # the stop check before step 8
     loop.freeze_bn_if_due(run)
