@@ -30,6 +30,11 @@ box with NaN/inf                            dropped, ``stats["box_nonfinite"]``
 image without annotations                   kept (a negative), ``stats["image_without_boxes"]``
 ==========================================  ============================================
 
+A set whose decoded images fit in ``cache_bytes`` (``CACHE_BYTES``, 256 MiB, by the image entries' sizes:
+the built-in set's 600 train images take 118 MB) keeps every image after its first decode, so later epochs
+skip pillow's decoding (2.5 ms of the 4 ms a 256 px PNG of the built-in set takes to load and augment, on the
+CPU the model trains on). Each loader process holds its own cache; ``cache_bytes=0`` turns it off.
+
 Box fixes happen once, at construction, against the ``height``/``width`` of the image entry, so
 ``stats`` is complete right after ``__init__``. Corrupt images are only found when decoded, which
 happens in DataLoader worker processes: their counts stay in the worker's copy of ``stats`` (each
@@ -58,6 +63,7 @@ _REQUIRED_TOP = ("images", "annotations", "categories")
 _REQUIRED_IMAGE = ("id", "file_name", "height", "width")
 _REQUIRED_ANN = ("id", "image_id", "category_id", "bbox")
 _REQUIRED_CAT = ("id", "name")
+CACHE_BYTES = 256 * 2**20  # decoded images of a set up to this size are kept in memory (see the module doc)
 
 
 class DataError(Exception):
@@ -184,7 +190,8 @@ class CocoDetection(torch.utils.data.Dataset):
     so persistent worker processes see the right epoch without being told.
     """
 
-    def __init__(self, ann_file, image_dir, transform=None, skip_bad_images: bool = False):
+    def __init__(self, ann_file, image_dir, transform=None, skip_bad_images: bool = False,
+                 cache_bytes: int = CACHE_BYTES):
         self.ann_file = str(ann_file)
         self.image_dir = str(image_dir)
         self.transform = transform
@@ -278,6 +285,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise AnnotationError(self.ann_file, f"no usable images (all {len(images)} image files are missing "
                              f"under {self.image_dir})")
         self.image_ids = [e[0] for e in self._entries]
+        decoded_bytes = sum(3 * h * w for _, _, (h, w), _, _ in self._entries)
+        self._cache: dict[int, np.ndarray] | None = {} if decoded_bytes <= cache_bytes else None
 
     # ------------------------------------------------------------------ bookkeeping
     def _count(self, kind: str, n: int, example, what):
@@ -318,7 +327,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def load(self, index: int) -> dict:
         """The untransformed sample at ``index`` (raises on a bad image, whatever skip_bad_images)."""
         iid, path, hw, boxes, labels = self._entries[index]
-        image = self._decode(path, hw)
+        image = self._cache.get(index) if self._cache is not None else None
+        if image is None:
+            image = self._decode(path, hw)
+            if self._cache is not None:
+                image.flags.writeable = False  # shared by every later epoch: no transform may write into it
+                self._cache[index] = image
         return {"image": image, "boxes": boxes.copy(), "labels": labels.copy(), "image_id": int(iid),
                 "orig_size": (int(image.shape[0]), int(image.shape[1])), "scale": 1.0}
 

@@ -216,3 +216,23 @@ def test_no_categories_is_a_clear_error(tmp_path):
     ann, img = make_coco(tmp_path, categories=[], annotations=[])
     with pytest.raises(ValueError, match="no categories"):
         CocoDetection(ann, img)
+
+
+def test_small_set_keeps_decoded_images(tmp_path):
+    """A set under ``cache_bytes`` decodes each image once: the file can go, the pixels stay, read-only."""
+    ann, img_dir = make_coco(tmp_path)
+    ds = CocoDetection(ann, img_dir)  # two 20 x 30 images: far under the default limit
+    first = ds.load(0)["image"]
+    (tmp_path / "img" / "a.png").unlink()
+    again = ds.load(0)["image"]
+    assert again is first and not again.flags.writeable
+    np.testing.assert_array_equal(again, np.full((20, 30, 3), (10, 20, 30), np.uint8))
+
+
+def test_set_over_the_cache_limit_decodes_every_time(tmp_path):
+    ann, img_dir = make_coco(tmp_path)
+    ds = CocoDetection(ann, img_dir, cache_bytes=2 * 20 * 30 * 3 - 1)  # one byte short of both images
+    ds.load(0)
+    (tmp_path / "img" / "a.png").unlink()
+    with pytest.raises(FileNotFoundError, match="a.png"):
+        ds.load(0)
