@@ -24,7 +24,7 @@ COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_ep
 # statistics, as evaluation normalizes (README, "Training", says why). Input size, batch
 # size, learning rate and epochs are fitted to the training set (``training/recipe.py``); the values here are
 # the built-in set's.
-SMALL_RECIPE = dict(opt="adamw", lr=4e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
+SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=(0.6, 1.4),
                     input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc",
                     freeze_bn_after=0.8)

@@ -9,7 +9,7 @@ warm-up, fast BN statistics, gentle scale jitter). ``fit_small_recipe`` fills in
   D0's smallest anchors are 32 px; an object much smaller than that overlaps no anchor well, and every
   doubling of the input costs four times the compute, so the smallest size that keeps objects visible wins.
 * **batch size** and **learning rate**: 16 images at 128 px, 8 at 256, 4 above (about the same compute per
-  step); the AdamW learning rate scales with the square root of the batch (``BASE_LR``, 4e-3, at 16).
+  step); the AdamW learning rate scales with the square root of the batch (2e-3 at 16).
 * **epochs** (the length of the cosine schedule): about ``IMAGE_VIEWS`` images seen in all, 10 to 300 epochs,
   so a small set is revisited often and a larger one not for hours.
 
@@ -26,11 +26,6 @@ import numpy as np
 
 INPUT_SIZES = (128, 256, 384, 512)
 MIN_OBJECT_PX = 20  # the median object spans at least this many input pixels (sqrt of its area)
-# AdamW's learning rate at batch 16. 4e-3 rather than 2e-3: the default run (4.5 minutes, ~300 steps on a
-# slow 2-core day) ended at AP50 0.591 / 0.571 / 0.593 for seeds 42 / 1 / 2 against 0.541 / 0.492 / 0.537 with
-# 2e-3 (2026-12-02, bench/RESULTS.md "The default run"). A short run is far from converged, and a cosine laid
-# over the time budget, which lowers the LR sooner, did much worse (AP50 0.19 / 0.17, seeds 42 / 1).
-BASE_LR = 4e-3
 IMAGE_VIEWS = 18_000  # images seen in one schedule: 30 epochs of the built-in set's 600 images
 EPOCH_RANGE = (10, 300)
 
@@ -79,7 +74,7 @@ def fit_small_recipe(stats: DataStats) -> dict:
     size = input_size_for(stats)
     batch = 16 if size <= 128 else 8 if size <= 256 else 4
     epochs = int(min(max(round(IMAGE_VIEWS / max(1, stats.images)), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
-    return dict(input_size=(size, size), batch_size=batch, lr=round(BASE_LR * math.sqrt(batch / 16), 6), epochs=epochs)
+    return dict(input_size=(size, size), batch_size=batch, lr=round(2e-3 * math.sqrt(batch / 16), 6), epochs=epochs)
 
 
 def describe(stats: DataStats, fitted: dict) -> str:

@@ -39,9 +39,9 @@ def test_input_size_follows_object_size(side, obj, size):
 
 def test_fitted_recipe_scales_batch_lr_and_epochs():
     shapes = fit_small_recipe(DataStats.of(coco(600, 256, [76])))
-    assert shapes == dict(input_size=(128, 128), batch_size=16, lr=4e-3, epochs=30)  # the built-in set's values
+    assert shapes == dict(input_size=(128, 128), batch_size=16, lr=2e-3, epochs=30)  # the built-in set's values
     small_objects = fit_small_recipe(DataStats.of(coco(4000, 320, [26])))
-    assert small_objects["batch_size"] == 8 and small_objects["lr"] == pytest.approx(4e-3 * 0.5 ** 0.5, rel=1e-3)
+    assert small_objects["batch_size"] == 8 and small_objects["lr"] == pytest.approx(2e-3 * 0.5 ** 0.5, rel=1e-3)
     assert small_objects["epochs"] == 10  # 18,000 image views, at least 10 epochs
     assert fit_small_recipe(DataStats.of(coco(20, 256, [76])))["epochs"] == 300  # at most 300
 
