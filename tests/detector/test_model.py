@@ -57,6 +57,26 @@ def test_outputs_equal_effdet(effdet, name, size):
         torch.testing.assert_close(o, r, rtol=0, atol=1e-4)
 
 
+def test_training_forward_equals_effdet_with_drop_path(effdet):
+    """Training mode: batch-statistics BN and stochastic depth. With one seed both models drop the same
+    residual branches (same random draws in the same block order) and scale the kept ones alike."""
+    torch.manual_seed(0)
+    ref = effdet.create_model("efficientdet_d0", pretrained=False, pretrained_backbone=False,
+                              image_size=(128, 128)).train()
+    ours = create_model("efficientdet_d0", image_size=128, backend="torch").train()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert ours.config.drop_path_rate > 0
+    x = torch.randn(4, 3, 128, 128)
+    torch.manual_seed(1)
+    rc, rb = ref(x)
+    torch.manual_seed(1)
+    oc, ob = ours(x)
+    for r, o in zip(rc + rb, oc + ob):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-4)
+    torch.manual_seed(2)  # another draw drops other branches: the outputs change
+    assert not torch.allclose(ours(x)[0][0], oc[0], atol=1e-4)
+
+
 def test_channels_last_gives_same_outputs():
     torch.manual_seed(0)
     m = randomize_bn(create_model("efficientdet_d0", image_size=128, backend="torch")).eval()
