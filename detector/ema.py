@@ -56,6 +56,14 @@ class ModelEma:
             torch._foreach_copy_(ints, int_sources)
         kernels.ema_update(floats, sources, decay, backend=self.backend)
 
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Average anew from ``model``'s current weights and buffers (warm-up included): what came before is
+        dropped, e.g. weights trained under another normalization of BN (``--freeze-bn-after``)."""
+        for e, m in self._pairs(model):
+            e.copy_(m)
+        self.updates = 0
+
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates,
                 "warmup": self.warmup}

@@ -74,6 +74,7 @@ class Run:
     budget_fraction: float = 0.0  # the budget's fraction at the last check (budget_spent), agreed by all workers
     pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
     bn_frozen: bool = False  # --freeze-bn-after reached: BN layers use their running statistics
+    bn_frozen_saved: bool | None = None  # bn_frozen as the resumed checkpoint recorded it (None: fresh, or older)
 
     @property
     def out_of_time(self) -> bool:
@@ -274,21 +275,28 @@ def run_fraction(run: Run) -> float:
 def freeze_bn_if_due(run: Run) -> None:
     """--freeze-bn-after F: from fraction F of the run on, every BN layer normalizes with its running
     statistics, as in evaluation, and stops updating them; re-applied before each step, since ``net.train()``
-    undoes it. Why the small-data recipe does this: README, "Training". Not under --benchmark (it would change
-    the speed being measured). With --time-budget it reads the fraction that ``budget_spent`` has just
-    agreed on before the same step, so a distributed run makes one all-reduce per step, not two."""
+    undoes it. The EMA, if any, restarts from the current weights at that step: weights trained under batch
+    statistics are not averaged into the model that is evaluated with running ones. Why the small-data recipe
+    does both: README, "Training". Not under --benchmark (it would change the speed being measured). With
+    --time-budget it reads the fraction that ``budget_spent`` has just agreed on before the same step, so a
+    distributed run makes one all-reduce per step, not two."""
     f = run.cfg.freeze_bn_after
     if f is None or f >= 1 or run.cfg.benchmark:
         return
     fraction = run.budget_fraction if run.budget is not None else run_fraction(run)
     if not run.bn_frozen and fraction >= f:
         run.bn_frozen = True
-        resumed = run.steps_this_run == 0 and run.step > 0  # the run it continues may have frozen them already
+        # resumed from a checkpoint that does not record the freeze: the run it continues may have frozen already
+        resumed = run.bn_frozen_saved is None and run.steps_this_run == 0 and run.step > 0
+        restart = run.ema is not None and not resumed
+        if restart:
+            run.ema.restart(run.model)
         if run.info.is_main:
             console.print(f"BN statistics frozen at step {run.step} ({f:g} of the run, --freeze-bn-after"
                           f"{', the resumed run is past it' if resumed else ''}): BN layers normalize with their "
-                          "running statistics from here on, as in evaluation")
-            run.jlog.write(event="bn_frozen", step=run.step, fraction=f, resumed=resumed)
+                          "running statistics from here on, as in evaluation"
+                          f"{'; the EMA restarts from the current weights' if restart else ''}")
+            run.jlog.write(event="bn_frozen", step=run.step, fraction=f, resumed=resumed, ema_restarted=restart)
     if run.bn_frozen:
         for m in run.bn_layers:
             m.eval()
@@ -474,6 +482,7 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
              "scaler": run.scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": run.step,
              "best": run.best, "rng": rngs if run.info.distributed else rngs[0], "args": run.cfg.to_dict(),
              "budget_fraction": run.budget.fraction() if run.budget is not None else None,
+             "bn_frozen": run.bn_frozen,
              "config": run.model.config.to_dict(), "class_names": run.train_set.class_names,
              "label_to_cat_id": run.train_set.label_to_cat_id}
     out, every = run.cfg.output, run.cfg.save_checkpoint_interval
@@ -499,6 +508,8 @@ def resume(run: Run, path: str) -> None:
     run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
     if run.budget is not None and state.get("budget_fraction") is not None:
         run.budget.offset = min(1.0, state["budget_fraction"])  # the budget continues where it stopped
+    if state.get("bn_frozen") is not None:  # recorded since the EMA restarts at the freeze
+        run.bn_frozen = run.bn_frozen_saved = bool(state["bn_frozen"])
     if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first
         run.start_epoch, run.skip_batches = state["epoch"], state["batch_in_epoch"]
     if run.cfg.no_resume_opt:

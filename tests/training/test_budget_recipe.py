@@ -191,16 +191,36 @@ def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
     # 6 images, batch 2: 3 steps per epoch, 9 in all; at 0.4 the freeze comes before step 5, inside epoch 1,
     # and epoch 2 starts with net.train(), which the freeze must undo again
     log = train_tiny(tiny, out, "--epochs", "3", "--freeze-bn-after", "0.4", "--save-checkpoint-interval", "1",
-                     "--eval-interval", "0", "--pictures", "0")
-    assert [(e["step"], e["resumed"]) for e in log if e["event"] == "bn_frozen"] == [(4, False)]
-    before, frozen, last = (torch.load(out / f, weights_only=False)["model"]
-                            for f in ("checkpoint_000.pth", "checkpoint_001.pth", "last.pth"))
+                     "--eval-interval", "0", "--pictures", "0", "--model-ema")
+    assert [(e["step"], e["resumed"], e["ema_restarted"]) for e in log if e["event"] == "bn_frozen"] == [(4, False, True)]
+    states = [torch.load(out / f, weights_only=False) for f in ("checkpoint_000.pth", "checkpoint_001.pth", "last.pth")]
+    # the EMA restarted before step 5: it has averaged steps 5-6 by the end of epoch 1 and 5-9 by the end
+    assert [s["ema"]["updates"] for s in states] == [3, 2, 5]
+    before, frozen, last = (s["model"] for s in states)
     stats = [k for k in last if k.endswith(("running_mean", "running_var"))]
     weights = [k for k in last if k.endswith("conv_pw.weight")]
     assert stats and weights
     assert not all(torch.equal(before[k], frozen[k]) for k in stats)  # step 4 still trained BN in train mode
     assert all(torch.equal(frozen[k], last[k]) for k in stats)  # epoch 2 left them as they were after step 4
     assert not all(torch.equal(frozen[k], last[k]) for k in weights)  # while the weights kept training
+
+
+def test_resume_past_the_freeze_is_bit_identical_and_keeps_the_restarted_ema(tiny, tmp_path):
+    """A checkpoint records that BN is frozen: the resumed run neither freezes again nor restarts the EMA."""
+    import torch
+
+    flags = ("--epochs", "2", "--freeze-bn-after", "0.3", "--model-ema", "--eval-interval", "0", "--pictures", "0")
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_tiny(tiny, a, *flags)
+    train_tiny(tiny, b, *flags, "--stop-after", "1")  # 3 steps per epoch: frozen after step 2, in epoch 0
+    log = train_tiny(tiny, b, *flags, "--resume")
+    assert [(e["step"], e["ema_restarted"]) for e in log if e["event"] == "bn_frozen"] == [(2, True)]
+    sa, sb = (torch.load(d / "last.pth", weights_only=False) for d in (a, b))
+    assert sa["step"] == sb["step"] == 6 and sa["bn_frozen"] and sb["bn_frozen"]
+    assert sa["ema"]["updates"] == sb["ema"]["updates"] == 4  # steps 3-6
+    for part in ("model", "ema"):
+        ta, tb = (sa[part], sb[part]) if part == "model" else (sa[part]["module"], sb[part]["module"])
+        assert all(torch.equal(v, tb[k]) for k, v in ta.items()), part
 
 
 def test_run_fraction_follows_the_budget_when_there_is_one():
@@ -229,7 +249,7 @@ def test_budgeted_freeze_reuses_the_stop_checks_fraction(monkeypatch):
     bn = torch.nn.BatchNorm2d(3).train()
     run = SimpleNamespace(budget=SimpleNamespace(fraction=lambda: 0.85), step=7, steps_this_run=7,
                           cfg=config("--freeze-bn-after", "0.8"), bn_frozen=False, bn_layers=[bn],
-                          budget_fraction=0.0,
+                          budget_fraction=0.0, ema=None, bn_frozen_saved=None,
                           info=SimpleNamespace(distributed=True, device=torch.device("cpu"), is_main=False))
     assert not loop.budget_spent(run)  # the stop check before step 8
     loop.freeze_bn_if_due(run)
