@@ -21,7 +21,7 @@ COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_ep
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
 # reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
 # make the averaged model usable after a few hundred steps; the last 20% of the run trains with BN's running
-# statistics, as evaluation normalizes (README, "Training", says why). Input size, batch
+# statistics, as evaluation normalizes, and the EMA restarts there (README, "Training", says why). Input size, batch
 # size, learning rate and epochs are fitted to the training set (``training/recipe.py``); the values here are
 # the built-in set's.
 SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
