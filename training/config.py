@@ -197,7 +197,8 @@ def train_parser() -> argparse.ArgumentParser:
     o.add_argument("--freeze-bn-after", type=float, default=None, metavar="FRACTION",
                    help="from this fraction of the run on (of its scheduled steps, or of the training time "
                         "--time-budget leaves), BN layers normalize with their running statistics, as in "
-                        "evaluation (with --compile: one recompile then); 1: never (default: 0.8 in the "
+                        "evaluation (with --compile: one recompile then), and the EMA, if any, restarts from "
+                        "the current weights; 1: never (default: 0.8 in the "
                         "small-data recipe, never in NVIDIA's)")
     o.add_argument("--max-nonfinite-steps", type=int, default=5, help="stop after this many NaN losses in a row")
     o.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",

@@ -194,7 +194,8 @@ def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
                      "--eval-interval", "0", "--pictures", "0", "--model-ema")
     frozen = [(e["step"], e["resumed"], e["ema_restarted"]) for e in log if e["event"] == "bn_frozen"]
     assert frozen == [(4, False, True)]
-    states = [torch.load(out / f, weights_only=False) for f in ("checkpoint_000.pth", "checkpoint_001.pth", "last.pth")]
+    states = [torch.load(out / f, weights_only=False)
+              for f in ("checkpoint_000.pth", "checkpoint_001.pth", "last.pth")]
     # the EMA restarted before step 5: it has averaged steps 5-6 by the end of epoch 1 and 5-9 by the end
     assert [s["ema"]["updates"] for s in states] == [3, 2, 5]
     before, frozen, last = (s["model"] for s in states)
