@@ -17,18 +17,17 @@ from dataclasses import dataclass
 COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_epochs=5.0, weight_decay=4e-5,
                    model_ema=False, model_ema_decay=0.9998, ema_warmup=False, scale_range=(0.1, 2.0),
                    input_size=None, bn_momentum=None, eval_interval=1, pictures=0, memory_format="nchw",
-                   freeze_bn_after=None, opt_eps=1e-3)
+                   freeze_bn_after=None)
 # Small data from scratch on a CPU: AdamW converges far faster than SGD there; a gentler scale jitter and a
 # reduced input size give many more useful steps per minute; a short EMA with warm-up and fast BN statistics
 # make the averaged model usable after a few hundred steps; the last 20% of the run trains with BN's running
-# statistics, as evaluation normalizes, and the EMA restarts there (README, "Training", says why). AdamW's epsilon
-# is PyTorch's 1e-8: NVIDIA's 1e-3 sits above the gradient RMS of about a third of D0's weights early in a run
-# from scratch and slows their steps (bench/RESULTS.md, "The default run"). Input size, batch size, learning
-# rate and epochs are fitted to the training set (``training/recipe.py``); the values here are the built-in set's.
+# statistics, as evaluation normalizes, and the EMA restarts there (README, "Training", says why). Input size, batch
+# size, learning rate and epochs are fitted to the training set (``training/recipe.py``); the values here are
+# the built-in set's.
 SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=(0.6, 1.4),
                     input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc",
-                    freeze_bn_after=0.8, opt_eps=1e-8)
+                    freeze_bn_after=0.8)
 # ``python train.py`` with no data flag (the built-in set) and no --epochs: a run of this many minutes of
 # wall time, evaluation included (training stops in time for the final evaluation; see --time-budget)
 DEMO_TIME_BUDGET = 4.5
@@ -156,8 +155,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(o, "--opt", default=None, help="momentum, sgd/nesterov, adam, adamw, or NVIDIA's fused* / lamb / "
              "novograd (mapped to the closest PyTorch optimizer, said at start); unset = recipe",
              note="fused*/lamb/novograd run as the closest torch.optim optimizer (said once at start)")
-    p.nvidia(o, "--opt-eps", type=float, default=None, help="optimizer epsilon (not SGD); unset = recipe "
-             "(NVIDIA's: 1e-3)", note="unset = recipe (NVIDIA's: 1e-3)")
+    p.nvidia(o, "--opt-eps", type=float, default=1e-3, help="optimizer epsilon (not SGD)")
     p.nvidia(o, "--momentum", type=float, default=0.9)
     p.nvidia(o, "--weight-decay", type=float, default=None, help="unset = recipe (NVIDIA's: 4e-5)",
              note="unset = recipe (NVIDIA's: 4e-5)")
