@@ -176,7 +176,7 @@ def test_budget_spent_between_epochs_still_ends_with_the_final_evaluation(tiny, 
 
 
 def test_freeze_bn_after_is_the_small_recipes_and_checked():
-    assert config().freeze_bn_after == 0.8  # from scratch on < 5,000 images: the small-data recipe
+    assert config().freeze_bn_after == 0.2  # from scratch on < 5,000 images: the small-data recipe
     assert config(num_train=10_000).freeze_bn_after is None  # NVIDIA's recipe never freezes
     assert config("--freeze-bn-after", "1").freeze_bn_after == 1.0
     for bad in ("0", "1.5"):

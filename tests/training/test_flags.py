@@ -46,8 +46,9 @@ def test_config_takes_the_recipe_for_unset_flags_only():
     small, coco = config(), config(num_train=10_000)
     assert small.opt == "adamw" and small.input_size == (128, 128) and "small-data" in small.recipe
     assert (coco.opt, coco.lr, coco.batch_size, coco.epochs, coco.warmup_epochs) == ("momentum", 0.01, 32, 300, 5)
-    given = config("--lr", "0.3", "--input_size", "96", "--epochs", "2")
-    assert (given.lr, given.input_size, given.epochs, given.opt) == (0.3, (96, 96), 2, "adamw")
+    assert (small.opt_eps, coco.opt_eps) == (1e-8, 1e-3)  # NVIDIA's epsilon only in NVIDIA's recipe
+    given = config("--lr", "0.3", "--input_size", "96", "--epochs", "2", "--opt-eps", "1e-3")
+    assert (given.lr, given.input_size, given.epochs, given.opt, given.opt_eps) == (0.3, (96, 96), 2, "adamw", 1e-3)
 
 
 def test_gpu_only_and_infrastructure_flags_say_what_they_do():
