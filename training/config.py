@@ -239,7 +239,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(r, "--eval-metric", default="map", help="metric that picks best.pth",
              note=_infra("eval_metric"))
     p.nvidia(r, "--save-checkpoint-interval", type=int, default=10, help="epochs between kept checkpoints")
-    p.nvidia(r, "--benchmark", action="store_true", help="measure training img/s and exit")
+    p.nvidia(r, "--benchmark", action="store_true", help="measure training img/s and exit",
+             note="as NVIDIA's; where the recipe freezes BN (--freeze-bn-after), a second measurement of as many "
+                  "steps covers the frozen step")
     p.nvidia(r, "--benchmark-steps", type=int, default=20, help="steps measured by --benchmark",
              note="default 20 (NVIDIA: 0, which measures one step)")
     p.nvidia(r, "--dllogger-file", default=None, help="also write the log in dllogger's JSON format here",

@@ -26,7 +26,7 @@ from .errors import UserError, naming
 from .evaluation import autocast, evaluate_model, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
 from .plots import plot_training
-from .runlog import JsonLog, console, progress, report_benchmark, stats_table, waymo_table
+from .runlog import JsonLog, benchmark_phases, console, progress, report_benchmark, stats_table, waymo_table
 from .host import tune_allocator
 from .recipe import DataStats
 from .budget import TimeBudget
@@ -277,14 +277,18 @@ def freeze_bn_if_due(run: Run) -> None:
     statistics, as in evaluation, and stops updating them; re-applied before each step, since ``net.train()``
     undoes it. The EMA, if any, restarts from the current weights at that step: weights trained under batch
     statistics are not averaged into the model that is evaluated with running ones. Why the small-data recipe
-    does both: README, "Training". Not under --benchmark (it would change the speed being measured). With
+    does both: README, "Training". Under --benchmark the freeze comes after the first --benchmark-steps
+    instead, so that a second measurement covers the frozen step (``benchmark_phases``). With
     --time-budget it reads the fraction that ``budget_spent`` has just agreed on before the same step, so a
     distributed run makes one all-reduce per step, not two."""
     f = run.cfg.freeze_bn_after
-    if f is None or f >= 1 or run.cfg.benchmark:
+    if f is None or f >= 1:
         return
-    fraction = run.budget_fraction if run.budget is not None else run_fraction(run)
-    if not run.bn_frozen and fraction >= f:
+    if run.cfg.benchmark:
+        due = len(run.bench_times) >= run.cfg.benchmark_steps
+    else:
+        due = (run.budget_fraction if run.budget is not None else run_fraction(run)) >= f
+    if not run.bn_frozen and due:
         run.bn_frozen = True
         # resumed from a checkpoint that does not record the freeze: the run it continues may have frozen already
         resumed = run.bn_frozen_saved is None and run.steps_this_run == 0 and run.step > 0
@@ -292,8 +296,9 @@ def freeze_bn_if_due(run: Run) -> None:
         if restart:
             run.ema.restart(run.model)
         if run.info.is_main:
-            console.print(f"BN statistics frozen at step {run.step} ({f:g} of the run, --freeze-bn-after"
-                          f"{', the resumed run is past it' if resumed else ''}): BN layers normalize with their "
+            when = ("--benchmark: the next steps measure the frozen step" if run.cfg.benchmark else
+                    f"{f:g} of the run, --freeze-bn-after{', the resumed run is past it' if resumed else ''}")
+            console.print(f"BN statistics frozen at step {run.step} ({when}): BN layers normalize with their "
                           "running statistics from here on, as in evaluation"
                           f"{'; the EMA restarts from the current weights' if restart else ''}")
             run.jlog.write(event="bn_frozen", step=run.step, fraction=f, resumed=resumed, ema_restarted=restart)
@@ -347,7 +352,7 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
                 bar.update(task, info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s")
             bar.update(task, advance=1)
             step_limit = cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps
-            if cfg.benchmark and (len(run.bench_times) >= cfg.benchmark_steps or step_limit):
+            if cfg.benchmark and (len(run.bench_times) >= benchmark_phases(cfg) * cfg.benchmark_steps or step_limit):
                 break
             if parts[3] > 0 or step_limit:  # Ctrl-C / SIGTERM on any rank, or --max-steps: save and stop
                 save_state(run, epoch, i + 1, False)

@@ -74,17 +74,36 @@ def progress(enabled: bool) -> Progress:
                     disable=not enabled, transient=False)
 
 
+def benchmark_phases(cfg) -> int:
+    """--benchmark measures the training step as a run starts, with batch-statistics BN; a recipe that
+    freezes BN (--freeze-bn-after) spends most of its run in a cheaper step, which a second measurement of
+    as many steps covers."""
+    return 2 if cfg.freeze_bn_after is not None and cfg.freeze_bn_after < 1 else 1
+
+
 def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
     """``times``: (wall clock after the step, images) per step; img/s over the steps after warm-up, data
-    loading included, as NVIDIA's ``--benchmark`` measures it."""
+    loading included, as NVIDIA's ``--benchmark`` measures it. With two phases (``benchmark_phases``), the
+    second --benchmark-steps steps are measured alone, as ``train_img_per_s_bn_frozen``."""
     if len(times) < 3:
         raise ValueError(f"--benchmark needs at least 3 steps, got {len(times)} (raise --benchmark-steps)")
-    warm = max(1, len(times) // 5)
-    dt = times[-1][0] - times[warm - 1][0]
-    n = sum(b for _, b in times[warm:])
-    ips = n / max(dt, 1e-9)
+    where = f"{cfg.model}, batch {cfg.batch_size} x {info.world_size}, {info.device}"
+    result, measured = {}, {}
+    phases = [("train_img_per_s", "BN with batch statistics", times[:cfg.benchmark_steps])]
+    if benchmark_phases(cfg) == 2:
+        phases.append(("train_img_per_s_bn_frozen", "BN frozen", times[cfg.benchmark_steps:]))
+    for key, bn, steps in phases:
+        if len(steps) < 3:
+            if info.is_main:
+                console.print(f"training throughput, {bn}: not measured ({len(steps)} steps; it needs 3)")
+            continue
+        warm = max(1, len(steps) // 5)
+        dt = steps[-1][0] - steps[warm - 1][0]
+        result[key] = sum(b for _, b in steps[warm:]) / max(dt, 1e-9)
+        measured[key.replace("train_img_per_s", "measured_steps")] = len(steps) - warm
+        if info.is_main:
+            console.print(f"training throughput, {bn}: {result[key]:.2f} img/s over {len(steps) - warm} steps "
+                          f"after {warm} warm-up steps ({where})")
     if info.is_main:
-        console.print(f"training throughput: {ips:.2f} img/s over {len(times) - warm} steps after {warm} warm-up "
-                      f"steps ({cfg.model}, batch {cfg.batch_size} x {info.world_size}, {info.device})")
-        jlog.write(event="benchmark", step=len(times), epoch=0, train_img_per_s=ips, measured_steps=len(times) - warm)
-    return {"train_img_per_s": ips}
+        jlog.write(event="benchmark", step=len(times), epoch=0, **result, **measured)
+    return result

@@ -207,6 +207,21 @@ def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
     assert not all(torch.equal(frozen[k], last[k]) for k in weights)  # while the weights kept training
 
 
+def test_benchmark_measures_the_frozen_step_too_where_the_recipe_freezes(tmp_path):
+    """--benchmark: the first --benchmark-steps with batch-statistics BN (the start of a run, NVIDIA's figure),
+    then as many with BN frozen, the step most of a small-recipe run takes; one figure where nothing freezes."""
+    tiny = generate_synthetic(tmp_path / "data", **{**TINY, "num_train": 12})  # batch 2: 6 steps in the epoch
+    flags = ("--benchmark", "--benchmark-steps", "3", "--pictures", "0")
+    log = train_tiny(tiny, tmp_path / "a", *flags, "--freeze-bn-after", "0.2")
+    assert [e["step"] for e in log if e["event"] == "bn_frozen"] == [3]
+    (bench,) = [e for e in log if e["event"] == "benchmark"]
+    assert bench["train_img_per_s"] > 0 and bench["train_img_per_s_bn_frozen"] > 0
+    assert bench["measured_steps"] == bench["measured_steps_bn_frozen"] == 2  # 3 steps each, 1 of them warm-up
+    log = train_tiny(tiny, tmp_path / "b", *flags, "--freeze-bn-after", "1")
+    (bench,) = [e for e in log if e["event"] == "benchmark"]
+    assert not any(e["event"] == "bn_frozen" for e in log) and "train_img_per_s_bn_frozen" not in bench
+
+
 def test_resume_past_the_freeze_is_bit_identical_and_keeps_the_restarted_ema(tiny, tmp_path):
     """A checkpoint records that BN is frozen: the resumed run neither freezes again nor restarts the EMA."""
     import torch
