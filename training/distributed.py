@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +77,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How long a worker whose collective failed because a peer process died waits for ``spawn`` to kill it
+# before it prints its own traceback: the peer has printed the error that matters, and ``spawn`` kills the
+# other workers as soon as it sees one exit (milliseconds), so the wait only ends in a traceback when
+# ``spawn`` itself is gone.
+PEER_LOST_GRACE_S = 10.0
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words for it
+
+
+def peer_lost(e: BaseException) -> bool:
+    """``e`` says that another worker of the process group went away (it failed first)."""
+    return isinstance(e, dist.DistBackendError) or (
+        isinstance(e, RuntimeError) and any(words in str(e) for words in _PEER_LOST))
+
+
 def _spawned(local_rank: int, nproc: int, port: int, fn, args):
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -88,6 +103,10 @@ def _spawned(local_rank: int, nproc: int, port: int, fn, args):
             raise
         report(e)
         sys.exit(EXIT_USER_ERROR)
+    except Exception as e:
+        if peer_lost(e):  # not this worker's error: let the failed peer's line stand alone
+            time.sleep(PEER_LOST_GRACE_S)
+        raise
 
 
 def spawn(nproc: int, fn, args) -> None:

@@ -85,11 +85,12 @@ def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
     """``times``: (wall clock after the step, images) per step; img/s over the steps after warm-up, data
     loading included, as NVIDIA's ``--benchmark`` measures it. With two phases (``benchmark_phases``), the
     second --benchmark-steps steps are measured alone, as ``train_img_per_s_bn_frozen``."""
-    if len(times) < 3:
-        raise ValueError(f"--benchmark needs at least 3 steps, got {len(times)} (raise --benchmark-steps)")
+    first = times[:cfg.benchmark_steps]
+    if len(first) < 3:
+        raise ValueError(f"--benchmark needs at least 3 steps, got {len(first)} (raise --benchmark-steps)")
     where = f"{cfg.model}, batch {cfg.batch_size} x {info.world_size}, {info.device}"
     result, measured = {}, {}
-    phases = [("train_img_per_s", "BN with batch statistics", times[:cfg.benchmark_steps])]
+    phases = [("train_img_per_s", "BN with batch statistics", first)]
     if benchmark_phases(cfg) == 2:
         phases.append(("train_img_per_s_bn_frozen", "BN frozen", times[cfg.benchmark_steps:]))
     for key, bn, steps in phases:

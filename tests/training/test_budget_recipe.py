@@ -207,7 +207,7 @@ def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
     assert not all(torch.equal(frozen[k], last[k]) for k in weights)  # while the weights kept training
 
 
-def test_benchmark_measures_the_frozen_step_too_where_the_recipe_freezes(tmp_path):
+def test_benchmark_measures_the_frozen_step_too_where_the_recipe_freezes(tmp_path, capsys):
     """--benchmark: the first --benchmark-steps with batch-statistics BN (the start of a run, NVIDIA's figure),
     then as many with BN frozen, the step most of a small-recipe run takes; one figure where nothing freezes."""
     tiny = generate_synthetic(tmp_path / "data", **{**TINY, "num_train": 12})  # batch 2: 6 steps in the epoch
@@ -220,6 +220,11 @@ def test_benchmark_measures_the_frozen_step_too_where_the_recipe_freezes(tmp_pat
     log = train_tiny(tiny, tmp_path / "b", *flags, "--freeze-bn-after", "1")
     (bench,) = [e for e in log if e["event"] == "benchmark"]
     assert not any(e["event"] == "bn_frozen" for e in log) and "train_img_per_s_bn_frozen" not in bench
+    argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"], "--output",
+            str(tmp_path / "c"), "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", "--benchmark",
+            "--benchmark-steps", "2", "--freeze-bn-after", "0.2"]  # 4 steps in all, but 2 per measurement
+    capsys.readouterr()
+    assert train.main(argv) == 2 and "--benchmark needs at least 3 steps, got 2" in capsys.readouterr().err
 
 
 def test_resume_past_the_freeze_is_bit_identical_and_keeps_the_restarted_ema(tiny, tmp_path):

@@ -121,6 +121,32 @@ def test_failing_worker_of_a_distributed_run_exits_at_once_with_its_error_once(t
     assert seconds < 200
 
 
+def test_a_worker_whose_peer_died_waits_to_be_killed_instead_of_printing(monkeypatch):
+    """The race behind the test above: the healthy rank's collective fails as soon as the failed rank exits.
+    Its traceback would follow the failed rank's one line unless ``spawn`` kills it first, so it waits."""
+    from types import SimpleNamespace
+
+    import training.distributed as D
+
+    slept = []
+    monkeypatch.setattr(D.os, "environ", dict(os.environ))  # _spawned sets RANK, WORLD_SIZE, ...
+    monkeypatch.setattr(D.time, "sleep", slept.append)
+    args = SimpleNamespace(debug=False)
+
+    def fails(message):
+        def fn(_):
+            raise RuntimeError(message)
+        return fn
+
+    with pytest.raises(RuntimeError, match="closed by peer"):  # gloo's words, from a real run
+        D._spawned(1, 2, 1, fails("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:55949. "
+                                  "This is typically caused by a remote worker crashing."), args)
+    assert slept == [D.PEER_LOST_GRACE_S]
+    with pytest.raises(RuntimeError, match="out of memory"):  # the worker's own error: printed at once
+        D._spawned(1, 2, 1, fails("CUDA error: out of memory"), args)
+    assert slept == [D.PEER_LOST_GRACE_S]
+
+
 class Interrupted(Exception):
     pass
 
