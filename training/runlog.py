@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .errors import UserError
+
 console = Console()
 
 
@@ -87,7 +89,9 @@ def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
     second --benchmark-steps steps are measured alone, as ``train_img_per_s_bn_frozen``."""
     first = times[:cfg.benchmark_steps]
     if len(first) < 3:
-        raise ValueError(f"--benchmark needs at least 3 steps, got {len(first)} (raise --benchmark-steps)")
+        raise UserError(f"--benchmark needs at least 3 steps, got {len(first)}", None, "--benchmark-steps",
+                        "pass --benchmark-steps 3 or more; --max-steps and the end of the first epoch "
+                        "also end the measurement")
     where = f"{cfg.model}, batch {cfg.batch_size} x {info.world_size}, {info.device}"
     result, measured = {}, {}
     phases = [("train_img_per_s", "BN with batch statistics", first)]
