@@ -525,6 +525,9 @@ class TrainConfig:
         if values["freeze_bn_after"] is not None and not 0 < values["freeze_bn_after"] <= 1:
             raise UserError(f"--freeze-bn-after must be in (0, 1], got {values['freeze_bn_after']:g}", None,
                             "--freeze-bn-after", "pass a fraction of the run, or 1 for never")
+        if values["benchmark"] and values["benchmark_steps"] < 3:  # warm-up + at least 2 timed steps
+            raise UserError(f"--benchmark-steps must be >= 3, got {values['benchmark_steps']}", None,
+                            "--benchmark-steps", "pass --benchmark-steps 3 or more (default 20)")
         if not values["lr"] > 0:  # the schedule is a multiple of --lr
             raise UserError(f"--lr must be > 0, got {values['lr']}", None, "--lr",
                             "pass a positive learning rate (freeze layers with --freeze-layers instead)")
@@ -533,6 +536,11 @@ class TrainConfig:
         note = optimizer_note(values["opt"])
         notes += [note] if note else []
         return cls(**values, notes=tuple(notes))
+
+    @property
+    def freezes_bn(self) -> bool:
+        """--freeze-bn-after takes effect within the run (the small-data recipe's 0.2; never with 1 or unset)."""
+        return self.freeze_bn_after is not None and self.freeze_bn_after < 1
 
     @property
     def channels_last(self) -> bool:

@@ -77,18 +77,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# How long a worker whose collective failed because a peer process died waits for ``spawn`` to kill it
-# before it prints its own traceback: the peer has printed the error that matters, and ``spawn`` kills the
-# other workers as soon as it sees one exit (milliseconds), so the wait only ends in a traceback when
-# ``spawn`` itself is gone.
+# How long a worker whose collective failed because a peer process went away waits for ``spawn`` to kill it
+# before it prints its own traceback. A peer that failed has printed the error that matters, and ``spawn``
+# kills the other workers as soon as one exits with an error (milliseconds), so the wait ends in a traceback
+# only when no peer failed that way: ``spawn`` itself is gone, or a peer left early with status 0 (a bug).
 PEER_LOST_GRACE_S = 10.0
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words for it
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")  # gloo's words for it (torch 2.14)
 
 
 def peer_lost(e: BaseException) -> bool:
-    """``e`` says that another worker of the process group went away (it failed first)."""
-    return isinstance(e, dist.DistBackendError) or (
-        isinstance(e, RuntimeError) and any(words in str(e) for words in _PEER_LOST))
+    """``e`` is a collective's error saying that another worker of the process group went away."""
+    return isinstance(e, RuntimeError) and any(words in str(e) for words in _PEER_LOST)
 
 
 def _spawned(local_rank: int, nproc: int, port: int, fn, args):
@@ -104,7 +103,7 @@ def _spawned(local_rank: int, nproc: int, port: int, fn, args):
         report(e)
         sys.exit(EXIT_USER_ERROR)
     except Exception as e:
-        if peer_lost(e):  # not this worker's error: let the failed peer's line stand alone
+        if peer_lost(e):  # most likely not this worker's error: let the failed peer's line stand alone
             time.sleep(PEER_LOST_GRACE_S)
         raise
 

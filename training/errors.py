@@ -37,7 +37,13 @@ class WorkerFailed(Exception):
 
     def __init__(self, rank: int, exitcode: int):
         self.rank, self.exitcode = rank, exitcode
-        super().__init__(f"worker rank {rank} exited with status {exitcode}; its error is printed above")
+        if exitcode < 0:  # multiprocessing's code for a signal: the worker could print nothing
+            import signal
+
+            why = f"was killed by {signal.Signals(-exitcode).name} (the kernel's out-of-memory killer sends SIGKILL)"
+        else:
+            why = f"exited with status {exitcode}; its error is printed above"
+        super().__init__(f"worker rank {rank} {why}")
 
 
 @contextmanager

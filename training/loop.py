@@ -282,7 +282,7 @@ def freeze_bn_if_due(run: Run) -> None:
     --time-budget it reads the fraction that ``budget_spent`` has just agreed on before the same step, so a
     distributed run makes one all-reduce per step, not two."""
     f = run.cfg.freeze_bn_after
-    if f is None or f >= 1:
+    if not run.cfg.freezes_bn:
         return
     if run.cfg.benchmark:
         due = len(run.bench_times) >= run.cfg.benchmark_steps
@@ -301,7 +301,8 @@ def freeze_bn_if_due(run: Run) -> None:
             console.print(f"BN statistics frozen at step {run.step} ({when}): BN layers normalize with their "
                           "running statistics from here on, as in evaluation"
                           f"{'; the EMA restarts from the current weights' if restart else ''}")
-            run.jlog.write(event="bn_frozen", step=run.step, fraction=f, resumed=resumed, ema_restarted=restart)
+            run.jlog.write(event="bn_frozen", step=run.step, fraction=None if run.cfg.benchmark else f,
+                           resumed=resumed, ema_restarted=restart)
     if run.bn_frozen:
         for m in run.bn_layers:
             m.eval()
@@ -513,8 +514,8 @@ def resume(run: Run, path: str) -> None:
     run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
     if run.budget is not None and state.get("budget_fraction") is not None:
         run.budget.offset = min(1.0, state["budget_fraction"])  # the budget continues where it stopped
-    if state.get("bn_frozen") is not None:  # recorded since the EMA restarts at the freeze
-        run.bn_frozen = run.bn_frozen_saved = bool(state["bn_frozen"])
+    if state.get("bn_frozen") is not None and not run.cfg.benchmark:  # recorded since the EMA restarts at
+        run.bn_frozen = run.bn_frozen_saved = bool(state["bn_frozen"])  # the freeze; --benchmark starts unfrozen
     if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first
         run.start_epoch, run.skip_batches = state["epoch"], state["batch_in_epoch"]
     if run.cfg.no_resume_opt:

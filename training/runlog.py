@@ -78,9 +78,9 @@ def progress(enabled: bool) -> Progress:
 
 def benchmark_phases(cfg) -> int:
     """--benchmark measures the training step as a run starts, with batch-statistics BN; a recipe that
-    freezes BN (--freeze-bn-after) spends most of its run in a cheaper step, which a second measurement of
+    freezes BN (``cfg.freezes_bn``) spends most of its run in a cheaper step, which a second measurement of
     as many steps covers."""
-    return 2 if cfg.freeze_bn_after is not None and cfg.freeze_bn_after < 1 else 1
+    return 2 if cfg.freezes_bn else 1
 
 
 def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
@@ -88,27 +88,31 @@ def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
     loading included, as NVIDIA's ``--benchmark`` measures it. With two phases (``benchmark_phases``), the
     second --benchmark-steps steps are measured alone, as ``train_img_per_s_bn_frozen``."""
     first = times[:cfg.benchmark_steps]
-    if len(first) < 3:
-        raise UserError(f"--benchmark needs at least 3 steps, got {len(first)}", None, "--benchmark-steps",
-                        "pass --benchmark-steps 3 or more; --max-steps and the end of the first epoch "
-                        "also end the measurement")
+    if len(first) < 3:  # every rank has the same steps: one says it, the others end without a figure
+        if not info.is_main:
+            return {}
+        raise UserError(f"--benchmark needs at least 3 steps, got {len(first)}", None, "--max-steps",
+                        "--max-steps or the end of the first epoch came first: raise --max-steps, or use more "
+                        "training images or a smaller batch")
     where = f"{cfg.model}, batch {cfg.batch_size} x {info.world_size}, {info.device}"
-    result, measured = {}, {}
-    phases = [("train_img_per_s", "BN with batch statistics", first)]
+    result = {}
+    phases = [("train_img_per_s", "measured_steps", "BN with batch statistics", first)]
     if benchmark_phases(cfg) == 2:
-        phases.append(("train_img_per_s_bn_frozen", "BN frozen", times[cfg.benchmark_steps:]))
-    for key, bn, steps in phases:
+        phases.append(("train_img_per_s_bn_frozen", "measured_steps_bn_frozen", "BN frozen",
+                       times[cfg.benchmark_steps:]))
+    for key, count_key, bn, steps in phases:
         if len(steps) < 3:
             if info.is_main:
-                console.print(f"training throughput, {bn}: not measured ({len(steps)} steps; it needs 3)")
+                console.print(f"training throughput, {bn}: not measured ({len(steps)} steps, it needs 3: "
+                              "--max-steps or the end of the first epoch came first)")
             continue
         warm = max(1, len(steps) // 5)
         dt = steps[-1][0] - steps[warm - 1][0]
         result[key] = sum(b for _, b in steps[warm:]) / max(dt, 1e-9)
-        measured[key.replace("train_img_per_s", "measured_steps")] = len(steps) - warm
+        result[count_key] = len(steps) - warm
         if info.is_main:
             console.print(f"training throughput, {bn}: {result[key]:.2f} img/s over {len(steps) - warm} steps "
                           f"after {warm} warm-up steps ({where})")
     if info.is_main:
-        jlog.write(event="benchmark", step=len(times), epoch=0, **result, **measured)
+        jlog.write(event="benchmark", step=len(times), epoch=0, **result)
     return result

@@ -213,16 +213,27 @@ def test_benchmark_measures_the_frozen_step_too_where_the_recipe_freezes(tmp_pat
     tiny = generate_synthetic(tmp_path / "data", **{**TINY, "num_train": 12})  # batch 2: 6 steps in the epoch
     flags = ("--benchmark", "--benchmark-steps", "3", "--pictures", "0")
     log = train_tiny(tiny, tmp_path / "a", *flags, "--freeze-bn-after", "0.2")
-    assert [e["step"] for e in log if e["event"] == "bn_frozen"] == [3]
+    assert [(e["step"], e["fraction"]) for e in log if e["event"] == "bn_frozen"] == [(3, None)]
     (bench,) = [e for e in log if e["event"] == "benchmark"]
     assert bench["train_img_per_s"] > 0 and bench["train_img_per_s_bn_frozen"] > 0
     assert bench["measured_steps"] == bench["measured_steps_bn_frozen"] == 2  # 3 steps each, 1 of them warm-up
     log = train_tiny(tiny, tmp_path / "b", *flags, "--freeze-bn-after", "1")
     (bench,) = [e for e in log if e["event"] == "benchmark"]
     assert not any(e["event"] == "bn_frozen" for e in log) and "train_img_per_s_bn_frozen" not in bench
+
+    # resumed from a run already past its freeze: NVIDIA's figure is still taken with batch statistics
+    train_tiny(tiny, tmp_path / "c", "--epochs", "3", "--freeze-bn-after", "0.2", "--stop-after", "1",
+               "--eval-interval", "0", "--pictures", "0")  # frozen before step 5 of 18, saved after step 6
+    log = train_tiny(tiny, tmp_path / "c", *flags, "--epochs", "3", "--freeze-bn-after", "0.2", "--resume")
+    resumed = log[max(i for i, e in enumerate(log) if e["event"] == "start"):]
+    assert [e["step"] for e in resumed if e["event"] == "bn_frozen"] == [9]  # unfrozen for steps 7-9
+
+    # too few steps: a one-line error, up front for the flag, at the end where --max-steps cut it short
+    with pytest.raises(ValueError, match="--benchmark-steps must be >= 3, got 0"):
+        config("--benchmark", "--benchmark-steps", "0")
     argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"], "--output",
-            str(tmp_path / "c"), "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", "--benchmark",
-            "--benchmark-steps", "2", "--freeze-bn-after", "0.2"]  # 4 steps in all, but 2 per measurement
+            str(tmp_path / "d"), "--input_size", "128", "-b", "2", "--workers", "0", "--device", "cpu", *flags,
+            "--max-steps", "2"]
     capsys.readouterr()
     assert train.main(argv) == 2 and "--benchmark needs at least 3 steps, got 2" in capsys.readouterr().err
 

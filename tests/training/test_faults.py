@@ -145,6 +145,10 @@ def test_a_worker_whose_peer_died_waits_to_be_killed_instead_of_printing(monkeyp
     with pytest.raises(RuntimeError, match="out of memory"):  # the worker's own error: printed at once
         D._spawned(1, 2, 1, fails("CUDA error: out of memory"), args)
     assert slept == [D.PEER_LOST_GRACE_S]
+    # a peer killed by a signal (the out-of-memory killer) printed nothing: the message says what happened
+    from training.errors import WorkerFailed
+
+    assert "killed by SIGKILL" in str(WorkerFailed(1, -9)) and "printed above" in str(WorkerFailed(1, 1))
 
 
 class Interrupted(Exception):
