@@ -40,7 +40,11 @@ class WorkerFailed(Exception):
         if exitcode < 0:  # multiprocessing's code for a signal: the worker could print nothing
             import signal
 
-            why = f"was killed by {signal.Signals(-exitcode).name} (the kernel's out-of-memory killer sends SIGKILL)"
+            try:
+                name = signal.Signals(-exitcode).name
+            except ValueError:  # a signal number without a name here
+                name = f"signal {-exitcode}"
+            why = f"was killed by {name} (the kernel's out-of-memory killer sends SIGKILL)"
         else:
             why = f"exited with status {exitcode}; its error is printed above"
         super().__init__(f"worker rank {rank} {why}")
