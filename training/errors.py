@@ -44,7 +44,7 @@ class WorkerFailed(Exception):
                 name = signal.Signals(-exitcode).name
             except ValueError:  # a signal number without a name here
                 name = f"signal {-exitcode}"
-            why = f"was killed by {name} (the kernel's out-of-memory killer sends SIGKILL)"
+            why = f"was killed by {name}" + (" (out of memory? the kernel's killer sends SIGKILL)" if -exitcode == 9 else "")
         else:
             why = f"exited with status {exitcode}; its error is printed above"
         super().__init__(f"worker rank {rank} {why}")
