@@ -44,7 +44,8 @@ class WorkerFailed(Exception):
                 name = signal.Signals(-exitcode).name
             except ValueError:  # a signal number without a name here
                 name = f"signal {-exitcode}"
-            why = f"was killed by {name}" + (" (out of memory? the kernel's killer sends SIGKILL)" if -exitcode == 9 else "")
+            oom = " (out of memory? the kernel's killer sends SIGKILL)" if -exitcode == 9 else ""
+            why = f"was killed by {name}{oom}"
         else:
             why = f"exited with status {exitcode}; its error is printed above"
         super().__init__(f"worker rank {rank} {why}")
