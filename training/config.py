@@ -243,7 +243,7 @@ def train_parser() -> argparse.ArgumentParser:
              note="as NVIDIA's; where the recipe freezes BN (--freeze-bn-after), a second measurement of as many "
                   "steps covers the frozen step")
     p.nvidia(r, "--benchmark-steps", type=int, default=20, help="steps measured by --benchmark",
-             note="default 20 (NVIDIA: 0, which measures one step)")
+             note="default 20, at least 3 (NVIDIA: 0, which measures one step)")
     p.nvidia(r, "--dllogger-file", default=None, help="also write the log in dllogger's JSON format here",
              note="default none (NVIDIA: log.json); " + _infra("dllogger_file"))
     r.add_argument("--stop-after", type=int, default=None, help="stop after N epochs of this run (as if interrupted)")
