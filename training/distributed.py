@@ -104,7 +104,10 @@ def _spawned(local_rank: int, nproc: int, port: int, fn, args):
         sys.exit(EXIT_USER_ERROR)
     except Exception as e:
         if peer_lost(e):  # most likely not this worker's error: let the failed peer's line stand alone
-            time.sleep(PEER_LOST_GRACE_S)
+            try:
+                time.sleep(PEER_LOST_GRACE_S)
+            except KeyboardInterrupt:  # a Ctrl-C ends the wait: this error, not a second traceback for it
+                pass
         raise
 
 

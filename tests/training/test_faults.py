@@ -145,6 +145,14 @@ def test_a_worker_whose_peer_died_waits_to_be_killed_instead_of_printing(monkeyp
     with pytest.raises(RuntimeError, match="out of memory"):  # the worker's own error: printed at once
         D._spawned(1, 2, 1, fails("CUDA error: out of memory"), args)
     assert slept == [D.PEER_LOST_GRACE_S]
+
+    def interrupted(seconds):  # a Ctrl-C during the wait ends it, with the collective's error alone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.time, "sleep", interrupted)
+    with pytest.raises(RuntimeError, match="reset by peer") as caught:
+        D._spawned(1, 2, 1, fails("Connection reset by peer"), args)
+    assert caught.value.__context__ is None  # no "During handling ... KeyboardInterrupt" in its traceback
     # a peer killed by a signal (the out-of-memory killer) printed nothing: the message says what happened
     from training.errors import WorkerFailed
 
