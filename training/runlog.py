@@ -101,7 +101,7 @@ def report_benchmark(times: list, cfg, jlog: JsonLog, info) -> dict:
         phases.append(("train_img_per_s_bn_frozen", "measured_steps_bn_frozen", "BN frozen",
                        times[cfg.benchmark_steps:]))
     for key, count_key, bn, steps in phases:
-        if len(steps) < 3:
+        if len(steps) < 3:  # only the BN-frozen phase can get here short: the first one was checked above
             if info.is_main:
                 console.print(f"training throughput, {bn}: not measured ({len(steps)} steps, it needs 3: "
                               "--max-steps or the end of the first epoch came first)")
