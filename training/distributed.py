@@ -82,7 +82,11 @@ def free_port() -> int:
 # kills the other workers as soon as one exits with an error (milliseconds), so the wait ends in a traceback
 # only when no peer failed that way: ``spawn`` itself is gone, or a peer left early with status 0 (a bug).
 PEER_LOST_GRACE_S = 10.0
-_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")  # gloo's words for it (torch 2.14)
+# gloo's words for it (seen in a torch 2.14 run), and NCCL's: its ncclGetErrorString text for ncclRemoteError,
+# which PyTorch's NCCL errors quote. (On GPUs the watchdog thread often aborts such a worker before Python sees
+# an error; then there is no second traceback to hold back.)
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer",
+              "remote process exited or there was a network error")
 
 
 def peer_lost(e: BaseException) -> bool:

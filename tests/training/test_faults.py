@@ -142,9 +142,14 @@ def test_a_worker_whose_peer_died_waits_to_be_killed_instead_of_printing(monkeyp
         D._spawned(1, 2, 1, fails("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:55949. "
                                   "This is typically caused by a remote worker crashing."), args)
     assert slept == [D.PEER_LOST_GRACE_S]
+    with pytest.raises(RuntimeError, match="ncclRemoteError"):  # NCCL's words, as PyTorch's error quotes them
+        D._spawned(1, 2, 1, fails("NCCL error in: ProcessGroupNCCL.cpp:1983, remote process exited or there was a "
+                                  "network error, NCCL version 2.20.5\nncclRemoteError: A call failed possibly due "
+                                  "to a network error or a remote process exiting prematurely."), args)
+    assert slept == [D.PEER_LOST_GRACE_S] * 2
     with pytest.raises(RuntimeError, match="out of memory"):  # the worker's own error: printed at once
         D._spawned(1, 2, 1, fails("CUDA error: out of memory"), args)
-    assert slept == [D.PEER_LOST_GRACE_S]
+    assert slept == [D.PEER_LOST_GRACE_S] * 2
 
     def interrupted(seconds):  # a Ctrl-C during the wait ends it, with the collective's error alone
         raise KeyboardInterrupt
