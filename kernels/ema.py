@@ -28,9 +28,11 @@ class copies integer buffers itself).
 
 Custom op: ``effdet::ema_update_(ema, model, decay_tensor, decay_value) -> ()`` mutating ``ema``, what
 ``torch.compile`` traces. Eager calls run the same launcher without the op's Python dispatch, which for
-two lists of ~640 tensors costs more than the whole host budget of a step (see the tests).
+two lists of ~640 tensors costs more than the whole host budget of a step (see the tests); they bump the
+ema tensors' autograd version counters themselves, as the op's in-place schema does.
 """
 import collections
+import contextlib
 import logging
 import operator
 from typing import Optional, Sequence
@@ -84,7 +86,7 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["n_tensors"])
-    def _ema_kernel(table_ptr, n_tensors, decay_ptr, decay_value,
+    def _ema_kernel(table_ptr, n_tensors, decay_ptr, weight_value,
                     EMA_DTYPE: tl.constexpr, MODEL_DTYPE: tl.constexpr,
                     DECAY_FROM_PTR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         # table layout (int64): [ema_ptr * n | model_ptr * n | numel * n | tile_tensor * T | tile_start * T]
@@ -101,10 +103,9 @@ if triton_available():
             ema_ptr = tl.multiple_of(ema_ptr, 16)
             model_ptr = tl.multiple_of(model_ptr, 16)
         if DECAY_FROM_PTR:
-            decay = tl.load(decay_ptr).to(tl.float32)
-        else:
-            decay = decay_value
-        w = 1.0 - decay
+            w = 1.0 - tl.load(decay_ptr).to(tl.float32)
+        else:                                                  # 1 - decay from the host, as the reference
+            w = weight_value
         offs = start + tl.arange(0, BLOCK)
         if start + BLOCK <= numel:                             # full tile: no mask, vector accesses
             e = tl.load(ema_ptr + offs).to(tl.float32)
@@ -244,11 +245,12 @@ def _build_table(ema: list[torch.Tensor], model: list[torch.Tensor], device) -> 
 
 
 def _launch(plan: "_Plan", decay_tensor: Optional[torch.Tensor], decay_value: float) -> None:
-    """One kernel launch per (ema dtype, model dtype, aligned) group; non-dense pairs go through torch."""
+    """One kernel launch per (ema dtype, model dtype, aligned) group; non-dense pairs go through torch.
+    ``decay_value`` is used where ``decay_tensor`` is None."""
     launches, fb_e, fb_m = plan.groups()
     for table, n, n_tiles, edt, mdt, aligned, block in launches:
         _ema_kernel[(n_tiles,)](
-            table, n, decay_tensor if decay_tensor is not None else table, decay_value,
+            table, n, decay_tensor if decay_tensor is not None else table, _decay_weight(decay_value, None),
             EMA_DTYPE=_TL_DTYPES[edt], MODEL_DTYPE=_TL_DTYPES[mdt], DECAY_FROM_PTR=decay_tensor is not None,
             ALIGNED=aligned, BLOCK=block, num_warps=4)
     if fb_e:
@@ -284,11 +286,10 @@ def _triton_path(ema, model, decay):
         decay_tensor, decay_value = None, float(decay)
     if torch.compiler.is_compiling():
         _ema_update_op(list(ema), list(model), decay_tensor, decay_value)
-    elif device.type == "cuda":
-        with torch.cuda.device(device):
+    else:                               # CUDA, or CPU tensors in the interpreter (resolve() checked it is on)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             _launch(_plan(ema, model), decay_tensor, decay_value)
-    else:                               # CPU tensors: the interpreter (resolve() checked it is on)
-        _launch(_plan(ema, model), decay_tensor, decay_value)
+        torch.autograd.graph.increment_version(list(ema))  # written through raw addresses: say so to autograd
 
 
 def _reference_path(ema, model, decay):
