@@ -59,11 +59,14 @@ def _log_choice(op: str, device_type: str, choice: str, why: str) -> None:
     log.debug("kernels.%s on %s: %s backend (%s)", op, device_type, choice, why)
 
 
-def resolve(op: str, backend: str, device: torch.device | str) -> str:
+def resolve(op: str, backend: str, device: torch.device | str, unsupported: str | None = None) -> str:
     """Return ``"triton"`` or ``"torch"`` for ``op`` on ``device`` and log the choice.
 
-    Raises a clear error when Triton is asked for but cannot run (no Triton, or CPU tensors
-    without the interpreter).
+    ``unsupported``: why the Triton path cannot compute this call as the reference would (e.g. float64
+    inputs, which the kernels compute in float32), or None. ``"auto"`` then takes the reference.
+
+    Raises a clear error when Triton is asked for but cannot run (no Triton, CPU tensors without the
+    interpreter, or an ``unsupported`` call).
     """
     backend = _check("backend", backend)
     device_type = torch.device(device).type
@@ -72,11 +75,15 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
         backend, why = default_backend(), f"{ENV_VAR}"
     if backend == "auto":
         use_triton = device_type == "cuda" and triton_available()
-        choice = "triton" if use_triton else "torch"
-        why = "auto: CUDA tensors and Triton present" if use_triton else "auto: no CUDA tensors or no Triton"
+        choice = "triton" if use_triton and unsupported is None else "torch"
+        why = ("auto: no CUDA tensors or no Triton" if not use_triton else f"auto: {unsupported}" if unsupported
+               else "auto: CUDA tensors and Triton present")
     else:
         choice = backend
     if choice == "triton":
+        if unsupported is not None:
+            raise ValueError(f"kernels.{op}: the Triton path cannot take {unsupported} (backend 'triton' set by "
+                             f"{why}); use backend='torch'")
         if not triton_available():
             raise RuntimeError(f"kernels.{op}: backend='triton' asked for, but Triton does not import here")
         if device_type != "cuda" and not interpreter_enabled():
@@ -88,10 +95,12 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
     return choice
 
 
-def dispatch(op: str, backend: str, device: torch.device | str, triton_path, reference, *args, **kwargs):
-    """The one call every public op makes: ``resolve`` the backend, then run ``triton_path`` (which calls
-    the op's custom op) or ``reference`` with the same arguments. Both must accept ``*args, **kwargs``."""
-    if resolve(op, backend, device) == "triton":
+def dispatch(op: str, backend: str, device: torch.device | str, triton_path, reference, *args,
+             unsupported: str | None = None, **kwargs):
+    """The one call every public op makes: ``resolve`` the backend (``unsupported``: see there), then run
+    ``triton_path`` (which calls the op's custom op) or ``reference`` with the same arguments. Both must
+    accept ``*args, **kwargs``."""
+    if resolve(op, backend, device, unsupported) == "triton":
         return triton_path(*args, **kwargs)
     return reference(*args, **kwargs)
 

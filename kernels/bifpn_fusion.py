@@ -571,10 +571,6 @@ _fwd_launcher.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 def _triton_path(inputs, resample, edge_weights, dw_weight, out_size, method="fast", pool_padding="symmetric",
                  eps=1e-4):
     """Normalize the weights (torch autograd), make the inputs dense in the kernels' layout, call the op."""
-    if len(inputs) > MAX_TRITON_INPUTS:
-        raise ValueError(f"{_WHERE}: inputs: the Triton path takes at most {MAX_TRITON_INPUTS}, got {len(inputs)}")
-    if inputs[0].dtype not in _TRITON_DTYPES:
-        raise ValueError(f"{_WHERE}: inputs: the Triton path takes {_TRITON_DTYPES}, got {inputs[0].dtype}")
     H, W = (int(s) for s in out_size)
     nw = normalized_edge_weights(edge_weights, len(inputs), method, eps, inputs[0].device)
     fmt = _fmt(_kernel_layout(inputs))
@@ -584,6 +580,15 @@ def _triton_path(inputs, resample, edge_weights, dw_weight, out_size, method="fa
     out, _ = _fwd_launcher(xs, [_MODES[r] for r in resample], nw, dw_weight, H, W, pool_padding == "same",
                            needs_grad)
     return out.contiguous(memory_format=_out_format(inputs[0]))  # no-op unless the layouts were mixed
+
+
+def _triton_unsupported(inputs: list) -> Optional[str]:
+    """Why the Triton path cannot take these inputs (``"auto"`` then runs the reference), or None."""
+    if len(inputs) > MAX_TRITON_INPUTS:
+        return f"{len(inputs)} inputs (it takes at most {MAX_TRITON_INPUTS})"
+    if inputs[0].dtype not in _TRITON_DTYPES:
+        return f"{inputs[0].dtype} inputs (it takes {', '.join(str(d) for d in _TRITON_DTYPES)})"
+    return None
 
 
 def bifpn_fusion(inputs: Sequence[torch.Tensor], resample: Sequence[str], edge_weights: Optional[torch.Tensor],
@@ -597,4 +602,5 @@ def bifpn_fusion(inputs: Sequence[torch.Tensor], resample: Sequence[str], edge_w
     inputs = list(inputs)
     _check(inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding)
     return dispatch(OP_NAME, backend, inputs[0].device, _triton_path, bifpn_fusion_reference,
-                    inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding, eps)
+                    inputs, resample, edge_weights, dw_weight, out_size, method, pool_padding, eps,
+                    unsupported=_triton_unsupported(inputs))

@@ -103,7 +103,8 @@ def _decode_reference_parsed(deltas, anchors, clip_mode, clip, clip_h, clip_w):
 
 
 def decode_boxes_reference(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None) -> torch.Tensor:
-    """Plain-PyTorch decode (the spec): (..., N, 4) (dy, dx, dh, dw) + (N, 4) xyxy -> (..., N, 4) xyxy fp32."""
+    """Plain-PyTorch decode (the spec): (..., N, 4) (dy, dx, dh, dw) + (N, 4) xyxy -> (..., N, 4) xyxy fp32
+    (fp64 for fp64 deltas)."""
     _check_decode(deltas, anchors)
     mode, clip, h, w = _parse_clip(clip_to, tuple(deltas.shape[:-2]), deltas.device)
     return _clip_reference(_decode_math(deltas, anchors), mode, clip, h, w)
@@ -333,6 +334,16 @@ def _check_topk(class_logits, box_deltas, anchors) -> None:
                          f"{box_deltas.device}")
 
 
+def _triton_unsupported(deltas: torch.Tensor) -> Optional[str]:
+    """Why the Triton path cannot decode these deltas as the reference does (``"auto"`` then runs the
+    reference), or None: it computes in float32 and has no backward."""
+    if deltas.dtype == torch.float64:
+        return "float64 deltas (it decodes in float32)"
+    if deltas.requires_grad and torch.is_grad_enabled():
+        return "deltas that need a gradient (it has no backward)"
+    return None
+
+
 def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None, backend: str = "auto"
                  ) -> torch.Tensor:
     """Decode regression deltas into xyxy pixel boxes.
@@ -346,12 +357,14 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None, back
         backend: ``"auto" | "triton" | "torch"``.
 
     Returns:
-        ``(..., N, 4)`` float32 xyxy boxes; ``dh, dw`` are clamped to ``log(1000/16)`` before ``exp``.
+        ``(..., N, 4)`` float32 xyxy boxes (float64 for float64 deltas, which ``"auto"`` decodes with the
+        reference, as it does deltas that need a gradient: the Triton path refuses both); ``dh, dw`` are
+        clamped to ``log(1000/16)`` before ``exp``.
     """
     _check_decode(deltas, anchors)
     mode, clip, h, w = _parse_clip(clip_to, tuple(deltas.shape[:-2]), deltas.device)
     return dispatch("decode_boxes", backend, deltas.device, _decode_boxes_op, _decode_reference_parsed,
-                    deltas, anchors, mode, clip, h, w)
+                    deltas, anchors, mode, clip, h, w, unsupported=_triton_unsupported(deltas))
 
 
 def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor, k: int,
@@ -375,4 +388,5 @@ def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: t
     mode, clip, h, w = _parse_clip(clip_to, (class_logits.shape[0],), class_logits.device)
     values, flat_index = _topk_select(class_logits, k)
     return dispatch("decode_topk", backend, class_logits.device, _topk_gather_op, _topk_gather_reference,
-                    values, flat_index, box_deltas, anchors, mode, clip, h, w, class_logits.shape[-1])
+                    values, flat_index, box_deltas, anchors, mode, clip, h, w, class_logits.shape[-1],
+                    unsupported=_triton_unsupported(box_deltas))

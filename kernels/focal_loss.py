@@ -112,7 +112,7 @@ if triton_available():
             offs = start + lane
             m = offs < n_elem
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            tgt = tl.load(tgt_ptr + row, mask=m, other=0).to(tl.int32)
+            tgt = tl.load(tgt_ptr + row, mask=m, other=0)  # its own dtype: int64 values past 2**31 stay
             counted = m & (tgt != ignore_index)
             finite = tl.abs(x) < float("inf")            # False for NaN and +-inf
             pos = tgt == col
@@ -289,7 +289,8 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
     """Sigmoid focal loss summed over anchors and classes, divided by ``normalizer``.
 
     Args:
-        logits: ``(..., C)`` fp32/fp16/bf16 class logits (the detector passes ``(B, N_anchors, C)``).
+        logits: ``(..., C)`` fp32/fp16/bf16 class logits (the detector passes ``(B, N_anchors, C)``); float64
+            runs the reference in float64 (``"auto"``; the Triton path refuses it).
         targets: ``(...)`` integer class index per anchor: ``k >= 0`` positive for class ``k``,
             ``-1`` background, ``ignore_index`` ignored (no loss, no gradient).
         normalizer: 0-dim tensor on the logits' device (or a Python number); never read on the host.
@@ -297,8 +298,9 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
         backend: ``"auto" | "triton" | "torch"`` (see ``kernels._dispatch``).
 
     Returns:
-        0-dim float32 tensor. Differentiable w.r.t. ``logits``.
+        0-dim float32 tensor (float64 for float64 logits). Differentiable w.r.t. ``logits``.
     """
     _check_inputs(logits, targets)
+    unsupported = "float64 logits (it computes in float32)" if logits.dtype == torch.float64 else None
     return dispatch(OP_NAME, backend, logits.device, _triton_path, focal_loss_reference, logits, targets,
-                    normalizer, alpha, gamma, label_smoothing, ignore_index)
+                    normalizer, alpha, gamma, label_smoothing, ignore_index, unsupported=unsupported)

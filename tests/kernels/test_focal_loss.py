@@ -275,6 +275,9 @@ def test_custom_ignore_index_and_out_of_range_class():
     t = torch.tensor([[0, -1, 7, -5, 3, 2]])           # 7 is no class column: treated as all-negative
     check(x, t, torch.tensor(1.0), ignore_index=-5)
     check(x, t, torch.tensor(1.0), ignore_index=-1)
+    # int64 classes past int32: compared in their own dtype, not wrapped (2**32 + 1 would read as class 1)
+    t = torch.tensor([[2 ** 32 + 1, 2 ** 32, -2 ** 32 - 5, 1, 2 ** 40, 0]])
+    check(x, t, torch.tensor(1.0), ignore_index=-5)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (2, 0, 5), (3, 4, 0)])
