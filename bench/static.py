@@ -368,6 +368,7 @@ def capture_launches():
 _FROM_HOST = ("tensor", "as_tensor", "scalar_tensor", "full")
 _TO_HOST_METHODS = ("item", "cpu", "tolist", "numpy", "nonzero")
 _TO_HOST_FUNCS = ("nonzero",)
+_TO_HOST_CASTS = ("__bool__", "__int__", "__float__", "__index__")
 
 
 def _is_host_data(x) -> bool:
@@ -388,7 +389,10 @@ class HostSyncRecorder:
     * ``torch.tensor`` / ``torch.as_tensor`` / ``torch.scalar_tensor`` with Python data, and ``torch.full``
       of a one-element tensor from a Python number (a host scalar moved to the device; ``torch.full`` of a
       bigger buffer with a constant is a device fill, not a copy, and is allowed);
-    * ``Tensor.item`` / ``.cpu`` / ``.tolist`` / ``.numpy`` / ``.nonzero`` and ``torch.nonzero``.
+    * ``Tensor.item`` / ``.cpu`` / ``.tolist`` / ``.numpy`` / ``.nonzero`` and ``torch.nonzero``;
+    * the implicit reads: a tensor as a Python ``bool`` / ``int`` / ``float`` / index (``if t:``,
+      ``int(t.sum())``, ``range(t)``), ``Tensor.to("cpu")``, ``torch.equal``, ``repeat_interleave`` of tensor
+      repeats without ``output_size`` (its output size is data), and indexing with a boolean mask.
 
     Use as a context manager; ``calls`` lists ``(what, "file:line")``.
     """
@@ -416,7 +420,7 @@ class HostSyncRecorder:
                 rec.calls.append((label, where))
             return orig(*args, **kwargs)
 
-        self._saved.append((owner, attr, orig))
+        self._saved.append((owner, attr, orig, attr in vars(owner)))
         setattr(owner, attr, wrapper)
 
     def __enter__(self):
@@ -437,6 +441,26 @@ class HostSyncRecorder:
             self._wrap(torch, name, f"torch.{name}")
         for name in _TO_HOST_METHODS:
             self._wrap(torch.Tensor, name, f"Tensor.{name}")
+        for name in _TO_HOST_CASTS:
+            self._wrap(torch.Tensor, name, f"Tensor.{name}")
+
+        def to_cpu(self_, *a, **k):  # named as a string: here every device is the CPU, ``x.device`` included
+            where = k.get("device", a[0] if a else None)
+            return isinstance(where, str) and torch.device(where).type == "cpu"
+
+        def data_sized(*a, **k):  # repeat_interleave(input, repeats) / Tensor.repeat_interleave(repeats)
+            return isinstance(k.get("repeats", a[1] if len(a) > 1 else None), torch.Tensor) and \
+                k.get("output_size") is None
+
+        def mask_index(self_, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
+
+        self._wrap(torch.Tensor, "to", "Tensor.to(cpu)", to_cpu)
+        self._wrap(torch, "equal", "torch.equal")
+        self._wrap(torch, "repeat_interleave", "torch.repeat_interleave", data_sized)
+        self._wrap(torch.Tensor, "repeat_interleave", "Tensor.repeat_interleave", data_sized)
+        self._wrap(torch.Tensor, "__getitem__", "Tensor[bool mask]", mask_index)
         try:
             from triton.runtime.interpreter import InterpretedFunction
             orig = InterpretedFunction.run
@@ -449,15 +473,18 @@ class HostSyncRecorder:
                 finally:
                     rec._in_kernel -= 1
 
-            self._saved.append((InterpretedFunction, "run", orig))
+            self._saved.append((InterpretedFunction, "run", orig, True))
             InterpretedFunction.run = run
         except Exception:  # pragma: no cover
             pass
         return self
 
     def __exit__(self, *exc):
-        for owner, attr, orig in reversed(self._saved):
-            setattr(owner, attr, orig)
+        for owner, attr, orig, own in reversed(self._saved):
+            if own:
+                setattr(owner, attr, orig)
+            else:  # inherited (e.g. Tensor.__bool__ from the C base class): drop the wrapper
+                delattr(owner, attr)
         self._saved.clear()
         return False
 
