@@ -26,8 +26,10 @@ def lowest_precision(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def assert_close(actual, expected, rtol, atol, what):
-    """Elementwise ``|a - e| <= atol + rtol * |e|``, NaN only where the expected value is NaN."""
+    """Elementwise ``|a - e| <= atol + rtol * |e|``, NaN only where the expected value is NaN. ``atol``: a
+    number, or a tensor broadcast against the values (a tolerance per element)."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    atol = atol.double().cpu() if torch.is_tensor(atol) else atol
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     bad = ~(((actual - expected).abs() <= atol + rtol * expected.abs()) | (actual == expected))  # inf == inf
     bad &= ~(actual.isnan() & expected.isnan())
@@ -36,5 +38,6 @@ def assert_close(actual, expected, rtol, atol, what):
         idx = bad.nonzero()[:5].tolist()
         lines = [f"  at {i}: got {actual[tuple(i)].item():.9g}, expected {expected[tuple(i)].item():.9g}"
                  for i in idx]
+        atol_s = f"{atol:.3g}" if not torch.is_tensor(atol) else f"per element, up to {atol.max().item():.3g}"
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(rtol {rtol}, atol {atol}); first:\n" + "\n".join(lines))
+                             f"(rtol {rtol}, atol {atol_s}); first:\n" + "\n".join(lines))

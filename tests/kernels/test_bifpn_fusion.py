@@ -95,6 +95,8 @@ CASES = [  # C, H, W, modes, method, pool_padding, layout, dtype
     (3, 3, 2, ("down", "up", "same"), "sum", "same", "nchw", torch.float16),
     (5, 4, 3, ("same", "up", "down"), "fast", "symmetric", "strided", torch.float32),
     (8, 3, 3, ("down", "up"), "softmax", "same", "strided", torch.float16),
+    (80, 5, 7, ("same", "up", "down"), "fast", "symmetric", "nhwc", torch.float32),  # more than one channel tile
+    (80, 3, 4, ("up", "down"), "sum", "same", "nchw", torch.float32),
 ]
 
 
