@@ -10,7 +10,7 @@ import os
 import sys
 
 from training.config import eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
-from training.errors import UserError, run
+from training.errors import UserError, naming, run
 
 
 def main(argv=None):
@@ -23,15 +23,19 @@ def _main(argv):
     args = parser.parse_args(argv)
     from training.host import default_workers, uses_cuda
 
+    use_cuda = uses_cuda(args.device)
     if args.workers is None:
-        args.workers = default_workers(cuda=uses_cuda(args.device))
+        args.workers = default_workers(cuda=use_cuda)
+    if args.batch_size < 1:
+        raise UserError(f"-b/--batch-size must be >= 1, got {args.batch_size}", None, "--batch-size",
+                        "pass a batch size of 1 or more")
     if args.compile and args.torchscript:
         raise UserError("--compile and --torchscript both choose how the network runs", None, "--compile",
                         "pass one of them")
     if args.images:  # a folder of images without annotations: detections and pictures only
         from training.images import infer_images
 
-        return infer_images(args)
+        return infer_images(args, default_checkpoint(args))
     import torch
 
     import datasets as D
@@ -56,12 +60,12 @@ def _main(argv):
 
     if args.detections:
         dets = D.load_detections(args.detections)
-        stats = D.evaluate_detections(gt, dets, iou_by_class=iou_by_class)
+        with naming(args.detections):  # an entry the annotation file does not know
+            stats = D.evaluate_detections(gt, dets, iou_by_class=iou_by_class)
         report(stats, f"{args.detections} on {len(gt['images'])} images")
         jlog.write(event="eval", step=0, epoch=0, detections=args.detections, **stats)
         return 0
 
-    use_cuda = uses_cuda(args.device)
     device = torch.device("cuda" if use_cuda else "cpu")
     if not use_cuda:
         from training.host import tune_allocator
@@ -90,14 +94,20 @@ def _main(argv):
     console.print(f"{len(results)} detections on {timing['images']} images -> {out_json} "
                   f"(evaluation {timing['img_per_s']:.1f} img/s: loading, model, post-processing, conversion"
                   f"{'; TorchScript' if args.torchscript else ''}{'; torch.compile' if args.compile else ''})")
+    # --skip-bad-images: missing files left the index when it was built, undecodable ones were never scored
+    missing, undecodable = dataset.stats["image_missing"], len(dataset) - timing["images"]
+    skipped = missing + undecodable
+    if skipped:
+        console.print(f"[yellow]{skipped} of {len(dataset) + missing} images left out (--skip-bad-images): "
+                      f"{missing} missing, {undecodable} undecodable; scored over the other {timing['images']}[/]")
     if args.visualize:
         pics = save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         console.print(f"{len(pics)} pictures in {os.path.join(args.output, 'pictures')}")
-    event = dict(event="eval", step=0, epoch=0, checkpoint=path, detections=out_json,
+    event = dict(event="eval", step=0, epoch=0, checkpoint=path, detections=out_json, skipped_images=skipped,
                  **{k: v for k, v in timing.items() if k != "image_ids"})
     if not args.inference and "test" not in args.anno:  # test sets carry no boxes: detections only
         stats = D.evaluate_detections(gt, results, iou_by_class=iou_by_class, image_ids=timing["image_ids"])
-        report(stats, f"{os.path.basename(path)} on {len(dataset)} images")
+        report(stats, f"{os.path.basename(path)} on {timing['images']} images")
         event.update(stats)
     jlog.write(**event)
     return 0

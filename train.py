@@ -20,6 +20,9 @@ def main(argv=None):
 def _main(argv):
     args = train_parser().parse_args(argv)
     from training import distributed, loop
+    from training.host import uses_cuda
+
+    uses_cuda(args.device)  # a --device this machine cannot run: one line now, not one per worker later
 
     if args.nproc > 1:
         distributed.spawn(args.nproc, loop.train, args)

@@ -123,7 +123,9 @@ def load_coco_json(ann_file) -> dict:
     """
     ann_file = str(ann_file)
     if not os.path.isfile(ann_file):
-        raise MissingFileError(ann_file, "annotation file not found", todo="check the path given to --train-ann/--val-ann or the data root")
+        raise MissingFileError(ann_file, "annotation file is a folder" if os.path.isdir(ann_file) else
+                               "annotation file not found",
+                               todo="check the path given to --train-ann/--val-ann or the data root")
     try:
         with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)

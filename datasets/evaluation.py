@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from .coco import AnnotationError
+from .coco import AnnotationError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _bad(where: str, what: str) -> AnnotationError:
-    return AnnotationError(where, what, todo="fix the detections file (COCO results format: a list of "
+def _bad(where, what: str, field=None) -> AnnotationError:
+    """``where``: the detections file, or None for a list given in memory (a caller that knows the file
+    names it, see ``training.errors.naming``)."""
+    return AnnotationError(where, what, field, todo="fix the detections file (COCO results format: a list of "
                                               "{image_id, category_id, bbox [x, y, w, h], score})")
 
 
@@ -82,20 +84,22 @@ def _validate(dets, where: str) -> list:
     out = []
     for i, d in enumerate(dets):
         if not isinstance(d, dict):
-            raise _bad(where, f"entry #{i} is not an object")
+            raise _bad(where, f"entry #{i} is not an object", f"[{i}]")
         for f in _FIELDS:
             if f not in d:
-                raise _bad(where, f"entry #{i} is missing field {f!r}")
+                raise _bad(where, f"entry #{i} is missing field {f!r}", f"[{i}].{f}")
         for f in ("image_id", "category_id"):
             if not _is_int(d[f]):
-                raise _bad(where, f"entry #{i}: field {f!r} must be an integer, got {d[f]!r}")
+                raise _bad(where, f"entry #{i}: field {f!r} must be an integer, got {d[f]!r}", f"[{i}].{f}")
         bb = d["bbox"]
         if not (isinstance(bb, (list, tuple)) and len(bb) == 4 and all(_is_num(v) and math.isfinite(v) for v in bb)):
-            raise _bad(where, f"entry #{i}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r}")
+            raise _bad(where, f"entry #{i}: field 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r}",
+                       f"[{i}].bbox")
         if bb[2] < 0 or bb[3] < 0:
-            raise _bad(where, f"entry #{i}: field 'bbox' has negative width/height {bb!r}")
+            raise _bad(where, f"entry #{i}: field 'bbox' has negative width/height {bb!r}", f"[{i}].bbox")
         if not (_is_num(d["score"]) and math.isfinite(d["score"])):
-            raise _bad(where, f"entry #{i}: field 'score' must be a finite number, got {d['score']!r}")
+            raise _bad(where, f"entry #{i}: field 'score' must be a finite number, got {d['score']!r}",
+                       f"[{i}].score")
         out.append({"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
                     "bbox": [float(v) for v in bb], "score": float(d["score"])})
     return out
@@ -107,10 +111,13 @@ def load_detections(path) -> list:
     ``AnnotationError`` (a ``ValueError``) naming the file, the entry index and the field for anything
     malformed."""
     path = str(path)
+    if not os.path.isfile(path):
+        raise MissingFileError(path, "detections file is a folder" if os.path.isdir(path) else
+                               "detections file not found", "--detections", todo="check the path given to --detections")
     try:
         with open(path, encoding="utf-8") as f:
             dets = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _bad(path, f"not a JSON file ({e})") from e
     return _validate(dets, path)
 
@@ -233,14 +240,14 @@ def evaluate_detections(coco_gt, detections, iou_by_class=None, image_ids=None, 
         arr = np.asarray(arr, dtype=np.float64).reshape(-1, 7)
         detections = [{"image_id": int(r[0]), "category_id": int(r[6]), "bbox": r[1:5].tolist(),
                        "score": float(r[5])} for r in arr]
-    dets = _validate(list(detections), "detections")
-    gt_img_ids = {im["id"] for im in gt["images"]}
+    dets = _validate(list(detections), None)
+    gt_img_ids, gt_cat_ids = {im["id"] for im in gt["images"]}, set(cat_ids)
     for i, d in enumerate(dets):
         if d["image_id"] not in gt_img_ids:
-            raise ValueError(f"detections: entry #{i}: image_id {d['image_id']} is not in the ground truth")
-        if d["category_id"] not in set(cat_ids):
-            raise ValueError(f"detections: entry #{i}: category_id {d['category_id']} is not a ground-truth "
-                             f"category ({cat_ids})")
+            raise _bad(None, f"entry #{i}: image_id {d['image_id']} is not in the ground truth", f"[{i}].image_id")
+        if d["category_id"] not in gt_cat_ids:
+            raise _bad(None, f"entry #{i}: category_id {d['category_id']} is not a ground-truth category "
+                             f"({cat_ids})", f"[{i}].category_id")
 
     result = {k: 0.0 for k in STAT_NAMES}
     result["per_class"] = {n: 0.0 for n in names}

@@ -23,7 +23,6 @@ import os
 import pickle
 import re
 import tempfile
-import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +57,9 @@ class CheckpointError(RuntimeError):
 
 def read(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and errors that name the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder", "checkpoint is a folder, not a file", path, "path",
+                              "pass the file inside it (ours are OUTPUT/last.pth and OUTPUT/best.pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist", "checkpoint file not found", path, "path",
                               "check the path (ours are OUTPUT/last.pth and OUTPUT/best.pth)")
@@ -66,25 +68,34 @@ def read(path: str) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # PyTorch's text advises weights_only=False: never relay that
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        culprit = found.group(1) if found else "a Python object"
-        detail = f"GLOBAL {culprit}" if found else _first_line(e)
+        if found is None:  # not a pickle at all (a text or image file): "Unsupported operand N"
+            operand = re.search(r"Unsupported operand \d+", str(e))
+            raise _not_pytorch(path, operand.group(0) if operand else "not a pickle", "UnpicklingError") from None
+        culprit = found.group(1)
+        detail = f"GLOBAL {culprit}"
         raise CheckpointError(
             f"checkpoint {path!r} was refused: it holds objects whose unpickling could run code ({detail}; only "
             "tensors, numbers, strings, containers and numpy scalars are allowed)",
             "checkpoint refused: loading it would run code", path, culprit,
             "do not load this file; use a checkpoint written by train.py, effdet or NVIDIA's scripts, or "
             "re-save the weights as a plain state dict where the file was made") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        detail = _first_line(e) if "weights_only" not in str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {detail}",
-                              "checkpoint is truncated or not a PyTorch file", path, type(e).__name__,
-                              "copy the file again (a download or copy was cut short), or pass another "
-                              "checkpoint; train.py's last.pth of the previous save is never half-written") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated, or not a PyTorch file (a text file ends in KeyError, a zip in BadZipFile)
+        detail = type(e).__name__ + (f": {_first_line(e)}" if "weights_only" not in str(e) else "")
+        raise _not_pytorch(path, detail, type(e).__name__) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict of tensors",
                               f"checkpoint holds a {type(obj).__name__}, not a dict of tensors", path, "top level",
                               "pass a checkpoint of train.py, effdet or NVIDIA's scripts")
     return obj
+
+
+def _not_pytorch(path: str, detail: str, field: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {detail}",
+                           "checkpoint is truncated or not a PyTorch file", path, field,
+                           "copy the file again (a download or copy was cut short), or pass another "
+                           "checkpoint; train.py's last.pth of the previous save is never half-written")
 
 
 def _first_line(e: BaseException) -> str:
@@ -219,12 +230,13 @@ def _unpad_class_head(sd: dict, model: EfficientDet) -> dict:
 
 
 def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: bool = False,
-         remove: list[str] | None = None, where: str | None = None) -> str:
+         remove: list[str] | None = None, where: str | None = None, for_training: bool = True) -> str:
     """Load ``source`` (a path or an already read dict) into ``model`` and return a description.
 
     ``reset_class_head=True`` (``--remove-weights``, or a class-count change) keeps the class head freshly
     initialized on purpose. Any other difference raises :class:`CheckpointError` listing the missing,
-    unexpected and wrongly shaped keys.
+    unexpected and wrongly shaped keys; ``for_training=False`` (evaluation, export) leaves re-initializing
+    the class head out of its advice.
     """
     obj = read(source) if isinstance(source, (str, os.PathLike)) else source
     where = where or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
@@ -257,9 +269,10 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
     if missing or unexpected or shape:
         hint = ""
         only_head = not missing and not unexpected and all(s.split(":")[0] in head_keys for s in shape)
-        if only_head and not reset_class_head:
+        if only_head and not reset_class_head and for_training:
             hint = ("\nThe class head has another number of classes: pass --remove-weights (or "
                     "reset_class_head=True) to re-initialize it on purpose.")
+        reset = ", or --remove-weights to re-initialize the class head on purpose" if for_training else ""
         raise CheckpointError(
             f"{where} ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes:\n"
             f"  missing ({len(missing)}): {_short(missing)}\n  unexpected ({len(unexpected)}): {_short(unexpected)}\n"
@@ -267,8 +280,7 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
             f"checkpoint ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes: "
             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shape)} wrongly shaped keys",
             where if isinstance(where, str) else str(where), (shape + missing + unexpected)[0].split(":")[0],
-            "pass the class count it was trained with (--num_classes), or --remove-weights to re-initialize the "
-            "class head on purpose" if only_head else
+            f"pass the class count it was trained with (--num_classes){reset}" if only_head else
             "pass the --model it was trained as (ours record it; effdet's and NVIDIA's need --model)")
     model.load_state_dict(sd, strict=not reset_class_head)
     return f"{where}: {layout}" + (" (class head re-initialized)" if reset_class_head else "")
@@ -339,7 +351,7 @@ def load_for_inference(source, model_name: str | None = None, num_classes: int |
     overrides = {k: v for k, v in cfg.items() if k not in ("name", "num_classes", "image_size", "extra")}
     overrides.update(config)
     model = EfficientDet(get_config(name, num_classes=num_classes, image_size=size, **overrides)).set_backend(backend)
-    desc = load(model, state, use_ema=use_ema, where=where)
+    desc = load(model, state, use_ema=use_ema, where=where, for_training=False)
     if "metric" in state and isinstance(state["metric"], (float, int, np.floating)):
         desc += f"; epoch {state.get('epoch')}, metric {float(state['metric']):.4f}"
     return Loaded(model.eval(), state, desc)

@@ -7,7 +7,17 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A model name or size no EfficientDet has. ``what``, ``file`` (None: the caller names it), ``field`` and
+    ``todo`` make the scripts' one-line report, as for ``detector.checkpoint.CheckpointError``."""
+
+    def __init__(self, what: str, field: str, todo: str):
+        super().__init__(what)
+        self.what, self.file, self.field, self.todo = what, None, field, todo
 
 #                 width  depth  (EfficientNet compound scaling)
 BACKBONES = {
@@ -95,7 +105,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
     tf = name.startswith("tf_")
     variant = name.removeprefix("tf_").removeprefix("efficientdet_")
     if not name.removeprefix("tf_").startswith("efficientdet_") or variant not in _TABLE:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+        raise ConfigError(f"unknown model {name!r}", "model", f"choose one of {', '.join(model_names())}")
     backbone, image, ch, cells, heads, anchor_scale, fusion, max_level = _TABLE[variant]
     cfg = ModelConfig(
         name=name, backbone=backbone, image_size=(image, image), fpn_channels=ch, fpn_cell_repeats=cells,
@@ -110,18 +120,24 @@ def get_config(name: str, **overrides) -> ModelConfig:
     cfg.image_size = _as_size(cfg.image_size)
     cfg.aspect_ratios = tuple(tuple(a) for a in cfg.aspect_ratios)
     step = 2 ** cfg.max_level
-    if cfg.image_size[0] % step or cfg.image_size[1] % step:
-        raise ValueError(f"{name}: image_size {cfg.image_size} must be a multiple of 2**max_level = {step}")
+    if cfg.image_size[0] % step or cfg.image_size[1] % step or min(cfg.image_size) <= 0:
+        raise ConfigError(f"{name}: image_size {cfg.image_size} is not a positive multiple of 2**max_level = {step}",
+                          "image_size", f"pass an input size that is a multiple of {step} (e.g. --input_size {step})")
     if cfg.fusion not in ("fast", "sum", "softmax"):
         raise ValueError(f"fusion must be 'fast', 'sum' or 'softmax', got {cfg.fusion!r}")
     return cfg
 
 
 def _as_size(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
+    try:
+        if not isinstance(size, (tuple, list)):
+            return (operator.index(size),) * 2
+        if len(size) == 2:
+            return (operator.index(size[0]), operator.index(size[1]))
+    except TypeError:  # not an integer
+        pass
+    raise ConfigError(f"image_size must be an int or a pair of ints, got {size!r}", "image_size",
+                      "pass --input_size H [W]")
 
 
 def feature_sizes(image_size: tuple[int, int], max_level: int) -> list[tuple[int, int]]:

@@ -11,8 +11,10 @@ in ONNX it becomes one ``NonMaxSuppression`` node (per image, per class). The ba
 image size is fixed at export time (anchors are constants).
 
     python -m detector.export --model tf_efficientdet_d0 --pretrained --format onnx --output d0.onnx
-    python -m detector.export --model efficientdet_d0 --num-classes 3 --checkpoint out/best.pth \\
-        --format torchscript --output d0.pt
+    python -m detector.export --checkpoint out/best.pth --use-ema --format torchscript --output d0.pt
+
+A checkpoint of ours records its model, class count and input size, and is exported with them (flags
+override them); effdet's and NVIDIA's need ``--model``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 import kernels
 
 from .anchors import anchors_for
-from .checkpoint import CheckpointError, load
+from .checkpoint import CheckpointError
 from .fuse import fuse_for_inference
 from .model import EfficientDet, create_model
 
@@ -199,12 +201,22 @@ class TracedNetwork(nn.Module):
         return list(cls), list(box)
 
 
+def _one_line(e: Exception) -> str:
+    """``error: <what> (<file>, <field>): <todo>``, the scripts' form, for a checkpoint or config error."""
+    what = getattr(e, "what", None) or str(e).splitlines()[0]
+    todo = getattr(e, "todo", None) or "see --help"
+    return f"error: {what} ({getattr(e, 'file', None) or '-'}, {getattr(e, 'field', None) or '-'}): {todo}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m detector.export", description="Export a detector to ONNX or "
-                                "TorchScript (post-processing included; see docs/export.md).")
-    p.add_argument("--model", default="tf_efficientdet_d0")
-    p.add_argument("--num-classes", type=int, default=90)
-    p.add_argument("--image-size", type=int, default=None, help="default: the model's own")
+                                "TorchScript (post-processing included; see docs/export.md). Run it from the "
+                                "repository root.")
+    p.add_argument("--model", default=None, help="default: what --checkpoint records, else tf_efficientdet_d0")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: what --checkpoint records (or its class head), else 90")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: what --checkpoint records, else the model's own")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", default=None, help="weights to export")
     src.add_argument("--pretrained", action="store_true", help="the published COCO weights of --model")
@@ -213,22 +225,38 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers (default: folded)")
     args = p.parse_args(argv)
-    try:
-        model = create_model(args.model, num_classes=args.num_classes, image_size=args.image_size, backend="torch")
-        if args.pretrained:
-            from .pretrained import load_pretrained
-            print(load_pretrained(model), file=sys.stderr)
-        elif args.checkpoint:
-            print(load(model, args.checkpoint, use_ema=args.use_ema), file=sys.stderr)
-        else:
-            print("warning: no --checkpoint or --pretrained: exporting random weights", file=sys.stderr)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    if os.path.isdir(args.output):
+        print(f"error: --output is a folder ({args.output}, --output): pass a file name, e.g. d0.onnx", file=sys.stderr)
         return 2
-    if args.format == "onnx":
-        export_onnx(model, args.output, fuse=not args.no_fuse)
-    else:
-        export_torchscript(model, args.output, fuse=not args.no_fuse)
+    try:
+        if args.checkpoint:
+            from .checkpoint import load_for_inference
+
+            loaded = load_for_inference(args.checkpoint, model_name=args.model, num_classes=args.num_classes,
+                                        image_size=args.image_size, use_ema=args.use_ema, backend="torch")
+            model = loaded.model
+            print(f"loaded {loaded.description}", file=sys.stderr)
+        else:
+            model = create_model(args.model or "tf_efficientdet_d0", num_classes=args.num_classes or 90,
+                                 image_size=args.image_size, backend="torch")
+            if args.pretrained:
+                from .pretrained import load_pretrained
+                print(load_pretrained(model), file=sys.stderr)
+            else:
+                print("warning: no --checkpoint or --pretrained: exporting random weights", file=sys.stderr)
+        cfg = model.config
+        print(f"exporting {cfg.name}, {cfg.num_classes} classes, input {cfg.image_size[0]}x{cfg.image_size[1]}",
+              file=sys.stderr)
+        if args.format == "onnx":
+            export_onnx(model, args.output, fuse=not args.no_fuse)
+        else:
+            export_torchscript(model, args.output, fuse=not args.no_fuse)
+    except (CheckpointError, ValueError) as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
+    except OSError as e:  # the output cannot be written
+        print(f"error: cannot write the export ({args.output}, --output): {e.strerror or e}", file=sys.stderr)
+        return 2
     print(args.output)
     return 0
 

@@ -94,3 +94,27 @@ def test_cli_error_is_one_line(tmp_path, capsys):
                  "--image-size", str(SIZE)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(bad) in err
+
+
+def test_cli_exports_our_checkpoint_as_recorded(model, images, want, tmp_path, capsys):
+    """Ours record model, classes and input size: the export is built with them, not with D0's 512 px or 90
+    classes, and gives the model's detections."""
+    ckpt = tmp_path / "ours.pth"
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, ckpt)
+    out = tmp_path / "ours.pt"
+    assert main(["--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(out)]) == 0
+    assert f"exporting tf_efficientdet_d0, 4 classes, input {SIZE}x{SIZE}" in capsys.readouterr().err
+    assert_same_detections(torch.jit.load(str(out))(images), want, atol=1e-4)
+
+
+def test_cli_errors_are_one_line_in_the_scripts_form(tmp_path, capsys):
+    import re
+
+    line = re.compile(r"^error: \S.* \((?P<file>[^,]+), (?P<field>.+)\): \S.*$")
+    (tmp_path / "text.pth").write_text("hello\n")
+    for argv, field in ((["--checkpoint", str(tmp_path / "text.pth"), "--output", str(tmp_path / "x.pt")], "KeyError"),
+                        (["--output", str(tmp_path)], "--output"),
+                        (["--model", "efficientdet_d9", "--output", str(tmp_path / "x.pt")], "model")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and (m := line.match(err[0])) and m["field"] == field, err

@@ -5,6 +5,7 @@ Bad input is found in three packages that must not import each other (``detector
 shape: ``what``, ``file``, ``field`` and ``todo`` attributes (``str(e)`` stays the package's own message):
 
 * ``detector.checkpoint.CheckpointError``   a checkpoint refused, truncated, missing, or of another model;
+* ``detector.configs.ConfigError``           a model name or input size no EfficientDet has;
 * ``datasets.coco.DataError``                a malformed annotation file (``AnnotationError``, a ``ValueError``),
                                              an undecodable image (``ImageError``, an ``OSError``), a missing
                                              file (``MissingFileError``, a ``FileNotFoundError``);
@@ -65,8 +66,9 @@ def naming(path):
 def user_error_types() -> tuple:
     from datasets.coco import DataError
     from detector.checkpoint import CheckpointError
+    from detector.configs import ConfigError
 
-    return (UserError, CheckpointError, DataError)
+    return (UserError, CheckpointError, DataError, ConfigError)
 
 
 def debug_requested(argv) -> bool:

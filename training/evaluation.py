@@ -37,24 +37,11 @@ def autocast(device: torch.device, amp: str | None):
 
 
 @torch.no_grad()
-def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=False, score_threshold=0.001,
-                  backend="auto", show_progress=True, keep_images=0, torchscript=False, compile=False):
-    """Detections of every image in ``loader`` as COCO results (original pixels), plus timing.
-
-    No host round trip per batch: each batch's detections stay on the device, all of them are moved to the
-    host once at the end and converted to COCO results in one call. ``timing["seconds"]`` is the wall time of
-    the whole pass (data loading, the final copy and the conversion included; ``timing["data_seconds"]`` is
-    the part spent waiting for batches), ``timing["img_per_s"]`` = images / seconds; the progress bar shows
-    the same wall-clock rate (on a GPU it runs ahead of the device until the final copy).
-
-    ``compile``: run the BN-folded network through ``torch.compile`` (inductor with frozen weights); the first
-    batch pays the compilation (minutes on a small CPU), so it helps only long evaluations.
-
-    ``timing["image_ids"]`` lists the images really processed: with ``--skip-bad-images`` a corrupt image is
-    replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
-    """
-    model = fuse_for_inference(model)  # an eval-mode copy with BN folded into the convs
-    if torchscript:  # one trace (any batch size) of the fused network; post-processing stays predict's
+def inference_network(model, device, amp=None, torchscript=False, compile=False):
+    """The network as evaluation runs it: an eval-mode copy with BN folded into the convs, then traced
+    (``torchscript``) or compiled (``compile``); post-processing stays ``predict``'s."""
+    model = fuse_for_inference(model)
+    if torchscript:  # one trace (any batch size) of the fused network
         from detector.export import TracedNetwork
 
         with autocast(device, amp):  # traced in the precision it runs in
@@ -64,6 +51,28 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
 
         inductor_config.freezing = True  # weights are constants: inductor folds and fuses around the convs
         model = torch.compile(model)
+    return model
+
+
+@torch.no_grad()
+def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=False, score_threshold=0.001,
+                  backend="auto", show_progress=True, keep_images=0, torchscript=False, compile=False):
+    """Detections of every image in ``loader`` as COCO results (original pixels), plus timing.
+
+    No host round trip per batch: each batch's detections stay on the device, all of them are moved to the
+    host once at the end and converted to COCO results in one call. ``timing["seconds"]`` is the wall time of
+    the whole pass (data loading, the final copy and the conversion included; ``timing["data_seconds"]`` is
+    the part spent waiting for batches), ``timing["images"]`` the distinct images, ``timing["img_per_s"]`` =
+    images run through the network / seconds; the progress bar shows
+    the same wall-clock rate (on a GPU it runs ahead of the device until the final copy).
+
+    ``compile``: run the BN-folded network through ``torch.compile`` (inductor with frozen weights); the first
+    batch pays the compilation (minutes on a small CPU), so it helps only long evaluations.
+
+    ``timing["image_ids"]`` lists the images really processed: with ``--skip-bad-images`` a corrupt image is
+    replaced by a neighbour, whose repeated detections are dropped here, and the corrupt one is not scored.
+    """
+    model = inference_network(model, device, amp, torchscript, compile)
     dataset = loader.dataset
     all_dets, all_ids, all_sizes, n_images = [], [], [], 0
     prefetch = D.DevicePrefetcher(loader, device, channels_last=channels_last)
@@ -96,7 +105,7 @@ def run_inference(model, loader, device, amp=None, soft_nms=None, channels_last=
                                     torch.ones(int(fresh.sum())), dataset.label_to_cat_id, orig_sizes=sizes[fresh])
         pictures = [(int(ids[i]), dets[i].numpy()) for i in range(min(keep_images, dets.shape[0]))]
     seconds = time.perf_counter() - t0
-    return results, {"images": n_images, "seconds": seconds, "img_per_s": n_images / max(seconds, 1e-9),
+    return results, {"images": len(done), "seconds": seconds, "img_per_s": n_images / max(seconds, 1e-9),
                      "data_seconds": prefetch.total_data_time, "image_ids": sorted(done)}, pictures
 
 

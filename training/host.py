@@ -31,10 +31,27 @@ def cpu_cores() -> int:
 
 
 def uses_cuda(device: str) -> bool:
-    """Whether a ``--device`` value (``auto``, ``cpu``, ``cuda``, ``cuda:N``) runs on a GPU here."""
+    """Whether a ``--device`` value (``auto``, ``cpu``, ``cuda``, ``cuda:N``) runs on a GPU here; a one-line
+    error for any other value, and for a GPU this machine does not have."""
+    import re
+
     import torch
 
-    return torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    from .errors import UserError
+
+    if device == "auto":
+        return torch.cuda.is_available()
+    if device == "cpu":
+        return False
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}", None, "--device",
+                        "pass one of those")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= int(m.group(1) or 0):
+        raise UserError(f"--device {device}: this machine has {count} CUDA GPU(s)", None, "--device",
+                        "pass --device cpu, or auto to use a GPU where there is one")
+    return True
 
 
 def default_workers(cores: int | None = None, cuda: bool = False) -> int:

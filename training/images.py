@@ -96,25 +96,43 @@ def category_names(state: dict, label_to_cat_id: dict) -> dict:
 
 
 class _NoData:
-    """Stands in for an annotated data set where ``model_from_checkpoint`` asks for one: categories 1..N."""
+    """Stands in for an annotated data set where ``model_from_checkpoint`` asks for one: the categories the
+    checkpoint records, else 1..N."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, recorded: dict | None = None):
+        self.ann_file = None
+        self.label_to_cat_id = ({int(k): int(v) for k, v in recorded.items()} if recorded
+                                else {i: i + 1 for i in range(num_classes)})
+        self.cat_ids = sorted(set(self.label_to_cat_id.values()))
         self.num_classes = num_classes
-        self.cat_ids = list(range(1, num_classes + 1))
-        self.label_to_cat_id = {i: i + 1 for i in range(num_classes)}
+
+
+def picture_names(paths: list[str], root: str) -> list[str]:
+    """One distinct ``.png`` name per image: its path under ``root`` with the folders joined by ``_`` and its
+    own extension kept (``a/b.jpg`` -> ``a_b.jpg.png``), numbered where two would still collide."""
+    names, used = [], set()
+    for p in paths:
+        stem = os.path.relpath(p, root).replace(os.sep, "_")
+        name, n = f"{stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}.png"
+        used.add(name)
+        names.append(name)
+    return names
 
 
 @torch.no_grad()
-def infer_images(args) -> int:
-    """What ``evaluate.py --images`` runs; returns the exit status."""
+def infer_images(args, checkpoint: str) -> int:
+    """What ``evaluate.py --images`` runs with ``checkpoint`` (evaluate.py's default one when no flag names
+    one); returns the exit status."""
     from datasets import DevicePrefetcher, EvalTransform, to_coco_results
     from detector import checkpoint as ckpt
-    from detector.fuse import fuse_for_inference
     from detector.pipeline import predict
 
-    from .config import size_pair
-    from .evaluation import autocast
-    from .models import model_from_checkpoint, to_memory_format
+    from .config import fill_color, size_pair
+    from .evaluation import autocast, inference_network
+    from .models import model_from_checkpoint, resolve_amp, to_memory_format
     from .plots import draw_detections
     from .runlog import console, progress
 
@@ -122,21 +140,25 @@ def infer_images(args) -> int:
         raise UserError("--images cannot be combined with annotated-data flags", args.images, "--images",
                         "drop --detections/--inference/--val-ann/--waymo/DATA, or drop --images to score a data set")
     paths, root = find_images(args.images)
-    if not args.checkpoint:
-        raise UserError("--images needs a model", args.images, "--checkpoint", "pass --checkpoint FILE")
     use_cuda = uses_cuda(args.device)
     device = torch.device("cuda" if use_cuda else "cpu")
-    state = ckpt.read(args.checkpoint)
+    amp, note = resolve_amp(args.amp, use_cuda)
+    if note:
+        console.print(f"[yellow]{note}[/]")
+    state = ckpt.read(checkpoint)
     recorded = state.get("config", {}).get("num_classes") if isinstance(state.get("config"), dict) else None
-    stand_in = _NoData(args.num_classes or recorded or ckpt.head_classes(ckpt.extract_state_dict(state)[0]) or 90)
+    stand_in = _NoData(args.num_classes or recorded or ckpt.head_classes(ckpt.extract_state_dict(state)[0]) or 90,
+                       state.get("label_to_cat_id") if isinstance(state.get("label_to_cat_id"), dict) else None)
     model, message, label_to_cat_id = model_from_checkpoint(
-        args.checkpoint, stand_in, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
+        checkpoint, stand_in, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
         backend=args.kernel_backend, device=device)
     console.print(f"loaded {message}")
     names = category_names(state, label_to_cat_id)
     channels_last = args.memory_format == "nhwc"
-    model = fuse_for_inference(to_memory_format(model, channels_last))
-    dataset = ImageFolder(paths, EvalTransform(model.config.image_size))
+    image_size, num_classes = model.config.image_size, model.config.num_classes
+    model = inference_network(to_memory_format(model, channels_last), device, amp, args.torchscript, args.compile)
+    dataset = ImageFolder(paths, EvalTransform(image_size, fill=fill_color(args.fill_color),
+                                               interpolation=args.interpolation))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, collate_fn=collate_skipping_bad)
     normalize = DevicePrefetcher(loader, device, channels_last=channels_last).normalize
@@ -152,7 +174,7 @@ def infer_images(args) -> int:
             t0 = time.perf_counter()
             images = normalize(batch["images"].to(device))
             scale = batch["scale"].to(device)
-            with autocast(device, args.amp):
+            with autocast(device, amp):
                 dets = predict(model, images, image_scale=scale,
                                clip_size=batch["orig_size"].to(device) * scale[:, None],
                                soft_nms=args.use_soft_nms, score_threshold=0.001, backend=args.kernel_backend)
@@ -169,6 +191,9 @@ def infer_images(args) -> int:
                 pictures.append((int(batch["image_id"][i]), dets[i].numpy()))
             bar.update(task, advance=dets.shape[0] + len(batch["bad"]),
                        info=f"{n_images / max(t_model, 1e-9):.1f} img/s")
+    if n_images == 0:  # every file failed to decode
+        raise UserError(f"none of the {len(paths)} image file(s) could be decoded; first: {bad[0][1]}", bad[0][0],
+                        "--images", "pass image files PIL can read (jpg, png, ...)")
     out_json = os.path.join(args.output, "detections.json")
     with open(out_json, "w") as f:
         json.dump(results, f)
@@ -180,10 +205,9 @@ def infer_images(args) -> int:
     if pictures:
         folder = os.path.join(args.output, "pictures")
         os.makedirs(folder, exist_ok=True)
-        label_names = [names.get(label_to_cat_id.get(c), str(c)) for c in range(model.config.num_classes)]
+        label_names = [names.get(label_to_cat_id.get(c), str(c)) for c in range(num_classes)]
+        files = picture_names(paths, root)
         for iid, d in pictures:
-            stem = os.path.splitext(os.path.relpath(paths[iid], root))[0].replace(os.sep, "_")
-            draw_detections(read_image(paths[iid]), d, class_names=label_names).save(
-                os.path.join(folder, f"{stem}.png"))
+            draw_detections(read_image(paths[iid]), d, class_names=label_names).save(os.path.join(folder, files[iid]))
         console.print(f"{len(pictures)} pictures in {folder}")
     return 0

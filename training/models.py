@@ -84,7 +84,7 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
     """Class index -> category id. Ours record it; for others: contiguous over the data's categories when
     the counts agree, else the TF/effdet COCO convention (class i is category id i + 1)."""
     if "label_to_cat_id" in state:
-        return {int(k): v for k, v in state["label_to_cat_id"].items()}
+        return _recorded_categories({int(k): v for k, v in state["label_to_cat_id"].items()}, dataset)
     if num_classes == dataset.num_classes:
         return dict(dataset.label_to_cat_id)
     if num_classes >= max(dataset.cat_ids):
@@ -93,6 +93,24 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
     raise UserError(f"the checkpoint predicts {num_classes} classes, the data has {dataset.num_classes} categories "
                     f"with ids up to {max(dataset.cat_ids)}", dataset.ann_file, "categories",
                     "evaluate on data with the checkpoint's categories, or pass --num_classes")
+
+
+def _recorded_categories(mapping: dict, dataset) -> dict:
+    """The checkpoint's class -> category id, less the categories the data does not have (their detections
+    are left out, and the run says so); a one-line error, before any inference, when none is left."""
+    known = set(dataset.cat_ids)
+    kept = {k: v for k, v in mapping.items() if v in known}
+    if not kept:
+        raise UserError(f"none of the checkpoint's category ids {sorted(set(mapping.values()))} is in the data "
+                        f"(ids {sorted(known)})", dataset.ann_file, "categories",
+                        "evaluate on data annotated with the checkpoint's categories")
+    if len(kept) < len(mapping):
+        from .runlog import console
+
+        gone = sorted(v for v in mapping.values() if v not in known)
+        console.print(f"[yellow]the data has no category {gone}, which the checkpoint predicts: those "
+                      "detections are left out[/]")
+    return kept
 
 
 def resolve_amp(amp: str | None, cuda: bool) -> tuple[str | None, str | None]:

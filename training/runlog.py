@@ -56,6 +56,8 @@ def stats_table(stats: dict, title: str) -> Table:
         t.add_row(f"AP {name}", f"{ap:.4f}")
     for name, ap in stats.get("per_class_iou", {}).items():
         t.add_row(f"AP@class-IoU {name}", f"{ap:.4f}")
+    if "mAP_iou_by_class" in stats:
+        t.add_row("AP@class-IoU mean", f"{stats['mAP_iou_by_class']:.4f}")
     return t
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,8 +73,8 @@ def test_bad_checkpoints(tiny, ckpt_dir, tmp_path, capsys, name, extra, expect_w
     rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / name), *extra))
     line, m = one_error_line(capsys, rc)
     assert expect_what in line and m["file"].endswith(expect_file)
-    if name == "good.pth":  # a class-count change says how to get past it
-        assert "--num_classes" in line and "--remove-weights" in line
+    if name == "good.pth":  # a class-count change says how to get past it (a fresh head is no evaluation)
+        assert "--num_classes" in line and "--remove-weights" not in line
 
 
 def test_refused_pickle_names_the_culprit_and_never_suggests_weights_only(ckpt_dir, tiny, tmp_path, capsys):
@@ -177,3 +178,89 @@ def test_malformed_detections_file(tiny, tmp_path, capsys):
     bad.write_text("[{")
     line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--detections", str(bad))))
     assert "not a JSON file" in line and m["file"].endswith("dets.json")
+
+
+def test_files_that_are_no_checkpoint_and_folders(tiny, tmp_path, capsys):
+    """A text file or an image is "not a PyTorch file" (not a pickle that would run code); a folder where a file
+    belongs is said to be one."""
+    (tmp_path / "text.pth").write_text("hello world\n")
+    (tmp_path / "image.pth").write_bytes((Path(ROOT) / "docs" / "images" / "glyphs_sample.png").read_bytes()[:2000])
+    for name, field in (("text.pth", "KeyError"), ("image.pth", "UnpicklingError")):
+        rc = evaluate.main(val_args(tiny, tmp_path / "out", "--checkpoint", str(tmp_path / name)))
+        line, m = one_error_line(capsys, rc)
+        assert "checkpoint is truncated or not a PyTorch file" in line and m["field"] == field, line
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path / "out", "--checkpoint", str(tmp_path))))
+    assert "checkpoint is a folder" in line and m["file"] == str(tmp_path)
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path / "out", ann=tmp_path)))
+    assert "annotation file is a folder" in line
+    for det in (tmp_path / "none.json", tmp_path):
+        line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path / "out", "--detections", str(det))))
+        assert ("detections file not found" if det.suffix else "detections file is a folder") in line
+        assert m["field"] == "--detections"
+
+
+def test_detections_of_images_or_categories_the_annotations_lack(tiny, tmp_path, capsys):
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    image, cat = gt["images"][0]["id"], gt["categories"][0]["id"]
+    for entry, field in (({"image_id": 99999, "category_id": cat}, "[1].image_id"),
+                         ({"image_id": image, "category_id": 77}, "[1].category_id")):
+        dets = [{"image_id": image, "category_id": cat, "bbox": [0, 0, 3, 4], "score": 0.5},
+                {**entry, "bbox": [0, 0, 3, 4], "score": 0.4}]
+        (tmp_path / "dets.json").write_text(json.dumps(dets))
+        rc = evaluate.main(val_args(tiny, tmp_path, "--detections", str(tmp_path / "dets.json")))
+        line, m = one_error_line(capsys, rc)
+        assert m["file"].endswith("dets.json") and m["field"] == field, line
+    dets = [{"image_id": image, "category_id": cat, "bbox": [0, 0, 3, 4]}]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--detections", str(tmp_path / "dets.json"))))
+    assert m["field"] == "[0].score"
+
+
+def test_checkpoint_categories_the_data_lacks(tiny, ckpt_dir, tmp_path, capsys):
+    """Our checkpoint records its category ids: none of them in the data is an error before any inference;
+    some of them missing leaves those classes' detections out and says so."""
+    state = torch.load(ckpt_dir / "good.pth")
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    ids = [c["id"] for c in gt["categories"]]
+    torch.save({**state, "label_to_cat_id": {i: c + 100 for i, c in enumerate(ids)}}, tmp_path / "other.pth")
+    rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(tmp_path / "other.pth")))
+    line, m = one_error_line(capsys, rc)
+    assert "none of the checkpoint's category ids" in line and m["field"] == "categories"
+    torch.save({**state, "label_to_cat_id": {0: ids[0], 1: ids[1], 2: 100}}, tmp_path / "some.pth")
+    assert evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(tmp_path / "some.pth"))) == 0
+    assert "the data has no category [100]" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("flags, field", [(["-b", "0"], "--batch-size"), (["--input_size", "300"], "image_size"),
+                                          (["--input_size", "0"], "image_size"), (["--device", "foo"], "--device"),
+                                          (["--device", "cuda:7"], "--device")])
+def test_flags_this_machine_or_model_cannot_run(tiny, ckpt_dir, tmp_path, capsys, flags, field):
+    if flags[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    args = val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"))
+    args = [a for a in args if a not in ("--device", "cpu")] + flags  # the flag under test, not val_args' device
+    line, m = one_error_line(capsys, evaluate.main(args))
+    assert m["field"] == field, line
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--output", str(tmp_path), "--workers", "0", "--max-steps", "1", *flags]
+                    + ([] if "--device" in flags else ["--device", "cpu"]))
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == field, line
+
+
+def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(tiny["val"]["image_dir"], images)
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    (images / gt["images"][0]["file_name"]).write_bytes(b"not an image")     # undecodable
+    gt["images"].append(dict(gt["images"][0], id=999, file_name="gone.png"))  # missing
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"), "--skip-bad-images",
+                                ann=tmp_path / "ann.json", images=images))
+    assert rc == 0
+    out = " ".join(capsys.readouterr().out.split())
+    n = len(gt["images"])
+    assert f"2 of {n} images left out (--skip-bad-images): 1 missing, 1 undecodable; scored over the other " \
+           f"{n - 2}" in out, out
+    event = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
+    assert event["skipped_images"] == 2 and event["images"] == n - 2

@@ -85,3 +85,47 @@ def test_images_without_any_image_is_one_line_error(tmp_path, tiny_checkpoint, c
                         "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: no image files found (")
+
+
+def test_pictures_of_files_with_the_same_stem_do_not_overwrite_each_other(tmp_path):
+    from training.images import picture_names
+
+    root = str(tmp_path)
+    paths = [str(tmp_path / p) for p in ("a/b.jpg", "a_b.jpg", "x.jpg", "x.png")]
+    names = picture_names(paths, root)
+    assert names == ["a_b.jpg.png", "a_b.jpg-2.png", "x.jpg.png", "x.png.png"]
+
+
+def test_no_decodable_image_is_one_line_error(tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rc = evaluate.main(["--images", str(tmp_path / "bad"), "--checkpoint", str(tiny_checkpoint),
+                        "--output", str(tmp_path / "o"), "--workers", "0", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: none of the 1 image file(s) could be decoded")
+
+
+def test_images_take_the_default_checkpoint_and_the_evaluation_flags(folder, tiny_checkpoint, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Without --checkpoint: OUTPUT/best.pth as the other evaluations; --fill-color and --interpolation reach
+    the transform (as evaluate.py builds it for annotated data)."""
+    import shutil
+
+    import datasets
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(tiny_checkpoint, out / "best.pth")
+    seen = []
+    real = datasets.EvalTransform
+
+    def spy(*a, **k):
+        seen.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(datasets, "EvalTransform", spy)
+    rc = evaluate.main(["--images", str(folder / "wide.png"), "--output", str(out), "--workers", "0",
+                        "--device", "cpu", "--kernel-backend", "torch", "--fill-color", "0",
+                        "--interpolation", "nearest"])
+    assert rc == 0 and "loaded " + str(out / "best.pth") in " ".join(capsys.readouterr().out.split())
+    assert seen and seen[0]["fill"] == (0, 0, 0) and seen[0]["interpolation"] == "nearest", seen

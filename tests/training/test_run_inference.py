@@ -58,7 +58,8 @@ def test_results_duplicates_and_pictures(setup):
     want, want_ids = per_batch_results(model, D.build_loader(dataset(syn), 2, train=False, workers=0, seed=0))
     assert results == want and len(results) > 0
     assert timing["image_ids"] == want_ids and bad_id not in want_ids and len(want_ids) == 4
-    assert timing["images"] == 5 and timing["img_per_s"] > 0 and timing["seconds"] >= timing["data_seconds"] >= 0
+    # 5 samples ran (the corrupt image's stand-in repeats a neighbour); 4 distinct images were scored
+    assert timing["images"] == 4 and timing["img_per_s"] > 0 and timing["seconds"] >= timing["data_seconds"] >= 0
     assert len(pictures) == 3 and all(p[1].shape == (100, 6) for p in pictures)
     first_ids = [int(i) for b in loader for i in b["image_id"]][:3]
     assert [p[0] for p in pictures] == first_ids
