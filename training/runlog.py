@@ -34,7 +34,10 @@ class JsonLog:
                 f.write(json.dumps(event, default=float) + "\n")
         if self.dllogger:
             now = time.time()
-            step = [event["epoch"], event["step"]] if "step" in event and event.get("event") != "start" else "PARAMETER"
+            if "step" not in event or event.get("event") == "start":
+                step = "PARAMETER"
+            else:  # (epoch, step) as NVIDIA's; a run-level event without an epoch (end, bn_frozen): (step,)
+                step = [event["epoch"], event["step"]] if "epoch" in event else [event["step"]]
             data = {k: v for k, v in event.items() if isinstance(v, (int, float, str)) and k not in ("epoch", "step")}
             line = {"timestamp": now, "datetime": datetime.datetime.fromtimestamp(now).isoformat(),
                     "elapsedtime": now - self.t0, "type": "LOG", "step": step, "data": data}

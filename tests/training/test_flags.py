@@ -82,3 +82,20 @@ def test_readme_table_is_the_generated_one():
     assert start in readme and end in readme, "README.md lost the NVIDIA flag table markers"
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table == markdown_flags(), "README table is stale: python -m training.config --markdown-flags"
+
+
+def test_dllogger_file_takes_every_event_of_a_run(tmp_path):
+    """--dllogger-file: NVIDIA's DLLL lines for every event a run writes, including the ones without an
+    epoch (end, bn_frozen), which ended training runs in a KeyError."""
+    import json
+
+    from training.runlog import JsonLog
+
+    log = JsonLog(str(tmp_path / "log.jsonl"), dllogger=str(tmp_path / "dll.json"))
+    log.write(event="start", step=0, epoch=0, model="efficientdet_d0")
+    log.write(event="train", step=5, epoch=1, loss=1.5)
+    log.write(event="bn_frozen", step=7, fraction=0.2)
+    log.write(event="end", step=9, minutes=0.5)
+    lines = [json.loads(ln[len("DLLL "):]) for ln in (tmp_path / "dll.json").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == ["PARAMETER", [1, 5], [7], [9]]
+    assert lines[1]["data"] == {"event": "train", "loss": 1.5} and lines[3]["data"]["minutes"] == 0.5
