@@ -109,6 +109,17 @@ class EpochDataLoader(DataLoader):
         self.sampler.set_epoch(epoch, skip=int(skip_batches) * int(self.batch_size))
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the main process. ``timeout``, SLURM and ``docker stop``
+    signal the whole process group: a worker killed by it ended the run in PyTorch's "DataLoader worker is
+    killed by signal" error before the main process could save its interrupted state. A worker still exits
+    when the main process shuts the loader down, and on its own when the main process is gone."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int, distributed: bool = False,
                  drop_last=None, prefetch_factor: int = 2) -> EpochDataLoader:
     """A DataLoader over ``dataset`` (whose ``__getitem__`` takes ``(index, epoch)``, as
@@ -135,7 +146,7 @@ def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int,
     workers = int(workers)
     kwargs = {}
     if workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=_ignore_stop_signals)
     return EpochDataLoader(
         dataset, batch_size=int(batch_size), sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), drop_last=drop_last,

@@ -80,6 +80,32 @@ def test_sigkill_mid_epoch_then_resume_equals_a_resume_from_the_same_checkpoint(
     assert any(not torch.equal(a[k], state["model"][k]) for k in a)  # and it did train on
 
 
+def test_sigterm_to_the_process_group_saves_with_loader_workers(tiny, tmp_path):
+    """``timeout``, SLURM and ``docker stop`` send SIGTERM to the whole process group, loader workers included:
+    the run still finishes its step, saves a resumable last.pth and leaves no process behind."""
+    out = tmp_path / "out"
+    p = subprocess.Popen(train_cmd(tiny, out, "--epochs", "50", "--workers", "1"), cwd=ROOT, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not any(e["epoch"] >= 1 for e in train_events(out)):  # past the first epoch: workers are up
+            assert p.poll() is None, p.stderr.read()
+            assert time.time() < deadline, "training did not reach epoch 1"
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
+    assert "interrupted at epoch" in " ".join(stdout.split()), stdout[-2000:]
+    state = ckpt.read(str(out / "last.pth"))
+    assert state["step"] >= 2
+    time.sleep(0.5)
+    assert processes_in_group(p.pid) == []  # the loader worker went too
+
+
 def processes_in_group(pgid: int) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
