@@ -43,7 +43,7 @@ def _main(argv):
     from training.models import model_from_checkpoint, resolve_amp, to_memory_format
     from training.runlog import JsonLog, console, stats_table, waymo_table
 
-    ann, images = eval_data_paths(args)
+    ann, images = eval_data_paths(args) if args.waymo or args.val_ann or args.data else recorded_data_paths(args)
     fill = fill_color(args.fill_color)
     torch.manual_seed(args.seed)
     for line in infra_lines(args, parser.parse_args([])):
@@ -103,14 +103,41 @@ def _main(argv):
     if args.visualize:
         pics = save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         console.print(f"{len(pics)} pictures in {os.path.join(args.output, 'pictures')}")
-    event = dict(event="eval", step=0, epoch=0, checkpoint=path, detections=out_json, skipped_images=skipped,
+    event = dict(event="eval", step=0, epoch=0, checkpoint=path, use_ema=args.use_ema, annotations=ann,
+                 detections=out_json, skipped_images=skipped,
                  **{k: v for k, v in timing.items() if k != "image_ids"})
     if not args.inference and "test" not in args.anno:  # test sets carry no boxes: detections only
         stats = D.evaluate_detections(gt, results, iou_by_class=iou_by_class, image_ids=timing["image_ids"])
-        report(stats, f"{os.path.basename(path)} on {timing['images']} images")
+        console.print(f"ground truth: {ann}")
+        report(stats, f"{os.path.basename(path)}{' (EMA)' if args.use_ema else ''} on {timing['images']} images")
         event.update(stats)
     jlog.write(**event)
     return 0
+
+
+def recorded_data_paths(args) -> tuple[str, str]:
+    """No data flag: the val set the checkpoint's training run evaluated on (ours record their flags), else the
+    built-in set (a checkpoint trained on it, effdet's, NVIDIA's, ``--pretrained``)."""
+    from types import SimpleNamespace
+
+    from training.config import synthetic_paths, train_data_paths, uses_builtin_data
+
+    if args.detections or args.pretrained:
+        return synthetic_paths("val")
+    from detector.checkpoint import read
+
+    path = default_checkpoint(args)
+    recorded = read(path).get("args")
+    if not isinstance(recorded, dict) or uses_builtin_data(SimpleNamespace(**recorded)):
+        return synthetic_paths("val")
+    paths = train_data_paths(SimpleNamespace(**recorded)).get("val")
+    if paths is None:
+        raise UserError("the checkpoint's run had no validation set to evaluate on", path, "--val-ann",
+                        "pass DATA or --val-ann / --val-images")
+    from training.runlog import console
+
+    console.print(f"data: the validation set the checkpoint's run used, {paths[0]} (DATA or --val-ann for other data)")
+    return paths
 
 
 def default_checkpoint(args) -> str:

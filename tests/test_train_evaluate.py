@@ -53,6 +53,11 @@ def test_train_then_evaluate(tiny, tmp_path):
                           "--output", str(out)]) == 0
     again = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
     assert again["AP"] == line["AP"] and again["AP50"] == line["AP50"]
+    # no data flag: the val set the checkpoint's run used (it records its flags), not the built-in set
+    assert evaluate.main(["--output", str(out), "--use-ema", "--workers", "0", "--device", "cpu"]) == 0
+    recorded = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
+    assert recorded["annotations"] == tiny["val"]["ann_file"] and recorded["use_ema"]
+    assert recorded["images"] == TINY["num_val"] and recorded["AP"] == line["AP"]
 
 
 def test_evaluate_stats_equal_pycocotools(tiny, tmp_path):
