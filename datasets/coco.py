@@ -96,6 +96,18 @@ class MissingFileError(DataError, FileNotFoundError):
 _IMAGE_TODO = "fix the path or add the file, or pass --skip-bad-images to leave the image out"
 
 
+def rgb_array(im) -> np.ndarray:
+    """A PIL image as uint8 (H, W, 3) RGB, the way every loader of this project reads one: PIL's conversion
+    (an alpha channel is dropped, as PIL's ``convert("RGB")`` and the peers' COCO loaders drop it), except
+    16-bit and float grayscale (modes ``I;16*``, ``I``, ``F``), which PIL clips to white: their 0..65535 range is
+    scaled to 0..255."""
+    if im.mode.startswith("I") or im.mode == "F":
+        gray = np.asarray(im, dtype=np.float32) / 257.0
+        gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def coco2017_paths(root, split: str) -> tuple[str, str]:
     """``(ann_file, image_dir)`` of a COCO-2017 root laid out as
     ``annotations/instances_{train,val}2017.json`` and ``{train,val}2017/``."""
@@ -315,8 +327,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = rgb_array(im)
         except FileNotFoundError as e:
             raise MissingFileError(path, "image file not found", todo=_IMAGE_TODO) from e
         except Exception as e:  # PIL raises UnidentifiedImageError / OSError / SyntaxError / ValueError

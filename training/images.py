@@ -44,16 +44,14 @@ def find_images(spec: str) -> tuple[list[str], str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB, upright as the EXIF orientation says."""
+    """uint8 (H, W, 3) RGB, upright as the EXIF orientation says, converted as training reads its images
+    (``datasets.coco.rgb_array``: alpha dropped, 16-bit gray scaled)."""
     from PIL import Image, ImageOps
 
+    from datasets.coco import rgb_array
+
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")  # flatten transparency onto white, not black
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        return np.ascontiguousarray(rgb_array(ImageOps.exif_transpose(im)))
 
 
 class ImageFolder(torch.utils.data.Dataset):

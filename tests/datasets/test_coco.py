@@ -236,3 +236,26 @@ def test_set_over_the_cache_limit_decodes_every_time(tmp_path):
     (tmp_path / "img" / "a.png").unlink()
     with pytest.raises(FileNotFoundError, match="a.png"):
         ds.load(0)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit gray PNG (mode I;16) to 255: the loaders scale it instead, and
+    evaluate.py --images reads it as training does."""
+    from PIL import Image
+
+    from training.images import read_image
+
+    from pathlib import Path
+
+    ann, img = make_coco(tmp_path)
+    img = Path(img)
+    gray = (np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 100)   # 0 .. 59900
+    Image.fromarray(gray).save(img / "a.png")
+    assert Image.open(img / "a.png").mode.startswith("I")
+    image = CocoDetection(ann, img).load(0)["image"]
+    want = np.clip(np.rint(gray / 257.0), 0, 255).astype(np.uint8)
+    assert image.shape == (20, 30, 3) and np.array_equal(image[..., 0], want) and np.array_equal(image[..., 2], want)
+    assert np.array_equal(read_image(str(img / "a.png")), image)
+    rgba = np.dstack([np.full((20, 30, 3), 40, np.uint8), np.zeros((20, 30), np.uint8)])  # fully transparent
+    Image.fromarray(rgba, "RGBA").save(img / "b.png")
+    assert np.array_equal(read_image(str(img / "b.png")), CocoDetection(ann, img).load(1)["image"])  # alpha dropped
