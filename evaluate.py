@@ -41,14 +41,14 @@ def _main(argv):
     import datasets as D
     from training.evaluation import run_inference, save_pictures, waymo_iou_by_class
     from training.models import model_from_checkpoint, resolve_amp, to_memory_format
-    from training.runlog import JsonLog, console, stats_table, waymo_table
+    from training.runlog import JsonLog, console, make_output_folder, stats_table, waymo_table
 
     ann, images = eval_data_paths(args) if args.waymo or args.val_ann or args.data else recorded_data_paths(args)
     fill = fill_color(args.fill_color)
     torch.manual_seed(args.seed)
     for line in infra_lines(args, parser.parse_args([])):
         console.print(f"[yellow]{line}[/]")
-    os.makedirs(args.output, exist_ok=True)
+    make_output_folder(args.output)
     gt = D.load_coco_json(ann)
     iou_by_class = waymo_iou_by_class(gt["categories"]) if args.waymo or args.waymo_iou else None
     jlog = JsonLog(os.path.join(args.output, "eval.jsonl"), dllogger=args.dllogger_file)

@@ -528,9 +528,12 @@ class TrainConfig:
         if values["benchmark"] and values["benchmark_steps"] < 3:  # warm-up + at least 2 timed steps
             raise UserError(f"--benchmark-steps must be >= 3, got {values['benchmark_steps']}", None,
                             "--benchmark-steps", "pass --benchmark-steps 3 or more (default 20)")
-        if values["batch_size"] < 1:
-            raise UserError(f"-b/--batch-size must be >= 1, got {values['batch_size']}", None, "--batch-size",
-                            "pass a batch size of 1 or more")
+        for flag, dest in (("-b/--batch-size", "batch_size"), ("-vb/--validation-batch-size-multiplier",
+                                                                 "validation_batch_size_multiplier"),
+                           ("--epochs", "epochs"), ("--max-steps", "max_steps")):
+            if values[dest] is not None and values[dest] < 1:
+                raise UserError(f"{flag} must be >= 1, got {values[dest]}", None, flag.split("/")[-1],
+                                f"pass {flag.split('/')[-1]} 1 or more")
         if not values["lr"] > 0:  # the schedule is a multiple of --lr
             raise UserError(f"--lr must be > 0, got {values['lr']}", None, "--lr",
                             "pass a positive learning rate (freeze layers with --freeze-layers instead)")

@@ -132,7 +132,7 @@ def infer_images(args, checkpoint: str) -> int:
     from .evaluation import autocast, inference_network
     from .models import model_from_checkpoint, resolve_amp, to_memory_format
     from .plots import draw_detections
-    from .runlog import console, progress
+    from .runlog import console, make_output_folder, progress
 
     if args.detections or args.inference or args.data or args.val_ann or args.waymo:
         raise UserError("--images cannot be combined with annotated-data flags", args.images, "--images",
@@ -161,7 +161,7 @@ def infer_images(args, checkpoint: str) -> int:
                                          num_workers=args.workers, collate_fn=collate_skipping_bad)
     normalize = DevicePrefetcher(loader, device, channels_last=channels_last).normalize
     results, bad, pictures, n_images, t_model = [], [], [], 0, 0.0
-    os.makedirs(args.output, exist_ok=True)
+    make_output_folder(args.output)
     with progress(True) as bar:
         task = bar.add_task("images", total=len(paths), info="")
         for batch in loader:

@@ -26,7 +26,8 @@ from .errors import UserError, naming
 from .evaluation import autocast, evaluate_model, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
 from .plots import plot_training
-from .runlog import JsonLog, benchmark_phases, console, progress, report_benchmark, stats_table, waymo_table
+from .runlog import (JsonLog, benchmark_phases, console, make_output_folder, progress, report_benchmark, stats_table,
+                     waymo_table)
 from .host import tune_allocator
 from .recipe import DataStats
 from .budget import TimeBudget
@@ -122,6 +123,9 @@ def setup(args, info: dist.DistInfo) -> Run:
     seed_everything(args.seed)  # identical initial weights on every rank; per-rank streams below
     train_set, val_set = load_data(args)
     stats = DataStats.of(train_set.coco.dataset)
+    if stats.objects == 0:  # nothing to learn from: every image a negative
+        raise UserError("the training set has no boxes (no annotation outside crowd regions)", train_set.ann_file,
+                        "annotations", "pass the annotation file with the boxes")
     cfg = TrainConfig.from_args(args, num_train=len(train_set), cuda=info.device.type == "cuda", stats=stats,
                                 builtin_data=uses_builtin_data(args))
     if info.is_main:
@@ -135,7 +139,7 @@ def setup(args, info: dist.DistInfo) -> Run:
                                            interpolation=cfg.train_interpolation)
     if val_set is not None:
         val_set.transform = D.EvalTransform(size, fill=cfg.fill_color, interpolation=cfg.eval_interpolation)
-    os.makedirs(cfg.output, exist_ok=True)
+    make_output_folder(cfg.output)
     jlog = JsonLog(os.path.join(cfg.output, "log.jsonl") if info.is_main else None,
                    dllogger=cfg.dllogger_file if info.is_main else None)
     jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),

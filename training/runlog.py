@@ -15,6 +15,15 @@ from .errors import UserError
 console = Console()
 
 
+def make_output_folder(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with a one-line error naming ``--output`` when it cannot be made."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only or virtual file system
+        raise UserError(f"cannot create the output folder: {e.strerror or e}", path, "--output",
+                        "pass a folder you can write to") from None
+
+
 class JsonLog:
     """One JSON object per line, appended; a no-op without a path (ranks other than 0).
 

@@ -38,7 +38,9 @@ OPTIMIZERS = {
 def _lookup(opt: str):
     name = opt.lower()
     if name not in OPTIMIZERS:
-        raise ValueError(f"--opt {opt!r}: choose one of {', '.join(OPTIMIZERS)}")
+        from .errors import UserError
+
+        raise UserError(f"unknown optimizer --opt {opt!r}", None, "--opt", f"choose one of {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name]
 
 

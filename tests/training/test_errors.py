@@ -264,3 +264,25 @@ def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, 
            f"{n - 2}" in out, out
     event = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
     assert event["skipped_images"] == 2 and event["images"] == n - 2
+
+
+@pytest.mark.parametrize("flags, field", [(["-vb", "0"], "--validation-batch-size-multiplier"),
+                                          (["--opt", "foo"], "--opt"), (["--epochs", "0"], "--epochs"),
+                                          (["--max-steps", "0"], "--max-steps"), (["--output", "FILE/sub"], "--output")])
+def test_training_values_that_cannot_run(tiny, tmp_path, capsys, flags, field):
+    (tmp_path / "file").write_text("")
+    flags = [f.replace("FILE", str(tmp_path / "file")) for f in flags]
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu", *flags])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == field, line
+
+
+def test_training_set_without_boxes(tiny, tmp_path, capsys):
+    gt = json.loads(open(tiny["train"]["ann_file"]).read())
+    gt["annotations"] = []
+    (tmp_path / "empty.json").write_text(json.dumps(gt))
+    rc = train.main(["--train-ann", str(tmp_path / "empty.json"), "--train-images", tiny["train"]["image_dir"],
+                     "--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
+    line, m = one_error_line(capsys, rc)
+    assert "no boxes" in line and m["file"].endswith("empty.json") and m["field"] == "annotations"
