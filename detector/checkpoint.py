@@ -254,15 +254,15 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
         model.config.backbone_bn_eps = 1e-3
     own = model.state_dict()
     head_keys = {k for k in own if k.startswith("class_net.predict.")}
-    if remove:  # --remove-weights PREFIX ...: those layers keep their fresh initialization
+    drop, fresh = (set(head_keys), ["the class head"]) if reset_class_head else (set(), [])
+    if remove:  # --remove-weights PREFIX ...: those layers (only those) keep their fresh initialization
         removed = {k for k in own if k.startswith(tuple(remove))}
         if not removed:
             raise CheckpointError(f"--remove-weights {remove} matches no parameter of {model.config.name}")
-        head_keys |= removed
-        reset_class_head = True
-    if reset_class_head:
-        sd = {k: v for k, v in sd.items() if k not in head_keys}
-    missing = sorted(set(own) - set(sd) - (head_keys if reset_class_head else set()))
+        drop |= removed
+        fresh += [p for p in remove if any(k.startswith(p) for k in own)]  # the names that matched a layer
+    sd = {k: v for k, v in sd.items() if k not in drop}
+    missing = sorted(set(own) - set(sd) - drop)
     unexpected = sorted(set(sd) - set(own))
     shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                    for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
@@ -270,9 +270,10 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
         hint = ""
         only_head = not missing and not unexpected and all(s.split(":")[0] in head_keys for s in shape)
         if only_head and not reset_class_head and for_training:
-            hint = ("\nThe class head has another number of classes: pass --remove-weights (or "
-                    "reset_class_head=True) to re-initialize it on purpose.")
-        reset = ", or --remove-weights to re-initialize the class head on purpose" if for_training else ""
+            hint = ("\nThe class head has another number of classes: pass --remove-weights with no names, or add "
+                    "class_net to its names (or reset_class_head=True), to re-initialize it on purpose.")
+        reset = (", or --remove-weights with no names (or add class_net to its names) to re-initialize the class "
+                 "head on purpose") if for_training else ""
         raise CheckpointError(
             f"{where} ({layout}) does not fit {model.config.name} with {model.config.num_classes} classes:\n"
             f"  missing ({len(missing)}): {_short(missing)}\n  unexpected ({len(unexpected)}): {_short(unexpected)}\n"
@@ -282,8 +283,8 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
             where if isinstance(where, str) else str(where), (shape + missing + unexpected)[0].split(":")[0],
             f"pass the class count it was trained with (--num_classes){reset}" if only_head else
             "pass the --model it was trained as (ours record it; effdet's and NVIDIA's need --model)")
-    model.load_state_dict(sd, strict=not reset_class_head)
-    return f"{where}: {layout}" + (" (class head re-initialized)" if reset_class_head else "")
+    model.load_state_dict(sd, strict=not drop)
+    return f"{where}: {layout}" + (f" ({', '.join(fresh)} re-initialized)" if fresh else "")
 
 
 def _short(items: list[str], n: int = 8) -> str:

@@ -226,7 +226,7 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
         if info.is_main:
             console.print(f"pretrained weights: {msg}")
     if cfg.initial_checkpoint:
-        msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights is not None,
+        msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights == [],  # no names
                         remove=cfg.remove_weights or None)
         if info.is_main:
             console.print(f"initial checkpoint: {msg}")

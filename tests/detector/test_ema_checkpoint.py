@@ -108,6 +108,24 @@ def test_class_count_change_needs_remove_weights(tmp_path):
     assert torch.equal(m7.box_net.predict.conv_pw.weight, m.box_net.predict.conv_pw.weight)
 
 
+def test_named_remove_weights_reset_only_those_layers(tmp_path):
+    """--remove-weights box_net (NVIDIA's meaning): the box head fresh, the class head loaded; names plus a class
+    count change need class_net among the names."""
+    m = _tiny(num_classes=4)
+    path = tmp_path / "c4.pth"
+    torch.save(m.state_dict(), path)
+    m4 = _tiny(num_classes=4)
+    box = m4.box_net.predict.conv_pw.weight.clone()
+    msg = load(m4, str(path), remove=["box_net"])
+    assert "(box_net re-initialized)" in msg
+    assert torch.equal(m4.box_net.predict.conv_pw.weight, box)                         # fresh
+    assert torch.equal(m4.class_net.predict.conv_pw.weight, m.class_net.predict.conv_pw.weight)  # loaded
+    m7 = _tiny(num_classes=7)
+    with pytest.raises(CheckpointError, match="add class_net to its names"):
+        load(m7, str(path), remove=["box_net"])
+    assert "class_net, box_net re-initialized" in load(m7, str(path), remove=["class_net", "box_net"])
+
+
 def _to_nvidia(sd: dict, model, pad_to: int = 8) -> dict:
     """Write our state dict in NVIDIA's training-checkpoint layout (inverse of the loader's conversion)."""
     inv_ir = {"conv_pw": "expand_conv.0", "bn1": "expand_conv.1", "conv_dw": "depthwise_conv.0",
