@@ -53,10 +53,27 @@ SAME = "as NVIDIA's"
 NOTES: dict[str, dict[str, str]] = {"train.py": {}, "validate.py": {}}
 
 
+# Flags whose value is optional here but that NVIDIA's scripts use as plain switches: the word after one is its
+# value only when this says so, so that ``--amp /data/coco`` leaves the data path positional, as in NVIDIA's.
+OPTIONAL_VALUE = {"--amp": lambda word: word in ("fp16", "bf16"),
+                  "--resume": lambda word: not os.path.isdir(word)}  # a checkpoint is a file, a data root a folder
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, script: str, **kw):
         super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
         self.script = script
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        words = list(sys.argv[1:] if args is None else args)
+        for i, word in enumerate(words[:-1]):
+            nxt = words[i + 1]
+            if word in OPTIONAL_VALUE and word in self._option_string_actions and not nxt.startswith("-") \
+                    and not OPTIONAL_VALUE[word](nxt):
+                words[i] = f"{word}={self._option_string_actions[word].const}"  # the switch alone
+        return super().parse_known_args(words, namespace)
 
     def nvidia(self, group, *names, note: str = SAME, **kw):
         """One of NVIDIA's flags; ``note`` says how it is honoured here (shown in --help and the README)."""

@@ -99,3 +99,18 @@ def test_dllogger_file_takes_every_event_of_a_run(tmp_path):
     lines = [json.loads(ln[len("DLLL "):]) for ln in (tmp_path / "dll.json").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == ["PARAMETER", [1, 5], [7], [9]]
     assert lines[1]["data"] == {"event": "train", "loss": 1.5} and lines[3]["data"]["minutes"] == 0.5
+
+
+def test_nvidia_switches_before_the_data_path_leave_it_positional(tmp_path):
+    """NVIDIA's --amp and --resume are switches; here they take an optional value (bf16, a checkpoint file),
+    which must not swallow the data root that follows them on NVIDIA's command lines."""
+    from training.config import eval_parser, train_parser
+
+    data = str(tmp_path)
+    a = train_parser().parse_args(["--amp", data, "--model-ema"])
+    assert (a.amp, a.data) == ("fp16", data)
+    a = train_parser().parse_args(["--resume", data, "--amp", "bf16"])
+    assert (a.resume, a.data, a.amp) == ("auto", data, "bf16")
+    a = train_parser().parse_args([data, "--resume", "runs/x/last.pth", "--amp"])  # a file is a checkpoint
+    assert (a.resume, a.data, a.amp) == ("runs/x/last.pth", data, "fp16")
+    assert eval_parser().parse_args(["--amp", data]).data == data
