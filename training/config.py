@@ -146,7 +146,7 @@ def train_parser() -> argparse.ArgumentParser:
              help="image size (H [W]); default per recipe (the model's for NVIDIA's recipe)")
     p.nvidia(m, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
              help="override the model config's redundant bias")
-    p.nvidia(m, "--no-redundant-bias", dest="redundant_bias", action="store_false",
+    p.nvidia(m, "--no-redundant-bias", dest="redundant_bias", action="store_false", default=None,
              help="override the model config's redundant bias")
     p.nvidia(m, "--pretrained", action="store_true", help="start from published COCO weights",
              note="effdet's published COCO weights of --model, downloaded once into the torch hub cache "
@@ -172,13 +172,14 @@ def train_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimization (unset = recipe default)")
     p.nvidia(o, "-b", "--batch-size", type=int, default=None, help="batch size per worker (NVIDIA's recipe: 32)",
              note="unset = recipe (NVIDIA's: 32)")
-    p.nvidia(o, "-vb", "--validation-batch-size-multiplier", type=int, default=1)
+    p.nvidia(o, "-vb", "--validation-batch-size-multiplier", type=int, default=1,
+             help="evaluation batch = batch size x this")
     p.nvidia(o, "--opt", default=None, help="momentum, sgd/nesterov, adam, adamw, or NVIDIA's fused* / lamb / "
              "novograd (mapped to the closest PyTorch optimizer, said at start); unset = recipe",
              note="fused*/lamb/novograd run as the closest torch.optim optimizer (said once at start)")
     p.nvidia(o, "--opt-eps", type=float, default=None, help="optimizer epsilon (not SGD); unset = recipe "
              "(NVIDIA's: 1e-3)", note="unset = recipe (NVIDIA's: 1e-3)")
-    p.nvidia(o, "--momentum", type=float, default=0.9)
+    p.nvidia(o, "--momentum", type=float, default=0.9, help="SGD momentum")
     p.nvidia(o, "--weight-decay", type=float, default=None, help="unset = recipe (NVIDIA's: 4e-5)",
              note="unset = recipe (NVIDIA's: 4e-5)")
     p.nvidia(o, "--clip-grad", type=float, default=10.0, help="clip the gradient norm (0: off)")
@@ -193,10 +194,10 @@ def train_parser() -> argparse.ArgumentParser:
              note="scales the noise (NVIDIA's code ignores it; both draw N(0, 1) at the default 1.0)")
     p.nvidia(o, "--lr-cycle-mul", type=float, default=1.0, help="length of each further cosine cycle x this")
     p.nvidia(o, "--lr-cycle-limit", type=int, default=1, help="number of cosine cycles")
-    p.nvidia(o, "--warmup-lr", type=float, default=1e-4)
+    p.nvidia(o, "--warmup-lr", type=float, default=1e-4, help="learning rate at the start of the warm-up")
     p.nvidia(o, "--warmup-epochs", type=float, default=None, help="unset = recipe (NVIDIA's: 5)",
              note="unset = recipe (NVIDIA's: 5); fractions allowed")
-    p.nvidia(o, "--min-lr", type=float, default=1e-5)
+    p.nvidia(o, "--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine")
     p.nvidia(o, "--decay-epochs", type=float, default=30, help="--sched step: epochs between decays")
     p.nvidia(o, "--decay-rate", "--dr", type=float, default=0.1,
              help="--sched step: decay per step; cosine: peak LR factor per further cycle")
@@ -232,7 +233,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (inductor); on a 2-core CPU the compiled step was slower than eager: "
                         "see bench/RESULTS.md")
     r = p.add_argument_group("run")
-    p.nvidia(r, "--seed", type=int, default=42)
+    p.nvidia(r, "--seed", type=int, default=42, help="random seed (weights, data order, augmentation)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--nproc", type=int, default=1, help="start this many worker processes (NCCL/gloo)")
     p.nvidia(r, "--local_rank", "--local-rank", type=int, default=0,
@@ -273,7 +274,10 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = _Parser("validate.py", prog="evaluate.py", description=(
+    import sys
+
+    script = "validate.py" if os.path.basename(sys.argv[0]) == "validate.py" else "evaluate.py"
+    p = _Parser("validate.py", prog=script, description=(
         "Evaluate a checkpoint (ours, effdet's or NVIDIA's) on COCO-format data, or score a detections file. "
         "Flags follow NVIDIA's validate.py (validate.py here is the same script)."))
     p.nvidia(p, "data", nargs="?", default=None, help="COCO-2017 root; default: the built-in synthetic set",
@@ -285,9 +289,10 @@ def eval_parser() -> argparse.ArgumentParser:
              note="default: the model the checkpoint records (NVIDIA: tf_efficientdet_d1)")
     p.nvidia(p, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
              help="override the model config's redundant bias")
-    p.nvidia(p, "--no-redundant-bias", dest="redundant_bias", action="store_false",
+    p.nvidia(p, "--no-redundant-bias", dest="redundant_bias", action="store_false", default=None,
              help="override the model config's redundant bias")
-    p.nvidia(p, "--num_classes", type=int, default=None)
+    p.nvidia(p, "--num_classes", type=int, default=None,
+             help="class count of an effdet/NVIDIA checkpoint; default: read from its class head (ours record it)")
     p.add_argument("--val-ann", default=None)
     p.add_argument("--val-images", default=None)
     p.nvidia(p, "--waymo", action="store_true", help="Waymo data: report Waymo's per-class AP and their mean",
@@ -302,16 +307,17 @@ def eval_parser() -> argparse.ArgumentParser:
     p.nvidia(p, "--results", default=None, help="detections file (COCO results format)",
              note="default OUTPUT/detections.json (NVIDIA: ./results.json)")
     p.nvidia(p, "-b", "--batch-size", type=int, default=8, note="default 8 (NVIDIA: 128; its scripts pass 8)")
-    p.nvidia(p, "--input_size", type=int, nargs="+", default=None)
+    p.nvidia(p, "--input_size", type=int, nargs="+", default=None,
+             help="image size (H [W]); default: what the checkpoint records, else the model's own")
     p.nvidia(p, "--use-ema", action="store_true", help="use the EMA weights of the checkpoint")
     p.nvidia(p, "--amp", nargs="?", const="fp16", default=None, choices=["fp16", "bf16"],
              note="also --amp bf16; fp16 without CUDA says so and runs fp32")
     p.nvidia(p, "--torchscript", action="store_true", help="run the model as a TorchScript trace (same detections)")
-    p.nvidia(p, "--use-soft-nms", action="store_true", default=None)
+    p.nvidia(p, "--use-soft-nms", action="store_true", default=None, help="Gaussian soft-NMS instead of hard NMS")
     p.nvidia(p, "--interpolation", default="bilinear", choices=["bilinear", "bicubic", "nearest"],
              help="image resize filter")
     p.nvidia(p, "--fill-color", default="mean", help="padding colour: 'mean' (ImageNet mean) or an integer 0-255")
-    p.nvidia(p, "--memory-format", choices=["nchw", "nhwc"], default="nchw")
+    p.nvidia(p, "--memory-format", choices=["nchw", "nhwc"], default="nchw", help="memory layout of the network")
     p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto")
     p.add_argument("--visualize", type=int, default=0, help="write N images with predicted and true boxes")
     p.add_argument("--output", default="output")
@@ -322,7 +328,7 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="torch.compile the BN-folded model (inductor; compiling takes minutes on a small CPU, "
                         "so it pays only for large evaluations: see bench/RESULTS.md)")
     p.add_argument("--skip-bad-images", action="store_true")
-    p.nvidia(p, "--seed", type=int, default=42)
+    p.nvidia(p, "--seed", type=int, default=42, help="random seed")
     p.nvidia(p, "--log-freq", type=int, default=10, help="batches between progress lines", note=_infra("log_freq"))
     p.nvidia(p, "--pretrained", action="store_true", help="evaluate the published COCO weights of --model",
              note="without --checkpoint: effdet's published COCO weights of --model (downloaded once, as "
