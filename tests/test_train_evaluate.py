@@ -285,3 +285,12 @@ def test_interrupt_inside_an_epoch_then_resume_is_bit_identical(tiny, tmp_path, 
         assert torch.equal(v, sb["model"][k]), k
     for k, v in sa["ema"]["module"].items():
         assert torch.equal(v, sb["ema"]["module"][k]), k
+
+
+def test_eval_after_counts_epochs_as_nvidia_does(tiny, tmp_path):
+    """NVIDIA's train.py evaluates (with --model-ema) when the 0-based ``epoch >= args.eval_after``:
+    --eval-after 1 skips the evaluation after the first epoch and evaluates after the second."""
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--epochs", "2", "--eval-interval", "1", "--eval-after", "1",
+                                "--model-ema")) == 0
+    assert [e["epoch"] for e in events(out, "eval")] == [1]

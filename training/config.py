@@ -251,7 +251,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(r, "--no-resume-opt", action="store_true", help="do not restore the optimizer state")
     p.nvidia(r, "--log-interval", type=int, default=10, help="steps between log lines",
              note="default 10 (NVIDIA: 50)")
-    p.nvidia(r, "--eval-after", type=int, default=0, help="evaluate only once this many epochs are done")
+    p.nvidia(r, "--eval-after", type=int, default=0,
+             help="evaluate after epoch N (0-based) and later: --eval-after 200 first evaluates after the 201st epoch",
+             note="NVIDIA's rule with --model-ema (`epoch >= eval_after`); NVIDIA without EMA ignores it")
     r.add_argument("--eval-interval", type=int, default=None,
                    help="epochs between evaluations; 0: only the final one (default per recipe; with "
                         "--time-budget: 0, so the budget goes to training)")

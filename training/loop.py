@@ -430,7 +430,7 @@ def log_step(run: Run, epoch: int, parts, batch, ips: float, step_time: float) -
 def maybe_evaluate(run: Run, epoch: int) -> bool:
     """Evaluate (the EMA model when there is one) when the schedule says so; True when AP improved."""
     cfg = run.cfg
-    due = run.val_loader is not None and epoch + 1 >= cfg.eval_after and (
+    due = run.val_loader is not None and epoch >= cfg.eval_after and (  # NVIDIA's rule: 0-based epoch >= N
         (cfg.eval_interval and (epoch + 1) % cfg.eval_interval == 0) or run.is_last(epoch))
     if not due:
         return False
