@@ -531,7 +531,16 @@ def resume(run: Run, path: str) -> None:
     else:
         set_rng_state(rngs[run.info.rank])
     if run.info.is_main:
-        console.print(f"resumed from {path} at epoch {run.start_epoch}")
+        where = f"epoch {run.start_epoch}" + (f", batch {run.skip_batches + 1}" if run.skip_batches else "")
+        console.print(f"resumed from {path} at {where} (step {run.step})"
+                      + ("; that run is complete: nothing left to train" if run.start_epoch >= run.last_epoch else ""))
+        saved = state.get("args", {}).get("batch_size") if isinstance(state.get("args"), dict) else None
+        if saved is not None and saved != run.cfg.batch_size:
+            console.print(f"[yellow]{path} was trained with batch {saved}, this run uses {run.cfg.batch_size}: the "
+                          "schedule continues at its step, and a half-done epoch skips its first batches of the "
+                          "new size[/]")
+        run.jlog.write(event="resumed", step=run.step, epoch=run.start_epoch, checkpoint=path,
+                       batch_in_epoch=run.skip_batches)
 
 
 def rng_state() -> dict:
