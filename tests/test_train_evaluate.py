@@ -112,6 +112,8 @@ def test_resume_is_bit_identical(tiny, tmp_path, uninterrupted):
         assert torch.equal(v, sb["model"][k]), k
     for k, v in sa["ema"]["module"].items():
         assert torch.equal(v, sb["ema"]["module"][k]), k
+    resumed = events(b, "resumed")  # the log says where the run continued
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 1 and resumed[0]["step"] == first["step"]
 
 
 def test_nproc2_gives_the_loss_of_one_process(tiny, tmp_path):
