@@ -560,6 +560,19 @@ class TrainConfig:
             if values[dest] is not None and values[dest] < 1:
                 raise UserError(f"{flag} must be >= 1, got {values[dest]}", None, flag.split("/")[-1],
                                 f"pass {flag.split('/')[-1]} 1 or more")
+        ranges = (("--num_classes", "num_classes", 1, None, "1 or more"),
+                  ("--model-ema-decay", "model_ema_decay", 0.0, 1.0, "in [0, 1]"),
+                  ("--momentum", "momentum", 0.0, 1.0, "in [0, 1]"),
+                  ("--warmup-epochs", "warmup_epochs", 0.0, None, "0 or more"))
+        for flag, dest, lo, hi, say in ranges:
+            v = values[dest]
+            if v is not None and not (v >= lo and (hi is None or v <= hi)):
+                raise UserError(f"{flag} must be {say}, got {v:g}", None, flag, f"pass {flag} {say}")
+        noise = values["lr_noise"]
+        if noise and (min(noise) < 0 or (len(noise) > 1 and noise[0] > noise[1])):
+            raise UserError(f"--lr-noise takes the start [and end] of the noisy part as fractions of the epochs, "
+                            f"start <= end, got {' '.join(f'{v:g}' for v in noise)}", None, "--lr-noise",
+                            "e.g. --lr-noise 0.4 0.9")
         if not values["lr"] > 0:  # the schedule is a multiple of --lr
             raise UserError(f"--lr must be > 0, got {values['lr']}", None, "--lr",
                             "pass a positive learning rate (freeze layers with --freeze-layers instead)")

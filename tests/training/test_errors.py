@@ -268,7 +268,11 @@ def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, 
 
 @pytest.mark.parametrize("flags, field", [(["-vb", "0"], "--validation-batch-size-multiplier"),
                                           (["--opt", "foo"], "--opt"), (["--epochs", "0"], "--epochs"),
-                                          (["--max-steps", "0"], "--max-steps"), (["--output", "FILE/sub"], "--output")])
+                                          (["--max-steps", "0"], "--max-steps"), (["--output", "FILE/sub"], "--output"),
+                                          (["--num_classes", "0"], "--num_classes"),
+                                          (["--model-ema-decay", "1.5"], "--model-ema-decay"),
+                                          (["--momentum", "2"], "--momentum"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
+                                          (["--lr-noise", "0.9", "0.4"], "--lr-noise")])
 def test_training_values_that_cannot_run(tiny, tmp_path, capsys, flags, field):
     (tmp_path / "file").write_text("")
     flags = [f.replace("FILE", str(tmp_path / "file")) for f in flags]
