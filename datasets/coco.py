@@ -181,7 +181,8 @@ def load_coco_json(ann_file) -> dict:
         ids = Counter(e["id"] for e in data[key])
         dup = [k for k, n in ids.items() if n > 1]
         if dup:
-            raise AnnotationError(ann_file, f"duplicate {kind} id {dup[0]!r} in {key!r}")
+            second = [i for i, e in enumerate(data[key]) if e["id"] == dup[0]][1]
+            raise AnnotationError(ann_file, f"duplicate {kind} id {dup[0]!r} in {key!r}", field=f"{key}[{second}].id")
     return data
 
 
@@ -267,7 +268,7 @@ class CocoDetection(torch.utils.data.Dataset):
         small = finite & ~big
         self._count("box_too_small", int(small.sum()),
                     lambda: f"annotation id {ann_ids[int(np.flatnonzero(small)[0])]!r}",
-                    "boxes narrower or lower than 1 px after clipping were dropped")
+                    "boxes with a width or height under 1 px (negative included) after clipping were dropped")
         self._count("box_clipped", int(was_clipped.sum()),
                     lambda: f"annotation id {ann_ids[int(np.flatnonzero(was_clipped)[0])]!r}",
                     "boxes partly outside their image were clipped")

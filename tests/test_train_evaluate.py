@@ -37,6 +37,7 @@ def test_train_then_evaluate(tiny, tmp_path):
     assert {"step", "epoch", "loss", "cls_loss", "box_loss", "lr", "img_per_s", "data_time"} <= set(tr[0])
     ev = events(out, "eval")
     assert len(ev) == 1 and 0.0 <= ev[0]["AP"] <= 1.0 and "per_class" in ev[0]
+    assert set(events(out, "start")[0]["data_fixes"]) == {"train", "val"}  # clipped / dropped boxes, counted
     for f in ("last.pth", "best.pth", "curves.png", "log.jsonl"):
         assert (out / f).stat().st_size > 0, f
     assert len(list((out / "pictures").glob("*.png"))) == 2

@@ -144,7 +144,8 @@ def setup(args, info: dist.DistInfo) -> Run:
                    dllogger=cfg.dllogger_file if info.is_main else None)
     jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),
                world_size=info.world_size, device=str(info.device), train_images=len(train_set),
-               val_images=len(val_set) if val_set else 0, data_stats=stats.to_dict())
+               val_images=len(val_set) if val_set else 0, data_stats=stats.to_dict(),
+               data_fixes={"train": dict(train_set.stats), "val": dict(val_set.stats) if val_set else {}})
     load_initial_weights(cfg, model, info)
     model = to_memory_format(model, cfg.channels_last)
     if cfg.sync_bn and info.distributed:
