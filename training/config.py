@@ -536,9 +536,16 @@ class TrainConfig:
         values["time_budget"] = values["time_budget"] or None  # 0 = no budget
         if values["time_budget"] and values["eval_interval"] is None:
             values["eval_interval"] = 0  # only the final evaluation: the budget goes to training
+        batch_given, lr_given = values["batch_size"] is not None, values["lr"] is not None
         for k, v in recipe.items():
             if values.get(k) is None:
                 values[k] = v
+        if small and stats is not None and batch_given and not lr_given and values["batch_size"] >= 1:
+            from .recipe import lr_for_batch
+
+            values["lr"] = lr_for_batch(values["batch_size"])  # the recipe's rule, for the batch you gave
+            notes.append(f"-b {values['batch_size']}: the recipe's learning rate for that batch, {values['lr']:g} "
+                         "(2e-3 x sqrt(batch / 16); --lr sets another)")
         from .host import default_workers
 
         if values["workers"] is None:

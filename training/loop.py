@@ -130,6 +130,10 @@ def setup(args, info: dist.DistInfo) -> Run:
                                 builtin_data=uses_builtin_data(args))
     if info.is_main:
         console.print(f"recipe: {cfg.recipe} ({len(train_set)} training images); flags you gave take precedence")
+        length = f"{cfg.time_budget:g}-minute budget" if cfg.time_budget else f"{scheduled_epochs(cfg)} epochs"
+        size = f"{cfg.input_size[0]}x{cfg.input_size[1]}" if cfg.input_size else "the model's size"
+        console.print(f"in effect: input {size}, batch {cfg.batch_size} x {info.world_size} worker(s), "
+                      f"--opt {cfg.opt} lr {cfg.lr:g}, {length}")
         console.print(f"data loader: {cfg.workers} worker process(es); {torch.get_num_threads()} compute threads")
         for note in cfg.notes:
             console.print(f"[yellow]{note}[/]")

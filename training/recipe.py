@@ -74,7 +74,12 @@ def fit_small_recipe(stats: DataStats) -> dict:
     size = input_size_for(stats)
     batch = 16 if size <= 128 else 8 if size <= 256 else 4
     epochs = int(min(max(round(IMAGE_VIEWS / max(1, stats.images)), EPOCH_RANGE[0]), EPOCH_RANGE[1]))
-    return dict(input_size=(size, size), batch_size=batch, lr=round(2e-3 * math.sqrt(batch / 16), 6), epochs=epochs)
+    return dict(input_size=(size, size), batch_size=batch, lr=lr_for_batch(batch), epochs=epochs)
+
+
+def lr_for_batch(batch: int) -> float:
+    """The small-data recipe's AdamW learning rate: 2e-3 at batch 16, scaled by the square root of the batch."""
+    return round(2e-3 * math.sqrt(batch / 16), 6)
 
 
 def describe(stats: DataStats, fitted: dict) -> str:

@@ -58,6 +58,11 @@ def test_config_uses_fitted_values_but_flags_win():
     given = config("--input_size", "384", "-b", "2", stats=st, num_train=800)
     assert given.input_size == (384, 384) and given.batch_size == 2
     assert config(stats=st, num_train=10_000).input_size is None  # NVIDIA's recipe: the model's own size
+    # a batch you give gets the recipe's learning rate for that batch, unless you give --lr too
+    assert given.lr == pytest.approx(2e-3 * (2 / 16) ** 0.5, rel=1e-3) and "-b 2: the recipe's learning rate" in \
+        " ".join(given.notes)
+    assert config("-b", "2", "--lr", "5e-3", stats=st, num_train=800).lr == 5e-3
+    assert config("-b", "2", stats=st, num_train=10_000).lr == 0.01  # NVIDIA's recipe: its own lr
 
 
 def test_time_budget_defaults_to_the_demo_only():
