@@ -186,7 +186,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(o, "--lr", type=float, default=None, help="unset = recipe (NVIDIA's: 0.01)",
              note="unset = recipe (NVIDIA's: 0.01); the LR moves every step here (NVIDIA: every epoch)")
     p.nvidia(o, "--sched", choices=["cosine", "step"], default="cosine", help="LR schedule",
-             note="also step (decay by --decay-rate every --decay-epochs)")
+             note="default cosine, as NVIDIA's code (its --help says \"step\"); also step (decay by --decay-rate "
+                  "every --decay-epochs)")
     p.nvidia(o, "--lr-noise", type=float, nargs="+", default=None, metavar="PCT",
              help="epoch fractions: LR noise on from the first (to the second); e.g. 0.4 0.9")
     p.nvidia(o, "--lr-noise-pct", type=float, default=0.67, help="noise limit: |noise| < this fraction")
