@@ -28,6 +28,7 @@ box partly outside the image                clipped, ``stats["box_clipped"]``
 box < 1 px wide/high after clipping         dropped, ``stats["box_too_small"]``
 box with NaN/inf                            dropped, ``stats["box_nonfinite"]``
 image without annotations                   kept (a negative), ``stats["image_without_boxes"]``
+one file under several image ids            each entry kept, ``stats["image_file_repeated"]``
 ==========================================  ============================================
 
 A set whose decoded images fit in ``cache_bytes`` (``CACHE_BYTES``, 256 MiB, by the image entries' sizes:
@@ -296,6 +297,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             self._entries.append((iid, path, (int(im["height"]), int(im["width"])),
                                   boxes_per_img[r].reshape(-1, 4), labels_per_img[r].reshape(-1)))
+        paths = Counter(e[1] for e in self._entries)
+        twice = sorted(p for p, n in paths.items() if n > 1)
+        self._count("image_file_repeated", sum(paths[p] - 1 for p in twice), lambda: twice[0],
+                    "image files listed under more than one image id (each entry is used)")
         if not self._entries:
             raise AnnotationError(self.ann_file, f"no usable images (all {len(images)} image files are missing "
                              f"under {self.image_dir})")

@@ -259,3 +259,11 @@ def test_16_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
     rgba = np.dstack([np.full((20, 30, 3), 40, np.uint8), np.zeros((20, 30), np.uint8)])  # fully transparent
     Image.fromarray(rgba, "RGBA").save(img / "b.png")
     assert np.array_equal(read_image(str(img / "b.png")), CocoDetection(ann, img).load(1)["image"])  # alpha dropped
+
+
+def test_file_listed_under_two_image_ids_is_counted(tmp_path, caplog):
+    images = [{"id": 1, "file_name": "a.png", "height": 20, "width": 30},
+              {"id": 2, "file_name": "a.png", "height": 20, "width": 30}]
+    ds = CocoDetection(*make_coco(tmp_path, images=images))
+    assert len(ds) == 2 and ds.stats["image_file_repeated"] == 1
+    assert "more than one image id" in caplog.text
