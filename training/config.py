@@ -53,10 +53,11 @@ SAME = "as NVIDIA's"
 NOTES: dict[str, dict[str, str]] = {"train.py": {}, "validate.py": {}}
 
 
-# Flags whose value is optional here but that NVIDIA's scripts use as plain switches: the word after one is its
-# value only when this says so, so that ``--amp /data/coco`` leaves the data path positional, as in NVIDIA's.
-OPTIONAL_VALUE = {"--amp": lambda word: word in ("fp16", "bf16"),
-                  "--resume": lambda word: not os.path.isdir(word)}  # a checkpoint is a file, a data root a folder
+# Flags whose value is optional here but that NVIDIA's scripts use as plain switches (``--amp``, ``--resume``):
+# an existing folder after one is NVIDIA's positional data root, not its value (a checkpoint is a file, and
+# --amp takes fp16 / bf16), unless a data flag already names the data.
+OPTIONAL_VALUE = ("--amp", "--resume")
+_DATA_FLAGS = ("--train-ann", "--val-ann", "--waymo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,11 +69,10 @@ class _Parser(argparse.ArgumentParser):
         import sys
 
         words = list(sys.argv[1:] if args is None else args)
-        for i, word in enumerate(words[:-1]):
-            nxt = words[i + 1]
-            if word in OPTIONAL_VALUE and word in self._option_string_actions and not nxt.startswith("-") \
-                    and not OPTIONAL_VALUE[word](nxt):
-                words[i] = f"{word}={self._option_string_actions[word].const}"  # the switch alone
+        if not any(w.split("=")[0] in _DATA_FLAGS for w in words):
+            for i, word in enumerate(words[:-1]):
+                if word in OPTIONAL_VALUE and word in self._option_string_actions and os.path.isdir(words[i + 1]):
+                    words[i] = f"{word}={self._option_string_actions[word].const}"  # the switch alone
         return super().parse_known_args(words, namespace)
 
     def nvidia(self, group, *names, note: str = SAME, **kw):
@@ -669,6 +669,11 @@ def train_data_paths(flags) -> dict:
     ``--train-ann`` is given, and with no data flag at all both are the built-in synthetic set."""
     if uses_builtin_data(flags):
         return {s: synthetic_paths(s) for s in ("train", "val")}
+    if flags.data and (flags.train_ann or flags.val_ann) and not flags.waymo:
+        from .errors import UserError
+
+        raise UserError("both DATA and --train-ann / --val-ann name the data", flags.data, "data",
+                        "pass DATA (a COCO-2017 root) or the annotation flags, not both")
     data = None if (flags.train_ann or flags.val_ann) and not flags.waymo else flags.data
     found = {"train": split_paths("train", data, flags.train_ann, flags.train_images, flags.waymo,
                                   flags.waymo_train_annotation, flags.waymo_train),

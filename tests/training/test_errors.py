@@ -290,3 +290,10 @@ def test_training_set_without_boxes(tiny, tmp_path, capsys):
                      "--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
     line, m = one_error_line(capsys, rc)
     assert "no boxes" in line and m["file"].endswith("empty.json") and m["field"] == "annotations"
+
+
+def test_data_root_and_annotation_flags_together(tiny, tmp_path, capsys):
+    rc = train.main([str(tmp_path), "--train-ann", tiny["train"]["ann_file"], "--train-images",
+                     tiny["train"]["image_dir"], "--output", str(tmp_path / "out"), "--device", "cpu"])
+    line, m = one_error_line(capsys, rc)
+    assert "both DATA and --train-ann" in line and m["field"] == "data"

@@ -114,3 +114,7 @@ def test_nvidia_switches_before_the_data_path_leave_it_positional(tmp_path):
     a = train_parser().parse_args([data, "--resume", "runs/x/last.pth", "--amp"])  # a file is a checkpoint
     assert (a.resume, a.data, a.amp) == ("runs/x/last.pth", data, "fp16")
     assert eval_parser().parse_args(["--amp", data]).data == data
+    a = train_parser().parse_args(["--train-ann", "a.json", "--resume", data])  # a data flag names the data
+    assert (a.resume, a.data) == (data, None)
+    with pytest.raises(SystemExit):  # not a folder: --amp's value, checked as before
+        train_parser().parse_args(["--amp", "fp32"])
