@@ -122,15 +122,22 @@ def recorded_data_paths(args) -> tuple[str, str]:
 
     from training.config import synthetic_paths, train_data_paths, uses_builtin_data
 
-    if args.detections or args.pretrained:
+    if args.detections or (args.pretrained and not args.checkpoint):
         return synthetic_paths("val")
     from detector.checkpoint import read
 
+    from training.config import train_parser
+
     path = default_checkpoint(args)
     recorded = read(path).get("args")
-    if not isinstance(recorded, dict) or uses_builtin_data(SimpleNamespace(**recorded)):
+    if not isinstance(recorded, dict):  # effdet's, NVIDIA's
         return synthetic_paths("val")
-    paths = train_data_paths(SimpleNamespace(**recorded)).get("val")
+    flags = SimpleNamespace(**{**vars(train_parser().parse_args([])), **recorded})  # older files lack newer flags
+    if uses_builtin_data(flags):
+        return synthetic_paths("val")
+    if flags.waymo:  # scored as training scored it: Waymo's per-class IoU
+        args.waymo_iou = True
+    paths = train_data_paths(flags).get("val")
     if paths is None:
         raise UserError("the checkpoint's run had no validation set to evaluate on", path, "--val-ann",
                         "pass DATA or --val-ann / --val-images")

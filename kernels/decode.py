@@ -389,4 +389,6 @@ def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: t
     values, flat_index = _topk_select(class_logits, k)
     return dispatch("decode_topk", backend, class_logits.device, _topk_gather_op, _topk_gather_reference,
                     values, flat_index, box_deltas, anchors, mode, clip, h, w, class_logits.shape[-1],
-                    unsupported=_triton_unsupported(box_deltas))
+                    unsupported=_triton_unsupported(box_deltas) or (
+                        "class logits that need a gradient (it has no backward)"
+                        if class_logits.requires_grad and torch.is_grad_enabled() else None))

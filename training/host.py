@@ -33,8 +33,6 @@ def cpu_cores() -> int:
 def uses_cuda(device: str) -> bool:
     """Whether a ``--device`` value (``auto``, ``cpu``, ``cuda``, ``cuda:N``) runs on a GPU here; a one-line
     error for any other value, and for a GPU this machine does not have."""
-    import re
-
     import torch
 
     from .errors import UserError
@@ -43,13 +41,11 @@ def uses_cuda(device: str) -> bool:
         return torch.cuda.is_available()
     if device == "cpu":
         return False
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if m is None:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}", None, "--device",
-                        "pass one of those")
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count <= int(m.group(1) or 0):
-        raise UserError(f"--device {device}: this machine has {count} CUDA GPU(s)", None, "--device",
+    if device not in ("cuda", "cuda:0"):  # a process uses GPU 0 of what it sees (--nproc: its local rank's)
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}", None, "--device",
+                        "pick another GPU with CUDA_VISIBLE_DEVICES=N and --device cuda")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU", None, "--device",
                         "pass --device cpu, or auto to use a GPU where there is one")
     return True
 

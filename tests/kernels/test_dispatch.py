@@ -33,6 +33,11 @@ def test_ops_name_what_their_triton_path_refuses():
         decode_boxes(deltas, anchors, backend="triton")        # no gradient wanted: the kernel runs
     with pytest.raises(ValueError, match="float64 deltas"):
         decode_boxes(deltas.detach().double(), anchors.double(), backend="triton")
+    from kernels import decode_topk
+
+    scores = torch.randn(1, 3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="class logits that need a gradient"):
+        decode_topk(scores, torch.zeros(1, 3, 4), anchors, 2, backend="triton")
     x, dw = torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3)
     with pytest.raises(ValueError, match="4 inputs"):
         bifpn_fusion([x] * 4, ["same"] * 4, None, dw, (4, 4), "sum", backend="triton")

@@ -233,10 +233,8 @@ def test_checkpoint_categories_the_data_lacks(tiny, ckpt_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, field", [(["-b", "0"], "--batch-size"), (["--input_size", "300"], "image_size"),
                                           (["--input_size", "0"], "image_size"), (["--device", "foo"], "--device"),
-                                          (["--device", "cuda:7"], "--device")])
+                                          (["--device", "cuda:1"], "--device")])
 def test_flags_this_machine_or_model_cannot_run(tiny, ckpt_dir, tmp_path, capsys, flags, field):
-    if flags[-1] == "cuda:7" and torch.cuda.device_count() > 7:
-        pytest.skip("this machine has 8 GPUs")
     args = val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"))
     args = [a for a in args if a not in ("--device", "cpu")] + flags  # the flag under test, not val_args' device
     line, m = one_error_line(capsys, evaluate.main(args))
