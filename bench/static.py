@@ -392,7 +392,8 @@ class HostSyncRecorder:
     * ``Tensor.item`` / ``.cpu`` / ``.tolist`` / ``.numpy`` / ``.nonzero`` and ``torch.nonzero``;
     * the implicit reads: a tensor as a Python ``bool`` / ``int`` / ``float`` / index (``if t:``,
       ``int(t.sum())``, ``range(t)``), ``Tensor.to("cpu")``, ``torch.equal``, ``repeat_interleave`` of tensor
-      repeats without ``output_size`` (its output size is data), and indexing with a boolean mask.
+      repeats without ``output_size`` (its output size is data), ``torch.where(cond)`` alone, and reading or
+      writing through a boolean mask.
 
     Use as a context manager; ``calls`` lists ``(what, "file:line")``.
     """
@@ -461,6 +462,8 @@ class HostSyncRecorder:
         self._wrap(torch, "repeat_interleave", "torch.repeat_interleave", data_sized)
         self._wrap(torch.Tensor, "repeat_interleave", "Tensor.repeat_interleave", data_sized)
         self._wrap(torch.Tensor, "__getitem__", "Tensor[bool mask]", mask_index)
+        self._wrap(torch.Tensor, "__setitem__", "Tensor[bool mask] =", lambda self_, index, value: mask_index(self_, index))
+        self._wrap(torch, "where", "torch.where(cond)", lambda *a, **k: len(a) + len(k) == 1)  # = nonzero
         try:
             from triton.runtime.interpreter import InterpretedFunction
             orig = InterpretedFunction.run

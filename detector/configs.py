@@ -122,7 +122,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
     step = 2 ** cfg.max_level
     if cfg.image_size[0] % step or cfg.image_size[1] % step or min(cfg.image_size) <= 0:
         raise ConfigError(f"{name}: image_size {cfg.image_size} is not a positive multiple of 2**max_level = {step}",
-                          "image_size", f"pass an input size that is a multiple of {step} (e.g. --input_size {step})")
+                          "image_size", f"pass an image size that is a multiple of {step} (e.g. {step}, {4 * step})")
     if cfg.fusion not in ("fast", "sum", "softmax"):
         raise ValueError(f"fusion must be 'fast', 'sum' or 'softmax', got {cfg.fusion!r}")
     return cfg
@@ -137,7 +137,7 @@ def _as_size(size) -> tuple[int, int]:
     except TypeError:  # not an integer
         pass
     raise ConfigError(f"image_size must be an int or a pair of ints, got {size!r}", "image_size",
-                      "pass --input_size H [W]")
+                      "pass an image size as H or (H, W)")
 
 
 def feature_sizes(image_size: tuple[int, int], max_level: int) -> list[tuple[int, int]]:

@@ -31,6 +31,7 @@ import kernels
 
 from .anchors import anchors_for
 from .checkpoint import CheckpointError
+from .configs import ConfigError
 from .fuse import fuse_for_inference
 from .model import EfficientDet, create_model
 
@@ -145,12 +146,17 @@ def _example(model: EfficientDet, batch: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ exporters
+class ExportPackagesMissing(RuntimeError):
+    """ONNX export without the packages of requirements-export.txt."""
+
+
 def export_onnx(model: EfficientDet, path: str, fuse: bool = True, opset: int = 18) -> str:
     """Write ``path`` (ONNX, input ``images (batch, 3, H, W)``, output ``detections (batch, max_det, 6)``)."""
     try:
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(f"ONNX export needs the optional packages of requirements-export.txt ({e})") from None
+        raise ExportPackagesMissing(f"ONNX export needs the optional packages of requirements-export.txt ({e})") \
+            from None
     det = Detector(model, fuse=fuse).eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
@@ -212,7 +218,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m detector.export", description="Export a detector to ONNX or "
                                 "TorchScript (post-processing included; see docs/export.md). Run it from the "
                                 "repository root.")
-    p.add_argument("--model", default=None, help="default: what --checkpoint records, else tf_efficientdet_d0")
+    p.add_argument("--model", default=None, help="default: what --checkpoint records (effdet's and NVIDIA's "
+                   "record none: pass it); tf_efficientdet_d0 with --pretrained or no weights")
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: what --checkpoint records (or its class head), else 90")
     p.add_argument("--image-size", type=int, default=None,
@@ -228,7 +235,7 @@ def main(argv=None) -> int:
     if os.path.isdir(args.output):
         print(f"error: --output is a folder ({args.output}, --output): pass a file name, e.g. d0.onnx", file=sys.stderr)
         return 2
-    try:
+    try:  # bad input: a checkpoint or a model / size no EfficientDet has (anything else is a bug: its traceback)
         if args.checkpoint:
             from .checkpoint import load_for_inference
 
@@ -244,15 +251,19 @@ def main(argv=None) -> int:
                 print(load_pretrained(model), file=sys.stderr)
             else:
                 print("warning: no --checkpoint or --pretrained: exporting random weights", file=sys.stderr)
-        cfg = model.config
-        print(f"exporting {cfg.name}, {cfg.num_classes} classes, input {cfg.image_size[0]}x{cfg.image_size[1]}",
-              file=sys.stderr)
+    except (CheckpointError, ConfigError) as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
+    cfg = model.config
+    print(f"exporting {cfg.name}, {cfg.num_classes} classes, input {cfg.image_size[0]}x{cfg.image_size[1]}",
+          file=sys.stderr)
+    try:
         if args.format == "onnx":
             export_onnx(model, args.output, fuse=not args.no_fuse)
         else:
             export_torchscript(model, args.output, fuse=not args.no_fuse)
-    except (CheckpointError, ValueError) as e:
-        print(_one_line(e), file=sys.stderr)
+    except ExportPackagesMissing as e:
+        print(f"error: {e} (-, --format): pip install -r requirements-export.txt", file=sys.stderr)
         return 2
     except OSError as e:  # the output cannot be written
         print(f"error: cannot write the export ({args.output}, --output): {e.strerror or e}", file=sys.stderr)

@@ -283,8 +283,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p = _Parser("validate.py", prog=script, description=(
         "Evaluate a checkpoint (ours, effdet's or NVIDIA's) on COCO-format data, or score a detections file. "
         "Flags follow NVIDIA's validate.py (validate.py here is the same script)."))
-    p.nvidia(p, "data", nargs="?", default=None, help="COCO-2017 root; default: the built-in synthetic set",
-             note="optional here: without it, --val-ann or the built-in synthetic set")
+    p.nvidia(p, "data", nargs="?", default=None,
+             help="COCO-2017 root; default: the val set the checkpoint's run used (ours record it), else the "
+                  "built-in synthetic set",
+             note="optional here: without it, --val-ann, the checkpoint's recorded val set or the built-in set")
     p.nvidia(p, "--anno", default="val2017", help="annotation set of the COCO root: val2017, train2017 or "
              "test-dev2017 (test sets have no boxes: detections are written, not scored)")
     p.nvidia(p, "--checkpoint", default=None, help="default: output/best.pth, else output/last.pth")

@@ -177,7 +177,7 @@ def test_update_bumps_autograd_versions(backend):
         y.backward()
 
 
-@pytest.mark.parametrize("decay", [0.9998, 0.999, 0.5])
+@pytest.mark.parametrize("decay", [0.9998, 0.999])
 def test_float_decay_weight_is_rounded_as_the_reference_rounds_it(decay):
     """1 - decay in double, then fp32 (what the reference multiplies by), not 1 - fp32(decay): for decay
     0.9998 those differ by 1.3e-4 relatively, which a large model - ema difference shows."""

@@ -39,10 +39,14 @@ def test_recorder_sees_calls_from_its_roots_only(tmp_path):
         x.to("cpu")                          # flagged (on a GPU a copy to the host)
         x.to(torch.float64)                  # not flagged
         torch.equal(x, x)                    # flagged
+        y = x.clone()
+        y[x > 1] = 0.0                       # flagged: a write through a boolean mask (index_put_ + nonzero)
+        torch.where(x > 1)                   # flagged: nonzero
+        torch.where(x > 1, x, 0.0)           # not flagged
     kinds = [k for k, _ in rec.calls]
     assert kinds == ["Tensor.item", "torch.tensor", "torch.full", "torch.nonzero", "Tensor.tolist",
                      "Tensor.__bool__", "Tensor.__int__", "Tensor[bool mask]", "torch.repeat_interleave",
-                     "Tensor.to(cpu)", "torch.equal"], rec.calls
+                     "Tensor.to(cpu)", "torch.equal", "Tensor[bool mask] =", "torch.where(cond)"], rec.calls
     assert all("test_host_sync.py:" in where for _, where in rec.calls)
     with st.HostSyncRecorder() as rec2:     # default root: kernels/ -> nothing from this file
         x.sum().item()
