@@ -113,7 +113,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave Ctrl-C and SIGTERM to the main process. ``timeout``, SLURM and ``docker stop``
     signal the whole process group: a worker killed by it ended the run in PyTorch's "DataLoader worker is
     killed by signal" error before the main process could save its interrupted state. A worker still exits
-    when the main process shuts the loader down, and on its own when the main process is gone."""
+    when the main process shuts the loader down, and on its own when the main process is gone (PyTorch's
+    watchdog); only a worker hung in its own code would now outlive the shutdown's last-resort SIGTERM."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
