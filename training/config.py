@@ -154,9 +154,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(m, "--pretrained-backbone-path", default=None, help="backbone weights (ours, timm's or NVIDIA's)")
     p.nvidia(m, "--initial-checkpoint", default=None, help="ours, effdet's or NVIDIA's checkpoint")
     p.nvidia(m, "--remove-weights", nargs="*", default=None,
-             help="layers (name prefixes) left freshly initialized when loading --initial-checkpoint",
+             help="parameters whose names contain one of these are left freshly initialized when loading "
+                  "--initial-checkpoint",
              note="given with no names, the class head is re-initialized (NVIDIA: nothing removed); with names, "
-                  "only those layers, as NVIDIA's")
+                  "only the parameters that contain one, as NVIDIA's")
     p.nvidia(m, "--freeze-layers", nargs="*", default=None, help="parameter name prefixes to freeze")
     p.nvidia(m, "--drop", type=float, default=0.0, help="dropout rate",
              note="accepted, no effect: EfficientDet has no dropout layer (NVIDIA's train.py ignores it too); "

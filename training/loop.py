@@ -436,12 +436,16 @@ def log_step(run: Run, epoch: int, parts, batch, ips: float, step_time: float) -
     return event
 
 
+def evaluation_due(cfg, epoch: int, is_last: bool) -> bool:
+    """After 0-based ``epoch``: from ``--eval-after`` on (NVIDIA's rule, ``epoch >= eval_after``: see
+    ``tests/fixtures/nvidia/rules.json``), every ``--eval-interval`` epochs and after the last one."""
+    return epoch >= cfg.eval_after and (bool(cfg.eval_interval and (epoch + 1) % cfg.eval_interval == 0) or is_last)
+
+
 def maybe_evaluate(run: Run, epoch: int) -> bool:
     """Evaluate (the EMA model when there is one) when the schedule says so; True when AP improved."""
     cfg = run.cfg
-    due = run.val_loader is not None and epoch >= cfg.eval_after and (  # NVIDIA's rule: 0-based epoch >= N
-        (cfg.eval_interval and (epoch + 1) % cfg.eval_interval == 0) or run.is_last(epoch))
-    if not due:
+    if run.val_loader is None or not evaluation_due(cfg, epoch, run.is_last(epoch)):
         return False
     iou_by_class = waymo_iou_by_class(run.val_set.coco.dataset["categories"]) if cfg.waymo else None
     t_eval = time.perf_counter()
