@@ -120,14 +120,11 @@ def recorded_data_paths(args) -> tuple[str, str]:
     built-in set (a checkpoint trained on it, effdet's, NVIDIA's, ``--pretrained``)."""
     from types import SimpleNamespace
 
-    from training.config import synthetic_paths, train_data_paths, uses_builtin_data
+    from detector.checkpoint import read
+    from training.config import synthetic_paths, train_data_paths, train_parser, uses_builtin_data
 
     if args.detections or (args.pretrained and not args.checkpoint):
         return synthetic_paths("val")
-    from detector.checkpoint import read
-
-    from training.config import train_parser
-
     path = default_checkpoint(args)
     recorded = read(path).get("args")
     if not isinstance(recorded, dict):  # effdet's, NVIDIA's
