@@ -134,7 +134,7 @@ def setup(args, info: dist.DistInfo) -> Run:
         size = f"{cfg.input_size[0]}x{cfg.input_size[1]}" if cfg.input_size else "the model's size"
         console.print(f"in effect: input {size}, batch {cfg.batch_size} x {info.world_size} worker(s), "
                       f"--opt {cfg.opt} lr {cfg.lr:g}, {length}")
-        if val_set is not None and not cfg.time_budget and cfg.eval_after >= scheduled_epochs(cfg):
+        if val_set is not None and not cfg.time_budget and not evaluation_due(cfg, scheduled_epochs(cfg) - 1, True):
             console.print(f"[yellow]--eval-after {cfg.eval_after}: the run's {scheduled_epochs(cfg)} epochs end "
                           "before it, so nothing is evaluated during training and no best.pth is written, as in "
                           "NVIDIA's train.py; score last.pth with evaluate.py afterwards[/]")
