@@ -13,7 +13,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -100,7 +102,15 @@ class EpochSampler(Sampler):
 
 
 class EpochDataLoader(DataLoader):
-    """A ``DataLoader`` with ``set_epoch(epoch, skip_batches=0)``."""
+    """A ``DataLoader`` with ``set_epoch(epoch, skip_batches=0)``; its worker processes are stopped at exit
+    (see :func:`_stop_workers_at_exit`)."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if getattr(it, "_workers", None):
+            _ITERATORS.add(it)
+            _WORKERS.update(it._workers)
+        return it
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         ds = self.dataset
@@ -114,11 +124,30 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal the whole process group: a worker killed by it ended the run in PyTorch's "DataLoader worker is
     killed by signal" error before the main process could save its interrupted state. A worker still exits
     when the main process shuts the loader down, and on its own when the main process is gone (PyTorch's
-    watchdog); only a worker hung in its own code would now outlive the shutdown's last-resort SIGTERM."""
+    watchdog). What PyTorch and Python send at exit is SIGTERM too: :func:`_stop_workers_at_exit` takes over."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_ITERATORS = weakref.WeakSet()  # worker-backed iterators of EpochDataLoaders
+_WORKERS = weakref.WeakSet()  # their worker processes
+
+
+@atexit.register  # after torch.utils.data's own exit hook, so it runs before it (atexit is last in, first out)
+def _stop_workers_at_exit() -> None:
+    """Stop loader workers left at exit: those of a loader still referenced (a traceback keeps its frame) and
+    any hung in a shutdown. Python's multiprocessing exit hook, next, sends them SIGTERM, which they ignore
+    (:func:`_ignore_stop_signals`), and then waits for them: the process would never exit. A live loader is
+    shut down the normal way first (PyTorch's shutdown: done event, join, SIGTERM, join; it also unregisters
+    the worker pids, so the kill below is not reported as a worker failure), then SIGKILL ends what is left."""
+    for it in list(_ITERATORS):
+        it._shutdown_workers()
+    for w in list(_WORKERS):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=1)
 
 
 def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int, distributed: bool = False,

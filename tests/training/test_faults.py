@@ -106,6 +106,54 @@ def test_sigterm_to_the_process_group_saves_with_loader_workers(tiny, tmp_path):
     assert processes_in_group(p.pid) == []  # the loader worker went too
 
 
+LOADER_AT_EXIT = """
+import sys, time
+import torch
+from datasets.loader import build_loader
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index_epoch):
+        while sys.argv[1] == "hung" and index_epoch[0] >= 2:  # the second batch never comes
+            time.sleep(0.1)
+        return index_epoch[0]
+
+def main():
+    loader = build_loader(Items(), 2, train=False, workers=1, seed=0)
+    loader.collate_fn = list
+    assert next(iter(loader)) == [0, 1]
+    if sys.argv[1] == "bug":  # the traceback keeps this frame, and with it the loader, alive at exit
+        raise RuntimeError("a bug")
+
+main()
+"""
+
+
+@pytest.mark.parametrize("case, status", [("bug", 1), ("hung", 0)])
+def test_the_process_exits_with_loader_workers_left_at_exit(tmp_path, case, status):
+    """Loader workers ignore SIGTERM (so that a SIGTERM to the group saves the run), and SIGTERM is also what
+    Python's exit sends them before waiting for them: a crash with a loader still referenced, or a worker hung
+    in its item, left the process waiting forever at exit. Now it exits, with no process left."""
+    (tmp_path / "at_exit.py").write_text(LOADER_AT_EXIT)
+    p = subprocess.Popen([sys.executable, str(tmp_path / "at_exit.py"), case], cwd=ROOT,
+                         env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        _, stderr = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{case}: the process did not exit")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == status, stderr[-3000:]
+    assert ("RuntimeError: a bug" in stderr) == (case == "bug") and "killed by signal" not in stderr, stderr[-3000:]
+    time.sleep(0.5)
+    assert processes_in_group(p.pid) == []
+
+
 def processes_in_group(pgid: int) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
