@@ -5,6 +5,7 @@ Writes detections in COCO results format (image_id, category_id, bbox xywh in or
 the 12 COCO stats and per-class AP as a table (with ``--waymo``, Waymo's per-class AP too), and appends them
 as a JSON line to OUTPUT/eval.jsonl. Flags follow NVIDIA's ``validate.py`` (``validate.py`` runs this script).
 """
+import functools
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ def _main(argv):
     if args.compile and args.torchscript:
         raise UserError("--compile and --torchscript both choose how the network runs", None, "--compile",
                         "pass one of them")
+    size = size_pair(args.input_size, args.model)
     if args.images:  # a folder of images without annotations: detections and pictures only
         from training.images import infer_images
 
@@ -41,9 +43,20 @@ def _main(argv):
     import datasets as D
     from training.evaluation import run_inference, save_pictures, waymo_iou_by_class
     from training.models import model_from_checkpoint, resolve_amp, to_memory_format
+    from detector.checkpoint import read
     from training.runlog import JsonLog, console, make_output_folder, stats_table, waymo_table
 
-    ann, images = eval_data_paths(args) if args.waymo or args.val_ann or args.data else recorded_data_paths(args)
+    @functools.cache
+    def checkpoint() -> tuple[str, dict]:
+        """(path, contents) of the checkpoint to evaluate, read once (its recorded flags, then its weights)
+        when first needed: bad data named by the flags is reported first."""
+        path = default_checkpoint(args)
+        return path, read(path)
+
+    if args.waymo or args.val_ann or args.data:
+        ann, images = eval_data_paths(args)
+    else:
+        ann, images = recorded_data_paths(args, checkpoint)
     fill = fill_color(args.fill_color)
     torch.manual_seed(args.seed)
     for line in infra_lines(args, parser.parse_args([])):
@@ -63,7 +76,7 @@ def _main(argv):
         with naming(args.detections):  # an entry the annotation file does not know
             stats = D.evaluate_detections(gt, dets, iou_by_class=iou_by_class)
         report(stats, f"{args.detections} on {len(gt['images'])} images")
-        jlog.write(event="eval", step=0, epoch=0, detections=args.detections, **stats)
+        jlog.write(event="eval", detections=args.detections, **stats)
         return 0
 
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -75,10 +88,10 @@ def _main(argv):
     if note:
         console.print(f"[yellow]{note}[/]")
     dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
-    path = default_checkpoint(args)
+    path, state = checkpoint()
     model, message, dataset.label_to_cat_id = model_from_checkpoint(
-        path, dataset, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
-        backend=args.kernel_backend, device=device, redundant_bias=args.redundant_bias)
+        path, dataset, args.model, args.num_classes, size, use_ema=args.use_ema, backend=args.kernel_backend,
+        device=device, redundant_bias=args.redundant_bias, state=state)
     console.print(f"loaded {message}")
     channels_last = args.memory_format == "nhwc"
     model = to_memory_format(model, channels_last)
@@ -103,7 +116,7 @@ def _main(argv):
     if args.visualize:
         pics = save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         console.print(f"{len(pics)} pictures in {os.path.join(args.output, 'pictures')}")
-    event = dict(event="eval", step=0, epoch=0, checkpoint=path, use_ema=args.use_ema, annotations=ann,
+    event = dict(event="eval", **trained_for(state), checkpoint=path, use_ema=args.use_ema, annotations=ann,
                  detections=out_json, skipped_images=skipped,
                  **{k: v for k, v in timing.items() if k != "image_ids"})
     if not args.inference and "test" not in args.anno:  # test sets carry no boxes: detections only
@@ -115,18 +128,24 @@ def _main(argv):
     return 0
 
 
-def recorded_data_paths(args) -> tuple[str, str]:
+def trained_for(state: dict) -> dict:
+    """The training epoch and step the checkpoint ``state`` records (ours both, NVIDIA's the epoch), for the
+    eval event; none recorded (effdet's, published weights): neither."""
+    return {k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)}
+
+
+def recorded_data_paths(args, checkpoint) -> tuple[str, str]:
     """No data flag: the val set the checkpoint's training run evaluated on (ours record their flags), else the
-    built-in set (a checkpoint trained on it, effdet's, NVIDIA's, ``--pretrained``)."""
+    built-in set (a detections file, a checkpoint trained on it, effdet's, NVIDIA's, ``--pretrained``).
+    ``checkpoint()``: (path, contents) of the checkpoint."""
     from types import SimpleNamespace
 
-    from detector.checkpoint import read
     from training.config import synthetic_paths, train_data_paths, train_parser, uses_builtin_data
 
     if args.detections or (args.pretrained and not args.checkpoint):
         return synthetic_paths("val")
-    path = default_checkpoint(args)
-    recorded = read(path).get("args")
+    path, state = checkpoint()
+    recorded = state.get("args")
     if not isinstance(recorded, dict):  # effdet's, NVIDIA's
         return synthetic_paths("val")
     flags = SimpleNamespace(**{**vars(train_parser().parse_args([])), **recorded})  # older files lack newer flags

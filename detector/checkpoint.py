@@ -331,16 +331,18 @@ class Loaded:
 
 
 def load_for_inference(source, model_name: str | None = None, num_classes: int | None = None, category_ids=None,
-                       image_size=None, use_ema: bool = False, backend: str = "auto", **config) -> Loaded:
+                       image_size=None, use_ema: bool = False, backend: str = "auto", where: str | None = None,
+                       **config) -> Loaded:
     """Build the model a checkpoint needs and load it: ours, effdet's, NVIDIA's training or processed file.
 
     ``model_name`` / ``num_classes`` / ``image_size`` override what the checkpoint records (ours record all
     three; effdet's and NVIDIA's need ``model_name``, and their class count comes from the class head and
     ``category_ids``, the data's category ids, see :func:`infer_num_classes`). Every other recorded config
     field (BN eps, ...) is kept, so the network is rebuilt exactly as trained; ``config`` (e.g.
-    ``redundant_bias=False``) overrides config fields on top.
+    ``redundant_bias=False``) overrides config fields on top. ``where`` names an already read ``source`` in
+    messages (its path).
     """
-    where = str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint"
+    where = where or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
     state = read(source) if isinstance(source, (str, os.PathLike)) else source
     cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
     name = model_name or cfg.get("name")

@@ -49,11 +49,13 @@ def test_train_then_evaluate(tiny, tmp_path):
     assert dets and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
     line = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
     assert "AP" in line and line["img_per_s"] > 0
+    assert (line["epoch"], line["step"]) == (0, tr[-1]["step"])  # what the checkpoint was trained for
     # --detections scores that file without a model, with the same numbers
     assert evaluate.main(["--val-ann", tiny["val"]["ann_file"], "--detections", str(out / "detections.json"),
                           "--output", str(out)]) == 0
     again = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
     assert again["AP"] == line["AP"] and again["AP50"] == line["AP50"]
+    assert "step" not in again and "epoch" not in again  # no model, so no training step to name
     # no data flag: the val set the checkpoint's run used (it records its flags), not the built-in set
     assert evaluate.main(["--output", str(out), "--use-ema", "--workers", "0", "--device", "cpu"]) == 0
     recorded = [json.loads(l) for l in open(out / "eval.jsonl")][-1]
@@ -302,3 +304,15 @@ def test_eval_after_counts_epochs_as_nvidia_does(tiny, tmp_path):
     assert train.main(base_args(tiny, out, "--epochs", "2", "--eval-interval", "1", "--eval-after", "1",
                                 "--model-ema")) == 0
     assert [e["epoch"] for e in events(out, "eval")] == [1]
+
+
+def test_start_epoch_trains_the_rest_of_the_schedule(tiny, tmp_path, capsys):
+    """--start-epoch 1 of 2: one epoch trained, its steps numbered after epoch 0's, and the closing line counts
+    the steps of this run (it said the global step number, as if all of them had run)."""
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--epochs", "2", "--start-epoch", "1")) == 0
+    per_epoch = TINY["num_train"] // 2  # -b 2, the last partial batch dropped
+    assert [e["step"] for e in events(out, "train")] == list(range(per_epoch + 1, 2 * per_epoch + 1))
+    assert {e["epoch"] for e in events(out, "train")} == {1}
+    said = " ".join(capsys.readouterr().out.split())
+    assert f": {per_epoch} steps (step {2 * per_epoch});" in said, said

@@ -38,12 +38,29 @@ DEMO_TIME_BUDGET = 4.5
 SMALL_DATA_IMAGES = 5000
 
 
-def size_pair(size) -> tuple[int, int] | None:
-    """``--input_size H [W]`` -> (H, W)."""
+def size_pair(size, model: str | None = None) -> tuple[int, int] | None:
+    """``--input_size H [W]`` -> (H, W), or a one-line error naming the flag for a size ``model`` does not take
+    (without a model, e.g. evaluating a checkpoint that records it: one no EfficientDet takes)."""
     if size is None:
         return None
-    size = list(size)
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    from detector.configs import ConfigError, get_config
+
+    from .errors import UserError
+
+    given = "--input_size " + " ".join(str(v) for v in size)
+    if len(size) not in (1, 2):
+        raise UserError(f"{given}: takes H or H W, got {len(size)} numbers", None, "--input_size",
+                        "pass one size (square) or two (height width)")
+    pair = (size[0], size[-1])
+    try:
+        get_config(model or "efficientdet_d0", image_size=pair)  # D0-D7 take multiples of 128, D7x of 256
+    except ConfigError as e:
+        if e.field != "image_size":  # an unknown --model: that flag's error
+            raise
+        step = 2 ** get_config(model or "efficientdet_d0").max_level
+        raise UserError(f"{given} is not a positive multiple of {step} (2**max_level of {model or 'EfficientDet'})",
+                        None, "--input_size", e.todo) from None
+    return pair
 
 
 # ---------------------------------------------------------------- flags
@@ -504,7 +521,7 @@ class TrainConfig:
         else:
             notes = []
         notes += infra_lines(args, train_parser().parse_args([]))
-        values["input_size"] = size_pair(values["input_size"])
+        values["input_size"] = size_pair(values["input_size"], values["model"])
         values["fill_color"] = fill_color(values["fill_color"])
         values["lr_noise"] = tuple(values["lr_noise"]) if values["lr_noise"] else None
         if values["fused_focal_loss"] and cuda:
@@ -574,7 +591,8 @@ class TrainConfig:
         ranges = (("--num_classes", "num_classes", 1, None, "1 or more"),
                   ("--model-ema-decay", "model_ema_decay", 0.0, 1.0, "in [0, 1]"),
                   ("--momentum", "momentum", 0.0, 1.0, "in [0, 1]"),
-                  ("--warmup-epochs", "warmup_epochs", 0.0, None, "0 or more"))
+                  ("--warmup-epochs", "warmup_epochs", 0.0, None, "0 or more"),
+                  ("--start-epoch", "start_epoch", 0, None, "0 or more"))
         for flag, dest, lo, hi, say in ranges:
             v = values[dest]
             if v is not None and not (v >= lo and (hi is None or v <= hi)):

@@ -137,6 +137,7 @@ def infer_images(args, checkpoint: str) -> int:
     if args.detections or args.inference or args.data or args.val_ann or args.waymo:
         raise UserError("--images cannot be combined with annotated-data flags", args.images, "--images",
                         "drop --detections/--inference/--val-ann/--waymo/DATA, or drop --images to score a data set")
+    size = size_pair(args.input_size, args.model)
     paths, root = find_images(args.images)
     use_cuda = uses_cuda(args.device)
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -148,8 +149,8 @@ def infer_images(args, checkpoint: str) -> int:
     stand_in = _NoData(args.num_classes or recorded or ckpt.head_classes(ckpt.extract_state_dict(state)[0]) or 90,
                        state.get("label_to_cat_id") if isinstance(state.get("label_to_cat_id"), dict) else None)
     model, message, label_to_cat_id = model_from_checkpoint(
-        checkpoint, stand_in, args.model, args.num_classes, size_pair(args.input_size), use_ema=args.use_ema,
-        backend=args.kernel_backend, device=device)
+        checkpoint, stand_in, args.model, args.num_classes, size, use_ema=args.use_ema, backend=args.kernel_backend,
+        device=device, state=state)
     console.print(f"loaded {message}")
     names = category_names(state, label_to_cat_id)
     channels_last = args.memory_format == "nhwc"

@@ -191,6 +191,10 @@ def setup(args, info: dist.DistInfo) -> Run:
     if resume_from:
         resume(run, resume_from)
     elif cfg.start_epoch:
+        if cfg.start_epoch >= run.last_epoch:  # NVIDIA's loop would train nothing and report success
+            raise UserError(f"--start-epoch {cfg.start_epoch} leaves nothing to train: the run's epochs are "
+                            f"0..{run.last_epoch - 1}", None, "--start-epoch",
+                            f"pass a start epoch below {run.last_epoch}, or more --epochs")
         run.step = cfg.start_epoch * run.steps_per_epoch
         seek_scheduler(run.scheduler, run.step)
     run.bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -491,7 +495,8 @@ def finish(run: Run) -> None:
     minutes = (time.perf_counter() - run.t0) / 60
     run.jlog.write(event="end", step=run.step, minutes=minutes, time_budget=run.cfg.time_budget)
     budget = f" (time budget {run.cfg.time_budget:g} min)" if run.cfg.time_budget else ""
-    console.print(f"finished in {minutes:.2f} min{budget}: {run.step} steps; outputs in {out}/")
+    steps = f"{run.step} steps" if run.steps_this_run == run.step else f"{run.steps_this_run} steps (step {run.step})"
+    console.print(f"finished in {minutes:.2f} min{budget}: {steps}; outputs in {out}/")
 
 
 # ---------------------------------------------------------------- checkpoints and resume

@@ -63,8 +63,10 @@ def freeze(model: EfficientDet, prefixes) -> None:
 
 
 def model_from_checkpoint(path: str, dataset, model_name=None, num_classes=None, image_size=None,
-                          use_ema: bool = False, backend: str = "auto", device="cpu", redundant_bias=None):
-    """(model, message, class index -> category id) for evaluating ``path`` on ``dataset``.
+                          use_ema: bool = False, backend: str = "auto", device="cpu", redundant_bias=None,
+                          state: dict | None = None):
+    """(model, message, class index -> category id) for evaluating ``path`` (``state``: its contents, when
+    already read) on ``dataset``.
 
     :func:`detector.checkpoint.load_for_inference` builds and loads it: ours record their config, rebuilt
     exactly (BN eps included); effdet's and NVIDIA's (training file or processed ``Effdet_B0.pth``) need
@@ -73,9 +75,10 @@ def model_from_checkpoint(path: str, dataset, model_name=None, num_classes=None,
     """
     overrides = {} if redundant_bias is None else {"redundant_bias": redundant_bias}
     with naming(path):
-        loaded = ckpt.load_for_inference(path, model_name=model_name, num_classes=num_classes,
-                                         category_ids=dataset.cat_ids, image_size=image_size, use_ema=use_ema,
-                                         backend=backend, **overrides)
+        loaded = ckpt.load_for_inference(path if state is None else state, model_name=model_name,
+                                         num_classes=num_classes, category_ids=dataset.cat_ids,
+                                         image_size=image_size, use_ema=use_ema, backend=backend, where=str(path),
+                                         **overrides)
         mapping = class_to_category(loaded.state, loaded.model.config.num_classes, dataset)
     return loaded.model.to(device), loaded.description, mapping
 

@@ -43,8 +43,10 @@ class JsonLog:
                 f.write(json.dumps(event, default=float) + "\n")
         if self.dllogger:
             now = time.time()
-            if "step" not in event or event.get("event") == "start":
+            if event.get("event") == "start":
                 step = "PARAMETER"
+            elif "step" not in event:  # no training step (evaluating a detections file, effdet's weights): ()
+                step = [event["epoch"]] if "epoch" in event else []  # as NVIDIA's validate.py logs
             else:  # (epoch, step) as NVIDIA's; a run-level event without an epoch (end, bn_frozen): (step,)
                 step = [event["epoch"], event["step"]] if "epoch" in event else [event["step"]]
             data = {k: v for k, v in event.items() if isinstance(v, (int, float, str)) and k not in ("epoch", "step")}

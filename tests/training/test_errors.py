@@ -231,9 +231,10 @@ def test_checkpoint_categories_the_data_lacks(tiny, ckpt_dir, tmp_path, capsys):
     assert "the data has no category [100]" in " ".join(capsys.readouterr().out.split())
 
 
-@pytest.mark.parametrize("flags, field", [(["-b", "0"], "--batch-size"), (["--input_size", "300"], "image_size"),
-                                          (["--input_size", "0"], "image_size"), (["--device", "foo"], "--device"),
-                                          (["--device", "cuda:1"], "--device")])
+@pytest.mark.parametrize("flags, field", [(["-b", "0"], "--batch-size"), (["--input_size", "300"], "--input_size"),
+                                          (["--input_size", "0"], "--input_size"),
+                                          (["--input_size", "128", "256", "384"], "--input_size"),
+                                          (["--device", "foo"], "--device"), (["--device", "cuda:1"], "--device")])
 def test_flags_this_machine_or_model_cannot_run(tiny, ckpt_dir, tmp_path, capsys, flags, field):
     args = val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"))
     args = [a for a in args if a not in ("--device", "cpu")] + flags  # the flag under test, not val_args' device
@@ -270,7 +271,9 @@ def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, 
                                           (["--num_classes", "0"], "--num_classes"),
                                           (["--model-ema-decay", "1.5"], "--model-ema-decay"),
                                           (["--momentum", "2"], "--momentum"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
-                                          (["--lr-noise", "0.9", "0.4"], "--lr-noise")])
+                                          (["--lr-noise", "0.9", "0.4"], "--lr-noise"),
+                                          (["--start-epoch", "-1"], "--start-epoch"),
+                                          (["--epochs", "2", "--start-epoch", "2"], "--start-epoch")])
 def test_training_values_that_cannot_run(tiny, tmp_path, capsys, flags, field):
     (tmp_path / "file").write_text("")
     flags = [f.replace("FILE", str(tmp_path / "file")) for f in flags]

@@ -47,8 +47,8 @@ def test_config_takes_the_recipe_for_unset_flags_only():
     assert small.opt == "adamw" and small.input_size == (128, 128) and "small-data" in small.recipe
     assert (coco.opt, coco.lr, coco.batch_size, coco.epochs, coco.warmup_epochs) == ("momentum", 0.01, 32, 300, 5)
     assert (small.opt_eps, coco.opt_eps) == (1e-8, 1e-3)  # NVIDIA's epsilon only in NVIDIA's recipe
-    given = config("--lr", "0.3", "--input_size", "96", "--epochs", "2", "--opt-eps", "1e-3")
-    assert (given.lr, given.input_size, given.epochs, given.opt, given.opt_eps) == (0.3, (96, 96), 2, "adamw", 1e-3)
+    given = config("--lr", "0.3", "--input_size", "256", "--epochs", "2", "--opt-eps", "1e-3")
+    assert (given.lr, given.input_size, given.epochs, given.opt, given.opt_eps) == (0.3, (256, 256), 2, "adamw", 1e-3)
 
 
 def test_gpu_only_and_infrastructure_flags_say_what_they_do():
@@ -96,8 +96,10 @@ def test_dllogger_file_takes_every_event_of_a_run(tmp_path):
     log.write(event="train", step=5, epoch=1, loss=1.5)
     log.write(event="bn_frozen", step=7, fraction=0.2)
     log.write(event="end", step=9, minutes=0.5)
+    log.write(event="eval", AP=0.5)  # evaluate.py on weights that record no training step: NVIDIA's ()
+    log.write(event="eval", epoch=3, AP=0.5)  # NVIDIA's checkpoint: its epoch only
     lines = [json.loads(ln[len("DLLL "):]) for ln in (tmp_path / "dll.json").read_text().splitlines()]
-    assert [ln["step"] for ln in lines] == ["PARAMETER", [1, 5], [7], [9]]
+    assert [ln["step"] for ln in lines] == ["PARAMETER", [1, 5], [7], [9], [], [3]]
     assert lines[1]["data"] == {"event": "train", "loss": 1.5} and lines[3]["data"]["minutes"] == 0.5
 
 
