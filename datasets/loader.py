@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util
 import time
 import weakref
 
@@ -135,7 +136,6 @@ _ITERATORS = weakref.WeakSet()  # worker-backed iterators of EpochDataLoaders
 _WORKERS = weakref.WeakSet()  # their worker processes
 
 
-@atexit.register  # after torch.utils.data's own exit hook, so it runs before it (atexit is last in, first out)
 def _stop_workers_at_exit() -> None:
     """Stop loader workers left at exit: those of a loader still referenced (a traceback keeps its frame) and
     any hung in a shutdown. Python's multiprocessing exit hook, next, sends them SIGTERM, which they ignore
@@ -148,6 +148,14 @@ def _stop_workers_at_exit() -> None:
         if w.is_alive():
             w.kill()
             w.join(timeout=1)
+
+
+# Both exits: the main process runs atexit hooks (this one is registered after torch.utils.data's exit-flag
+# hook, so it runs before it, while PyTorch's shutdown still works: atexit is last in, first out), a
+# multiprocessing child such as a --nproc rank runs only multiprocessing's exit, where this finalizer comes
+# before children are joined. Whichever runs second finds nothing left to do.
+atexit.register(_stop_workers_at_exit)
+multiprocessing.util.Finalize(None, _stop_workers_at_exit, exitpriority=100)
 
 
 def build_loader(dataset, batch_size: int, train: bool, workers: int, seed: int, distributed: bool = False,

@@ -273,7 +273,7 @@ def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, 
                                           (["--momentum", "2"], "--momentum"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
                                           (["--lr-noise", "0.9", "0.4"], "--lr-noise"),
                                           (["--start-epoch", "-1"], "--start-epoch"),
-                                          (["--epochs", "2", "--start-epoch", "2"], "--start-epoch")])
+                                          (["--epochs", "2", "--start-epoch", "2", "-b", "2"], "--start-epoch")])
 def test_training_values_that_cannot_run(tiny, tmp_path, capsys, flags, field):
     (tmp_path / "file").write_text("")
     flags = [f.replace("FILE", str(tmp_path / "file")) for f in flags]

@@ -107,35 +107,45 @@ def test_sigterm_to_the_process_group_saves_with_loader_workers(tiny, tmp_path):
 
 
 LOADER_AT_EXIT = """
-import sys, time
+import multiprocessing, sys, time
 import torch
 from datasets.loader import build_loader
 
 class Items(torch.utils.data.Dataset):
+    def __init__(self, hung):
+        self.hung = hung
+
     def __len__(self):
         return 8
 
     def __getitem__(self, index_epoch):
-        while sys.argv[1] == "hung" and index_epoch[0] >= 2:  # the second batch never comes
+        while self.hung and index_epoch[0] >= 2:  # the second batch never comes
             time.sleep(0.1)
         return index_epoch[0]
 
-def main():
-    loader = build_loader(Items(), 2, train=False, workers=1, seed=0)
+def main(case):
+    loader = build_loader(Items(case != "bug"), 2, train=False, workers=1, seed=0)
     loader.collate_fn = list
     assert next(iter(loader)) == [0, 1]
-    if sys.argv[1] == "bug":  # the traceback keeps this frame, and with it the loader, alive at exit
+    if case == "bug":  # the traceback keeps this frame, and with it the loader, alive at exit
         raise RuntimeError("a bug")
 
-main()
+if __name__ == "__main__":
+    if sys.argv[1] == "rank":  # in a process started as training.distributed starts a --nproc rank
+        rank = multiprocessing.get_context("spawn").Process(target=main, args=("rank",))
+        rank.start()
+        rank.join()
+        sys.exit(rank.exitcode)
+    main(sys.argv[1])
 """
 
 
-@pytest.mark.parametrize("case, status", [("bug", 1), ("hung", 0)])
+@pytest.mark.parametrize("case, status", [("bug", 1), ("hung", 0), ("rank", 0)])
 def test_the_process_exits_with_loader_workers_left_at_exit(tmp_path, case, status):
     """Loader workers ignore SIGTERM (so that a SIGTERM to the group saves the run), and SIGTERM is also what
     Python's exit sends them before waiting for them: a crash with a loader still referenced, or a worker hung
-    in its item, left the process waiting forever at exit. Now it exits, with no process left."""
+    in its item (in the main process, or in a --nproc rank, which runs only multiprocessing's exit), left the
+    process waiting forever at exit. Now it exits, with no process left."""
     (tmp_path / "at_exit.py").write_text(LOADER_AT_EXIT)
     p = subprocess.Popen([sys.executable, str(tmp_path / "at_exit.py"), case], cwd=ROOT,
                          env={**env(), "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
