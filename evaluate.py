@@ -7,6 +7,7 @@ as a JSON line to OUTPUT/eval.jsonl. Flags follow NVIDIA's ``validate.py`` (``va
 """
 import functools
 import json
+import numbers
 import os
 import sys
 
@@ -33,7 +34,7 @@ def _main(argv):
     if args.compile and args.torchscript:
         raise UserError("--compile and --torchscript both choose how the network runs", None, "--compile",
                         "pass one of them")
-    size = size_pair(args.input_size, args.model)
+    size = None if args.detections else size_pair(args.input_size, args.model)  # no model, no size
     if args.images:  # a folder of images without annotations: detections and pictures only
         from training.images import infer_images
 
@@ -89,9 +90,12 @@ def _main(argv):
         console.print(f"[yellow]{note}[/]")
     dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
     path, state = checkpoint()
+    trained = trained_for(state)
     model, message, dataset.label_to_cat_id = model_from_checkpoint(
         path, dataset, args.model, args.num_classes, size, use_ema=args.use_ema, backend=args.kernel_backend,
         device=device, redundant_bias=args.redundant_bias, state=state)
+    del state
+    checkpoint.cache_clear()  # the model has its weights: the file's optimizer state and copies can go
     console.print(f"loaded {message}")
     channels_last = args.memory_format == "nhwc"
     model = to_memory_format(model, channels_last)
@@ -116,7 +120,7 @@ def _main(argv):
     if args.visualize:
         pics = save_pictures(dataset, pictures, os.path.join(args.output, "pictures"), dataset.class_names)
         console.print(f"{len(pics)} pictures in {os.path.join(args.output, 'pictures')}")
-    event = dict(event="eval", **trained_for(state), checkpoint=path, use_ema=args.use_ema, annotations=ann,
+    event = dict(event="eval", **trained, checkpoint=path, use_ema=args.use_ema, annotations=ann,
                  detections=out_json, skipped_images=skipped,
                  **{k: v for k, v in timing.items() if k != "image_ids"})
     if not args.inference and "test" not in args.anno:  # test sets carry no boxes: detections only
@@ -131,7 +135,8 @@ def _main(argv):
 def trained_for(state: dict) -> dict:
     """The training epoch and step the checkpoint ``state`` records (ours both, NVIDIA's the epoch), for the
     eval event; none recorded (effdet's, published weights): neither."""
-    return {k: state[k] for k in ("epoch", "step") if isinstance(state.get(k), int)}
+    return {k: int(state[k]) for k in ("epoch", "step")
+            if isinstance(state.get(k), numbers.Integral) and not isinstance(state[k], bool)}
 
 
 def recorded_data_paths(args, checkpoint) -> tuple[str, str]:

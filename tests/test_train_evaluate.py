@@ -316,3 +316,11 @@ def test_start_epoch_trains_the_rest_of_the_schedule(tiny, tmp_path, capsys):
     assert {e["epoch"] for e in events(out, "train")} == {1}
     said = " ".join(capsys.readouterr().out.split())
     assert f": {per_epoch} steps (step {2 * per_epoch});" in said, said
+
+
+def test_eval_event_names_the_training_step_the_checkpoint_records():
+    import numpy as np
+
+    assert evaluate.trained_for({"epoch": 4, "step": 90}) == {"epoch": 4, "step": 90}  # ours
+    assert evaluate.trained_for({"epoch": np.int64(3), "state_dict": {}}) == {"epoch": 3}  # NVIDIA's, numpy int
+    assert evaluate.trained_for({"epoch": True, "step": 2.5}) == {} and evaluate.trained_for({}) == {}
