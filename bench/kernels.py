@@ -73,6 +73,10 @@ def main(argv=None) -> int:
         print("--device cuda asked for, but CUDA is not available", file=sys.stderr)
         return 2
     if device == "cpu" and not has_cuda:
+        if not args.quick:  # the real shapes in the interpreter run for hours and measure nothing
+            print("error: no CUDA device here, and the full shapes need one (-, --quick): pass --quick for the "
+                  "CPU smoke run (Triton interpreter), or --static for compiled-code figures", file=sys.stderr)
+            return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
 
     from bench import cases as cases_pkg

@@ -107,3 +107,15 @@ def test_gpu_check_summary_lists_every_step(tmp_path):
         assert needle in text, (needle, text)
     boxes, scores, classes = gpu_check.nms_20k_inputs(2000, device="cpu")
     assert boxes.shape == (2000, 4) and (boxes[:, 2:] > boxes[:, :2]).all() and classes.unique().numel() == 1
+
+
+def test_full_shapes_without_cuda_are_refused_in_one_line(tmp_path):
+    """Without a GPU the full shapes would run in the Triton interpreter for hours, printing nothing."""
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA: the full shapes run")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--results-dir", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--quick" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
