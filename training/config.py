@@ -92,6 +92,17 @@ class _Parser(argparse.ArgumentParser):
                     words[i] = f"{word}={self._option_string_actions[word].const}"  # the switch alone
         return super().parse_known_args(words, namespace)
 
+    def error(self, message: str):
+        """A flag argparse cannot read (an unknown flag, a value outside its choices, not a number): one
+        line, as for every other bad input, instead of argparse's whole usage first; exit status 2."""
+        import re
+        import sys
+
+        named = re.match(r"argument ([^:]+): |unrecognized arguments: (\S+)", message)
+        flag = (named.group(1) or named.group(2)).split("/")[-1] if named else "-"
+        sys.stderr.write(f"error: {message} (-, {flag}): see python {self.prog} --help\n")
+        sys.exit(2)
+
     def nvidia(self, group, *names, note: str = SAME, **kw):
         """One of NVIDIA's flags; ``note`` says how it is honoured here (shown in --help and the README)."""
         action = group.add_argument(*names, **kw)

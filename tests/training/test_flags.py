@@ -38,6 +38,17 @@ def test_no_abbreviations():
     assert train_parser().parse_args(["--worker", "3"]).workers == 3  # as NVIDIA's scripts spell it
 
 
+@pytest.mark.parametrize("argv, flag", [(["--amp", "fp8"], "--amp"), (["-b", "x"], "--batch-size"),
+                                        (["--epoch", "1"], "--epoch")])
+def test_a_flag_argparse_cannot_read_is_one_line(capsys, argv, flag):
+    """argparse printed its whole usage (48 lines for train.py) before the error."""
+    with pytest.raises(SystemExit) as exit:
+        train_parser().parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: ") and err[0].endswith(f"(-, {flag}): see python train.py --help"), err
+
+
 def config(*argv, num_train=10, cuda=False):
     return TrainConfig.from_args(train_parser().parse_args(list(argv)), num_train=num_train, cuda=cuda)
 
