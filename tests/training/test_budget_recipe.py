@@ -189,6 +189,25 @@ def test_freeze_bn_after_is_the_small_recipes_and_checked():
             config("--freeze-bn-after", bad)
 
 
+def test_a_budgeted_run_does_not_freeze_bn_in_its_first_steps():
+    """Under --time-budget the fraction is estimated from the speed so far: a slow start put 20% of it at
+    step 4, and that run ended at AP50 0.01. The freeze waits for BN_FREEZE_MIN_STEPS."""
+    from types import SimpleNamespace
+
+    from training.loop import BN_FREEZE_MIN_STEPS, freeze_bn_if_due
+
+    def run_at(step):
+        return SimpleNamespace(cfg=SimpleNamespace(freeze_bn_after=0.2, freezes_bn=True, benchmark=False),
+                               budget=object(), budget_fraction=0.5, step=step, steps_this_run=step,
+                               bn_frozen=False, bn_frozen_saved=None, ema=None, info=SimpleNamespace(is_main=False),
+                               bn_layers=[])
+
+    for step, frozen in ((4, False), (BN_FREEZE_MIN_STEPS - 1, False), (BN_FREEZE_MIN_STEPS, True)):
+        run = run_at(step)
+        freeze_bn_if_due(run)
+        assert run.bn_frozen == frozen, step
+
+
 def test_bn_statistics_stop_moving_once_frozen(tiny, tmp_path):
     import torch
 
@@ -285,7 +304,8 @@ def test_budgeted_freeze_reuses_the_stop_checks_fraction(monkeypatch):
     reduces = []
     monkeypatch.setattr(loop.dist, "all_reduce_max", lambda t: reduces.append(t) or t)
     bn = torch.nn.BatchNorm2d(3).train()
-    run = SimpleNamespace(budget=SimpleNamespace(fraction=lambda: 0.85), step=7, steps_this_run=7,
+    run = SimpleNamespace(budget=SimpleNamespace(fraction=lambda: 0.85), step=loop.BN_FREEZE_MIN_STEPS,
+                          steps_this_run=7,
                           cfg=config("--freeze-bn-after", "0.8"), bn_frozen=False, bn_layers=[bn],
                           budget_fraction=0.0, ema=None, bn_frozen_saved=None,
                           info=SimpleNamespace(distributed=True, device=torch.device("cpu"), is_main=False))
