@@ -84,3 +84,15 @@ def test_detection_picture_has_tags():
     assert (np.asarray(blank) == 90).all()
     # no boxes at all: the image is returned unchanged
     assert (np.asarray(draw_detections(image, None)) == image).all()
+
+
+def test_cli_bad_log_is_one_line(tmp_path, capsys):
+    """A missing file or folder was a traceback; a JSON file that is no log drew an empty picture."""
+    from training.plots import main
+
+    (tmp_path / "other.json").write_text('{"images": []}\n')
+    for path, field in ((tmp_path / "nope.jsonl", "log"), (tmp_path, "log"), (tmp_path / "other.json", "event")):
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and f"({path}, {field})" in err[0], err
+    assert not (tmp_path / "curves.png").exists()

@@ -167,9 +167,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.plots", description="Draw the curves of a training log.")
     p.add_argument("log", help="log.jsonl of a run")
     p.add_argument("--output", default=None, help="PNG to write (default: curves.png beside the log)")
+    p.add_argument("--debug", action="store_true", help="a traceback instead of the one-line error")
     args = p.parse_args(argv)
-    print(plot_training(args.log, args.output))
-    return 0
+    from .errors import UserError, run
+
+    def draw(_):
+        if not os.path.isfile(args.log):
+            raise UserError("no such log file" if not os.path.exists(args.log) else "a folder, not a log file",
+                            args.log, "log", "pass a run's OUTPUT/log.jsonl")
+        try:
+            events = read_log(args.log)
+        except UnicodeDecodeError:
+            events = [{}]
+        if events and not any("event" in e for e in events):  # (an empty log, of a run just begun: "no data")
+            raise UserError("not a run's log: no line has an event", args.log, "event",
+                            "pass a run's OUTPUT/log.jsonl")
+        print(plot_training(args.log, args.output))
+        return 0
+
+    return run(draw, argv)
 
 
 if __name__ == "__main__":
