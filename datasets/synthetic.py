@@ -410,6 +410,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.family == "shapes" and a.min_objects_per_image is not None:
         p.error("--min-objects-per-image applies to --family glyphs only")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file: pass a folder to write the data set into")
     t0 = time.perf_counter()
     try:
         paths = generate_synthetic(a.out, seed=a.seed, num_train=a.num_train, num_val=a.num_val, image_size=a.size,
@@ -418,6 +420,8 @@ def main(argv=None) -> int:
                                    workers=a.workers, family=a.family, min_objects_per_image=a.min_objects_per_image)
     except ValueError as e:
         p.error(str(e))
+    except OSError as e:  # --out cannot be written (a file on its path, no permission, a full disk)
+        p.error(f"cannot write {e.filename or a.out}: {e.strerror or e}")
     print(json.dumps({**paths, "seconds": round(time.perf_counter() - t0, 2)}, indent=1))
     return 0
 

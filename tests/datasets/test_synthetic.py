@@ -126,3 +126,15 @@ def test_defaults_are_module_constants():
     assert (syn.DEFAULT_IMAGE_SIZE, syn.DEFAULT_NUM_CLASSES) == (256, 3)
     assert syn.DEFAULT_MIN_OBJECT < syn.DEFAULT_MAX_OBJECT <= syn.DEFAULT_IMAGE_SIZE
     assert syn.DEFAULT_NUM_TRAIN > syn.DEFAULT_NUM_VAL > 0
+
+
+def test_cli_out_that_cannot_be_a_folder_is_an_error_not_a_traceback(tmp_path, capsys):
+    import pytest
+
+    from datasets.synthetic import main
+
+    (tmp_path / "file.json").write_text("{}")
+    for out in (tmp_path / "file.json", tmp_path / "file.json" / "sub"):
+        with pytest.raises(SystemExit) as exit:
+            main(["--out", str(out), "--num-train", "2", "--num-val", "1"])
+        assert exit.value.code == 2 and "file.json" in capsys.readouterr().err.strip().splitlines()[-1]
