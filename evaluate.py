@@ -38,7 +38,7 @@ def _main(argv):
     if args.images:  # a folder of images without annotations: detections and pictures only
         from training.images import infer_images
 
-        return infer_images(args, default_checkpoint(args))
+        return infer_images(args, default_checkpoint(args), size)
     import torch
 
     import datasets as D

@@ -121,14 +121,15 @@ def picture_names(paths: list[str], root: str) -> list[str]:
 
 
 @torch.no_grad()
-def infer_images(args, checkpoint: str) -> int:
+def infer_images(args, checkpoint: str, size: tuple[int, int] | None) -> int:
     """What ``evaluate.py --images`` runs with ``checkpoint`` (evaluate.py's default one when no flag names
-    one); returns the exit status."""
+    one) at input ``size`` (``--input_size`` as checked by ``training.config.size_pair``; None: the
+    checkpoint's); returns the exit status."""
     from datasets import DevicePrefetcher, EvalTransform, to_coco_results
     from detector import checkpoint as ckpt
     from detector.pipeline import predict
 
-    from .config import fill_color, size_pair
+    from .config import fill_color
     from .evaluation import autocast, inference_network
     from .models import model_from_checkpoint, resolve_amp, to_memory_format
     from .plots import draw_detections
@@ -137,7 +138,6 @@ def infer_images(args, checkpoint: str) -> int:
     if args.detections or args.inference or args.data or args.val_ann or args.waymo:
         raise UserError("--images cannot be combined with annotated-data flags", args.images, "--images",
                         "drop --detections/--inference/--val-ann/--waymo/DATA, or drop --images to score a data set")
-    size = size_pair(args.input_size, args.model)
     paths, root = find_images(args.images)
     use_cuda = uses_cuda(args.device)
     device = torch.device("cuda" if use_cuda else "cpu")
