@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import sys
 from dataclasses import dataclass
 
 # ---------------------------------------------------------------- recipes (data, not code)
@@ -83,8 +85,6 @@ class _Parser(argparse.ArgumentParser):
         self.script = script
 
     def parse_known_args(self, args=None, namespace=None):
-        import sys
-
         words = list(sys.argv[1:] if args is None else args)
         if not any(w.split("=")[0] in _DATA_FLAGS for w in words):
             for i, word in enumerate(words[:-1]):
@@ -95,9 +95,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """A flag argparse cannot read (an unknown flag, a value outside its choices, not a number): one
         line, as for every other bad input, instead of argparse's whole usage first; exit status 2."""
-        import re
-        import sys
-
         named = re.match(r"argument ([^:]+): |unrecognized arguments: (\S+)", message)
         flag = (named.group(1) or named.group(2)).split("/")[-1] if named else "-"
         sys.stderr.write(f"error: {message} (-, {flag}): see python {self.prog} --help\n")
@@ -306,8 +303,6 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    import sys
-
     script = "validate.py" if os.path.basename(sys.argv[0]) == "validate.py" else "evaluate.py"
     p = _Parser("validate.py", prog=script, description=(
         "Evaluate a checkpoint (ours, effdet's or NVIDIA's) on COCO-format data, or score a detections file. "
