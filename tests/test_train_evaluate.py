@@ -306,6 +306,16 @@ def test_eval_after_counts_epochs_as_nvidia_does(tiny, tmp_path):
     assert [e["epoch"] for e in events(out, "eval")] == [1]
 
 
+def test_eval_after_past_the_last_epoch_is_said_at_the_start(tiny, tmp_path, capsys):
+    """--eval-after beyond the run's epochs: nothing is evaluated during training and no best.pth is written,
+    as in NVIDIA's train.py; the run says so before it starts instead of leaving the user to find out."""
+    out = tmp_path / "run"
+    assert train.main(base_args(tiny, out, "--epochs", "1", "--eval-after", "3")) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--eval-after 3: the run's last epoch is 0 (counted from 0), so nothing is evaluated" in said, said
+    assert not events(out, "eval") and not (out / "best.pth").exists() and (out / "last.pth").exists()
+
+
 def test_start_epoch_trains_the_rest_of_the_schedule(tiny, tmp_path, capsys):
     """--start-epoch 1 of 2: one epoch trained, its steps numbered after epoch 0's, and the closing line counts
     the steps of this run (it said the global step number, as if all of them had run)."""

@@ -130,13 +130,14 @@ def setup(args, info: dist.DistInfo) -> Run:
                                 builtin_data=uses_builtin_data(args))
     if info.is_main:
         console.print(f"recipe: {cfg.recipe} ({len(train_set)} training images); flags you gave take precedence")
-        length = f"{cfg.time_budget:g}-minute budget" if cfg.time_budget else f"{scheduled_epochs(cfg)} epochs"
+        epochs = scheduled_epochs(cfg)
+        length = f"{cfg.time_budget:g}-minute budget" if cfg.time_budget else f"{epochs} epochs"
         size = f"{cfg.input_size[0]}x{cfg.input_size[1]}" if cfg.input_size else "the model's size"
         console.print(f"in effect: input {size}, batch {cfg.batch_size} x {info.world_size} worker(s), "
                       f"--opt {cfg.opt} lr {cfg.lr:g}, {length}")
-        if val_set is not None and not cfg.time_budget and not evaluation_due(cfg, scheduled_epochs(cfg) - 1, True):
-            console.print(f"[yellow]--eval-after {cfg.eval_after}: the run's {scheduled_epochs(cfg)} epochs end "
-                          "before it, so nothing is evaluated during training and no best.pth is written, as in "
+        if val_set is not None and not cfg.time_budget and not evaluation_due(cfg, epochs - 1, True):
+            console.print(f"[yellow]--eval-after {cfg.eval_after}: the run's last epoch is {epochs - 1} "
+                          "(counted from 0), so nothing is evaluated during training and no best.pth is written, as in "
                           "NVIDIA's train.py; score last.pth with evaluate.py afterwards[/]")
         console.print(f"data loader: {cfg.workers} worker process(es); {torch.get_num_threads()} compute threads")
         for note in cfg.notes:
