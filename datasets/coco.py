@@ -23,7 +23,8 @@ missing image file                          ``MissingFileError`` (a ``FileNotFou
                                             (``stats["image_missing"]``)
 corrupt image file (found when decoded)     ``ImageError`` (an ``OSError``) naming the file, or
                                             with ``skip_bad_images=True`` the sample is REPLACED
-                                            BY THE NEXT GOOD ONE (``stats["image_corrupt"]``)
+                                            BY THE NEXT GOOD ONE (``stats["image_corrupt"]``;
+                                            the sample's ``bad_images`` has their indices)
 box partly outside the image                clipped, ``stats["box_clipped"]``
 box < 1 px wide/high after clipping         dropped, ``stats["box_too_small"]``
 box with NaN/inf                            dropped, ``stats["box_nonfinite"]``
@@ -170,6 +171,9 @@ def load_coco_json(ann_file) -> dict:
                 if not _is_int(entry[field]):
                     raise AnnotationError(ann_file, f"{_entry_name(kind, entry, i)}: field {field!r} must be "
                                      f"an integer, got {entry[field]!r}", field=f"{key}[{i}].{field}")
+                if not -2**63 <= entry[field] < 2**63:  # ids and sizes are int64 in tensors and COCO's tools
+                    raise AnnotationError(ann_file, f"{_entry_name(kind, entry, i)}: field {field!r} does not fit "
+                                     f"in 64 bits ({entry[field]})", field=f"{key}[{i}].{field}")
             if kind == "image" and not isinstance(entry["file_name"], str):
                 raise AnnotationError(ann_file, f"image id {entry['id']!r}: field 'file_name' must be a string")
             if kind == "annotation":
@@ -178,6 +182,13 @@ def load_coco_json(ann_file) -> dict:
                         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)):
                     raise AnnotationError(ann_file, f"annotation id {entry['id']!r}: field 'bbox' must be "
                                      f"4 numbers [x, y, w, h], got {bb!r}", field=f"annotations[{i}].bbox")
+                if "iscrowd" in entry and entry["iscrowd"] not in (0, 1):  # "0" would read as crowd: ignored
+                    raise AnnotationError(ann_file, f"annotation id {entry['id']!r}: field 'iscrowd' must be "
+                                     f"0 or 1, got {entry['iscrowd']!r}", field=f"annotations[{i}].iscrowd")
+                if "area" in entry and not (isinstance(entry["area"], (int, float))
+                                            and not isinstance(entry["area"], bool)):
+                    raise AnnotationError(ann_file, f"annotation id {entry['id']!r}: field 'area' must be a "
+                                     f"number, got {entry['area']!r}", field=f"annotations[{i}].area")
     for kind, key in (("image", "images"), ("category", "categories"), ("annotation", "annotations")):
         ids = Counter(e["id"] for e in data[key])
         dup = [k for k, n in ids.items() if n > 1]
@@ -324,6 +335,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if hasattr(self.transform, "set_epoch"):
             self.transform.set_epoch(epoch)
 
+    def image_path(self, index: int) -> str:
+        """The image file of sample ``index``."""
+        return self._entries[index][1]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -365,7 +380,7 @@ class CocoDetection(torch.utils.data.Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a data set of {n} images")
-        sample = None
+        sample, replaced = None, []
         for step in range(n):
             j = (index + step) % n
             if j in self._bad:
@@ -377,12 +392,15 @@ class CocoDetection(torch.utils.data.Dataset):
                 if not self.skip_bad_images:
                     raise
                 self._bad.add(j)
+                replaced.append(j)
                 self._count("image_corrupt", 1, lambda e=e: str(e),
                             "corrupt image files are replaced by the next good sample")
         if sample is None:
             raise RuntimeError(f"{self.ann_file}: every image in {self.image_dir} failed to decode")
         if self.transform is not None:
             sample = self.transform(sample, index=index, epoch=epoch)
+        if replaced:  # found by this copy of the data set (a loader worker's): the main process counts them
+            sample["bad_images"] = tuple(replaced)  # indices: ``image_path(j)`` names the file
         return sample
 
     def __repr__(self) -> str:

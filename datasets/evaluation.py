@@ -38,7 +38,7 @@ def _run_eval(COCO, COCOeval, gt, dets, image_ids, iou_thrs, sink, cg=None, cd=N
     with contextlib.redirect_stdout(sink):
         if cg is None:
             cg = COCO()
-            cg.dataset = copy.deepcopy(gt)
+            cg.dataset = _with_coco_defaults(gt)
             cg.createIndex()
             cd = cg.loadRes(copy.deepcopy(dets))  # loadRes adds fields to the dicts it gets
         ev = COCOeval(cg, cd, "bbox")
@@ -197,6 +197,24 @@ def _gt_dataset(coco_gt) -> dict:
                     f"got {type(coco_gt).__name__}")
 
 
+def _gt_file(coco_gt) -> str | None:
+    """The annotation file behind ``coco_gt``, when it has one (for error messages)."""
+    if isinstance(coco_gt, (str, os.PathLike)):
+        return str(coco_gt)
+    return getattr(coco_gt, "ann_file", None)
+
+
+def _with_coco_defaults(gt: dict) -> dict:
+    """A copy of ``gt`` whose annotations all have ``iscrowd`` (0) and ``area`` (box width x height), which
+    COCOeval reads and the COCO format leaves optional to writers: pycocotools raises ``KeyError`` without them."""
+    gt = copy.deepcopy(gt)
+    for a in gt["annotations"]:
+        a.setdefault("iscrowd", 0)
+        if "area" not in a:
+            a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+    return gt
+
+
 def _ap_from_precision(precision: np.ndarray, t_idx=None) -> np.ndarray:
     """Per-class AP from COCOeval's precision [T, R, K, A, M] at area 'all', maxDets last.
     ``t_idx`` selects IoU thresholds (default all). -1 where a class has no ground truth."""
@@ -223,10 +241,10 @@ def evaluate_detections(coco_gt, detections, iou_by_class=None, image_ids=None, 
     """
     backend, COCO, COCOeval = eval_backend()
     gt = _gt_dataset(coco_gt)
-    if not gt.get("annotations"):
-        raise ValueError("evaluate_detections: the ground truth has no annotations; AP is undefined")
-    if not gt.get("images"):
-        raise ValueError("evaluate_detections: the ground truth has no images")
+    for key in ("annotations", "images"):
+        if not gt.get(key):
+            raise AnnotationError(_gt_file(coco_gt), f"the ground truth has no {key}: AP is undefined", field=key,
+                                  todo="score against an annotation file with boxes")
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     names = [str(c["name"]) for c in cats]
     cat_ids = [c["id"] for c in cats]

@@ -34,7 +34,8 @@ def collate(samples) -> dict:
 
     ``images`` uint8 (B, H, W, 3); ``boxes`` float32 (B, M, 4) zero-padded; ``labels`` int64
     (B, M) padded with -1; ``image_id`` int64 (B,); ``scale`` float32 (B,); ``orig_size`` int64
-    (B, 2) as (h, w). ``M`` = most annotations in the batch, at least 1.
+    (B, 2) as (h, w); ``bad_images`` int64 (K,) the data set indices of undecodable images the samples
+    replaced (``skip_bad_images``), usually empty. ``M`` = most annotations in the batch, at least 1.
     """
     samples = list(samples)
     if not samples:
@@ -60,6 +61,7 @@ def collate(samples) -> dict:
         "image_id": torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.int64),
         "scale": torch.tensor([float(s.get("scale", 1.0)) for s in samples], dtype=torch.float32),
         "orig_size": torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.int64).reshape(b, 2),
+        "bad_images": torch.tensor([j for s in samples for j in s.get("bad_images", ())], dtype=torch.int64),
     }
 
 

@@ -89,6 +89,18 @@ def test_bad_bbox_field_and_duplicate_ids(tmp_path):
         CocoDetection(*make_coco(tmp_path, annotations=anns))
 
 
+@pytest.mark.parametrize("field, value, match", [("iscrowd", "0", "'iscrowd' must be 0 or 1"),
+                                                  ("iscrowd", 2, "'iscrowd' must be 0 or 1"),
+                                                  ("area", "12", "'area' must be a number"),
+                                                  ("id", 2**70, "'id' does not fit in 64 bits")])
+def test_annotation_fields_of_the_wrong_type(tmp_path, field, value, match):
+    """iscrowd "0" read as a crowd (the box silently ignored); an id past int64 failed in the loader."""
+    anns = [{"id": 7, "image_id": 1, "category_id": 5, "bbox": [1, 2, 3, 4], field: value}]
+    with pytest.raises(ValueError, match=rf"annotation id .*{match}") as e:
+        CocoDetection(*make_coco(tmp_path, annotations=anns))
+    assert e.value.field == f"annotations[0].{field}"
+
+
 def test_empty_annotation_file(tmp_path):
     ann, img = make_coco(tmp_path, images=[], annotations=[])
     with pytest.raises(ValueError, match=r"ann\.json.*no images"):
@@ -156,6 +168,7 @@ def test_corrupt_image_replaced_by_next_good(tmp_path, caplog):
         s = ds[0]
         ds[0]
     assert s["image_id"] == 2  # the next good one
+    assert s["bad_images"] == (0,) and ds.image_path(0).endswith("a.png")  # for the caller to count
     assert ds.stats["image_corrupt"] == 1  # counted once: the bad index is remembered
     assert sum("image_corrupt" in r.getMessage() for r in caplog.records) == 1
 

@@ -86,8 +86,26 @@ def test_empty_detections_give_zeros():
 def test_empty_ground_truth_is_an_error():
     gt = gt_dict()
     gt["annotations"] = []
-    with pytest.raises(ValueError, match="ground truth has no annotations"):
+    with pytest.raises(ValueError, match="ground truth has no annotations") as e:
         evaluate_detections(gt, [])
+    assert e.value.field == "annotations"  # a DataError: a one-line report in the scripts
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "default"])
+def test_optional_area_and_iscrowd(monkeypatch, backend):
+    """The COCO format leaves ``area`` and ``iscrowd`` to the writer; pycocotools' COCOeval raised KeyError
+    without them. Missing, they are the box's area and 0: the same numbers as when written out."""
+    import datasets.evaluation as E
+
+    if backend == "pycocotools":
+        monkeypatch.setattr(E, "eval_backend", E._pycocotools)
+    gt = gt_dict()
+    full = evaluate_detections(gt, noisy(gt))
+    for a in gt["annotations"]:
+        del a["area"], a["iscrowd"]
+    bare = evaluate_detections(gt, noisy(gt))
+    assert {k: bare[k] for k in STAT_NAMES} == {k: full[k] for k in STAT_NAMES}
+    assert "area" not in gt["annotations"][0]  # the caller's dict is left as it was
 
 
 def test_iou_by_class():
