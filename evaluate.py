@@ -11,7 +11,7 @@ import numbers
 import os
 import sys
 
-from training.config import eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
+from training.config import check_flag_ranges, check_image_flags, eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
 from training.errors import UserError, naming, run
 
 
@@ -23,6 +23,7 @@ def main(argv=None):
 def _main(argv):
     parser = eval_parser()
     args = parser.parse_args(argv)
+    check_flag_ranges(args)
     from training.host import default_workers, uses_cuda
 
     use_cuda = uses_cuda(args.device)
@@ -45,7 +46,7 @@ def _main(argv):
     from training.evaluation import run_inference, save_pictures, waymo_iou_by_class
     from training.models import model_from_checkpoint, resolve_amp, to_memory_format
     from detector.checkpoint import read
-    from training.runlog import JsonLog, console, make_output_folder, stats_table, waymo_table
+    from training.runlog import JsonLog, check_writable_file, console, make_output_folder, stats_table, waymo_table
 
     @functools.cache
     def checkpoint() -> tuple[str, dict]:
@@ -54,6 +55,7 @@ def _main(argv):
         path = default_checkpoint(args)
         return path, read(path)
 
+    check_image_flags(args)
     if args.waymo or args.val_ann or args.data:
         ann, images = eval_data_paths(args)
     else:
@@ -64,6 +66,13 @@ def _main(argv):
         console.print(f"[yellow]{line}[/]")
     make_output_folder(args.output)
     gt = D.load_coco_json(ann)
+    scored = not args.inference and "test" not in args.anno  # test sets carry no boxes: detections only
+    if scored and not gt["annotations"]:  # found before inference, not after it
+        raise UserError("the annotation file has no annotations: AP is undefined", ann, "annotations",
+                        "pass an annotation file with boxes, or --inference to write detections only")
+    out_json = args.results or os.path.join(args.output, "detections.json")
+    if not args.detections:
+        check_writable_file(out_json, "--results")
     iou_by_class = waymo_iou_by_class(gt["categories"]) if args.waymo or args.waymo_iou else None
     jlog = JsonLog(os.path.join(args.output, "eval.jsonl"), dllogger=args.dllogger_file)
 
@@ -104,8 +113,6 @@ def _main(argv):
     results, timing, pictures = run_inference(
         model, loader, device, amp=amp, soft_nms=args.use_soft_nms, channels_last=channels_last,
         backend=args.kernel_backend, keep_images=args.visualize, torchscript=args.torchscript, compile=args.compile)
-    out_json = args.results or os.path.join(args.output, "detections.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
         json.dump(results, f)
     console.print(f"{len(results)} detections on {timing['images']} images -> {out_json} "
@@ -123,7 +130,7 @@ def _main(argv):
     event = dict(event="eval", **trained, checkpoint=path, use_ema=args.use_ema, annotations=ann,
                  detections=out_json, skipped_images=skipped,
                  **{k: v for k, v in timing.items() if k != "image_ids"})
-    if not args.inference and "test" not in args.anno:  # test sets carry no boxes: detections only
+    if scored:
         stats = D.evaluate_detections(gt, results, iou_by_class=iou_by_class, image_ids=timing["image_ids"])
         console.print(f"ground truth: {ann}")
         report(stats, f"{os.path.basename(path)}{' (EMA)' if args.use_ema else ''} on {timing['images']} images")
@@ -147,7 +154,10 @@ def recorded_data_paths(args, checkpoint) -> tuple[str, str]:
 
     from training.config import synthetic_paths, train_data_paths, train_parser, uses_builtin_data
 
-    if args.detections or (args.pretrained and not args.checkpoint):
+    if args.detections:
+        raise UserError("no ground truth to score the detections file against", args.detections, "--val-ann",
+                        "pass --val-ann FILE (or DATA)")
+    if args.pretrained and not args.checkpoint:
         return synthetic_paths("val")
     path, state = checkpoint()
     recorded = state.get("args")

@@ -232,6 +232,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--no-fuse", action="store_true", help="keep BatchNorm layers (default: folded)")
     args = p.parse_args(argv)
+    for flag, value in (("--num-classes", args.num_classes), ("--image-size", args.image_size)):
+        if value is not None and value < 1:  # 0 read as "unset" or failed deep in the model's construction
+            print(f"error: {flag} must be 1 or more, got {value} (-, {flag}): pass {flag} N, or leave it out for "
+                  "the checkpoint's", file=sys.stderr)
+            return 2
     if os.path.isdir(args.output):
         print(f"error: --output is a folder ({args.output}, --output): pass a file name, e.g. d0.onnx", file=sys.stderr)
         return 2

@@ -114,7 +114,9 @@ def test_cli_errors_are_one_line_in_the_scripts_form(tmp_path, capsys):
     (tmp_path / "text.pth").write_text("hello\n")
     for argv, field in ((["--checkpoint", str(tmp_path / "text.pth"), "--output", str(tmp_path / "x.pt")], "KeyError"),
                         (["--output", str(tmp_path)], "--output"),
-                        (["--model", "efficientdet_d9", "--output", str(tmp_path / "x.pt")], "model")):
+                        (["--model", "efficientdet_d9", "--output", str(tmp_path / "x.pt")], "model"),
+                        (["--num-classes", "0", "--output", str(tmp_path / "x.pt")], "--num-classes"),
+                        (["--image-size", "0", "--output", str(tmp_path / "x.pt")], "--image-size")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and (m := line.match(err[0])) and m["field"] == field, err

@@ -634,6 +634,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_flag_ranges(args) -> None:
+    """Flags whose valid range does not depend on the recipe or the data, checked once before any work (and
+    before ``--nproc`` starts workers, so the error is said once). Out of range they would not fail loudly:
+    ``--clip-grad -1`` flips the gradient's sign, ``--smoothing 2`` trains positives toward 0, ``--sched step
+    --decay-epochs 0`` sets the learning rate to 0."""
+    from .errors import UserError
+
+    checks = (("--nproc", "nproc", lambda v: v >= 1, "1 or more"),
+              ("--workers", "workers", lambda v: v >= 0, "0 or more (0: load in the main process)"),
+              ("--seed", "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+              ("--clip-grad", "clip_grad", lambda v: v >= 0, "0 or more (0: no clipping)"),
+              ("--weight-decay", "weight_decay", lambda v: v >= 0, "0 or more"),
+              ("--smoothing", "smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("--drop-path", "drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
+              ("--decay-rate", "decay_rate", lambda v: v >= 0, "0 or more"),
+              ("--decay-epochs", "decay_epochs", lambda v: v > 0 or getattr(args, "sched", "step") != "step",
+               "more than 0 with --sched step"))
+    for flag, dest, ok, say in checks:
+        v = getattr(args, dest, None)
+        if v is not None and not ok(v):
+            raise UserError(f"{flag} must be {say}, got {v:g}", None, flag, f"pass {flag} {say.split(' (')[0]}")
+
+
 # ---------------------------------------------------------------- where the data is
 def split_paths(split: str, data: str | None, ann: str | None = None, images: str | None = None,
                 waymo: bool = False, waymo_ann: str | None = None, waymo_images: str | None = None):
@@ -670,6 +693,7 @@ def coco_anno_paths(data: str, anno: str):
 
 def eval_data_paths(flags):
     """(annotation file, image folder) that evaluate.py reads."""
+    check_image_flags(flags)
     if flags.waymo or flags.val_ann:
         return split_paths("val", flags.data, flags.val_ann, flags.val_images, flags.waymo,
                            flags.waymo_val_annotation, flags.waymo_val)
@@ -686,6 +710,19 @@ def synthetic_paths(split: str):
     return syn["ann_file"], syn["image_dir"]
 
 
+def check_image_flags(flags) -> None:
+    """``--train-images`` / ``--val-images`` name the folder of an annotation file: alone they are an error (they
+    would otherwise be ignored, and the built-in set, or no validation, used in their place)."""
+    if flags.waymo:
+        return
+    for split in ("train", "val"):
+        if getattr(flags, f"{split}_images", None) and not getattr(flags, f"{split}_ann", None):
+            from .errors import UserError
+
+            raise UserError(f"--{split}-images without --{split}-ann", getattr(flags, f"{split}_images"),
+                            f"--{split}-images", f"pass --{split}-ann FILE with it (the images' annotations)")
+
+
 def uses_builtin_data(flags) -> bool:
     """True when no data flag is given: train.py runs on the built-in synthetic set."""
     return not (flags.waymo or flags.train_ann or flags.val_ann or flags.data)
@@ -694,6 +731,7 @@ def uses_builtin_data(flags) -> bool:
 def train_data_paths(flags) -> dict:
     """{"train": (ann, images), "val": (ann, images)} from the parsed flags; "val" is absent when only
     ``--train-ann`` is given, and with no data flag at all both are the built-in synthetic set."""
+    check_image_flags(flags)
     if uses_builtin_data(flags):
         return {s: synthetic_paths(s) for s in ("train", "val")}
     if flags.data and (flags.train_ann or flags.val_ann) and not flags.waymo:

@@ -28,11 +28,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def find_images(spec: str) -> tuple[list[str], str]:
-    """(sorted image paths, the folder file names are relative to) for a folder or a glob pattern."""
+    """(sorted image paths, the folder file names are relative to) for a folder, a file, or a glob pattern."""
     if os.path.isdir(spec):
         root = spec
         paths = [os.path.join(d, f) for d, _, files in os.walk(spec) for f in files
                  if f.lower().endswith(IMAGE_SUFFIXES)]
+    elif os.path.isfile(spec):  # taken as named, even where its name reads as a pattern ("img [1].jpg")
+        paths, root = [spec], os.path.dirname(spec) or "."
     else:
         paths = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
         root = os.path.dirname(spec.split("*")[0].split("?")[0].split("[")[0]) or "."

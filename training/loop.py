@@ -65,6 +65,7 @@ class Run:
     best: float = -1.0
     skip_batches: int = 0  # batches of start_epoch already trained before an interruption
     nonfinite_total: int = 0
+    bad_images: set = field(default_factory=set)  # indices of undecodable training images (--skip-bad-images)
     nonfinite_run: int = 0
     bench_times: list = field(default_factory=list)
     stats: dict | None = None
@@ -215,6 +216,9 @@ def load_data(args):
     if val_set is not None and len(val_set) == 0:
         raise UserError("the validation set is empty", paths["val"][0], "images",
                         "pass a --val-ann with images, or leave validation out")
+    if val_set is not None and not val_set.coco.dataset["annotations"]:  # found now, not after an epoch
+        raise UserError("the validation set has no annotations: AP is undefined", paths["val"][0], "annotations",
+                        "pass a --val-ann with boxes, or leave validation out")
     return train_set, val_set
 
 
@@ -367,6 +371,7 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
                 break  # checked before the step, so none starts once the budget is spent
             freeze_bn_if_due(run)
             t0 = time.perf_counter()
+            run.bad_images.update(batch["bad_images"].tolist())  # stays on the host: no device sync
             parts = train_step(run, batch, epoch, interrupt)
             if parts is None:
                 continue  # a skipped non-finite step
@@ -494,17 +499,22 @@ def distribute_bn(run: Run) -> None:
 def finish(run: Run) -> None:
     """Training curves (loss parts, learning rate, validation AP of the whole log, resumed runs included) and
     detection pictures (rank 0)."""
+    bad = sorted(set().union(*dist.all_gather_objects(sorted(run.bad_images))))  # collective: every rank
     if not run.info.is_main:
         return
     if run.nonfinite_total:
         console.print(f"[yellow]{run.nonfinite_total} steps with a NaN/inf loss were skipped[/]")
+    if bad:
+        console.print(f"[yellow]{len(bad)} of {len(run.train_set)} training images could not be decoded and were "
+                      f"replaced by the next good one (--skip-bad-images); first: {run.train_set.image_path(bad[0])}[/]")
     out = run.cfg.output
     if os.path.isfile(os.path.join(out, "log.jsonl")):
         plot_training(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
     if run.pictures:  # kept by the final evaluation (rank 0's shard)
         save_pictures(run.val_set, run.pictures, os.path.join(out, "pictures"), run.train_set.class_names)
     minutes = (time.perf_counter() - run.t0) / 60
-    run.jlog.write(event="end", step=run.step, minutes=minutes, time_budget=run.cfg.time_budget)
+    run.jlog.write(event="end", step=run.step, minutes=minutes, time_budget=run.cfg.time_budget,
+                   undecodable_train_images=[run.train_set.image_path(j) for j in bad])
     budget = f" (time budget {run.cfg.time_budget:g} min)" if run.cfg.time_budget else ""
     steps = f"{run.step} steps" if run.steps_this_run == run.step else f"{run.steps_this_run} steps (step {run.step})"
     console.print(f"finished in {minutes:.2f} min{budget}: {steps}; outputs in {out}/")
@@ -535,12 +545,25 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
 def resume(run: Run, path: str) -> None:
     """Model, EMA, optimizer, schedule, scaler, position and random streams from ``path``."""
     state = ckpt.read(path)
+    missing = [k for k in ("model", "epoch", "step", "rng") + (() if run.cfg.no_resume_opt else
+                                                             ("optimizer", "scheduler")) if k not in state]
+    if missing:  # weights only (ours, effdet's) or another project's training state (NVIDIA's, timm's)
+        raise UserError(f"not a training checkpoint of this train.py (no {', '.join(map(repr, missing))})", path,
+                        "--resume", "start from its weights with --initial-checkpoint instead")
+    saved_opt = state["args"].get("opt") if isinstance(state.get("args"), dict) else None
+    if not run.cfg.no_resume_opt and saved_opt not in (None, run.cfg.opt):
+        raise UserError(f"the run was trained with --opt {saved_opt}, this one asks for --opt {run.cfg.opt}", path,
+                        "--opt", f"pass --opt {saved_opt}, or --no-resume-opt to start a fresh optimizer")
     with naming(path):
         ckpt.load(run.model, state)
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     if not run.cfg.no_resume_opt:
-        load_optimizer_state(run.optimizer, state["optimizer"])
+        try:
+            load_optimizer_state(run.optimizer, state["optimizer"])
+        except (ValueError, KeyError) as e:  # parameter groups of another model or optimizer setting
+            raise UserError(f"its optimizer state does not fit this run ({e})", path, "optimizer",
+                            "pass --no-resume-opt to keep the weights and start a fresh optimizer") from None
         run.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])

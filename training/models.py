@@ -87,7 +87,8 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
     """Class index -> category id. Ours record it; for others: contiguous over the data's categories when
     the counts agree, else the TF/effdet COCO convention (class i is category id i + 1)."""
     if "label_to_cat_id" in state:
-        return _recorded_categories({int(k): v for k, v in state["label_to_cat_id"].items()}, dataset)
+        return _recorded_categories({int(k): v for k, v in state["label_to_cat_id"].items()}, dataset,
+                                    state.get("class_names"))
     if num_classes == dataset.num_classes:
         return dict(dataset.label_to_cat_id)
     if num_classes >= max(dataset.cat_ids):
@@ -98,15 +99,26 @@ def class_to_category(state: dict, num_classes: int, dataset) -> dict:
                     "evaluate on data with the checkpoint's categories, or pass --num_classes")
 
 
-def _recorded_categories(mapping: dict, dataset) -> dict:
+def _recorded_categories(mapping: dict, dataset, names=None) -> dict:
     """The checkpoint's class -> category id, less the categories the data does not have (their detections
-    are left out, and the run says so); a one-line error, before any inference, when none is left."""
+    are left out, and the run says so); a one-line error, before any inference, when none is left, or when a
+    category id names another class in the data than in the checkpoint (``names``: its class names by index;
+    compared ignoring case), which would score one class's detections as another's."""
     known = set(dataset.cat_ids)
     kept = {k: v for k, v in mapping.items() if v in known}
     if not kept:
         raise UserError(f"none of the checkpoint's category ids {sorted(set(mapping.values()))} is in the data "
                         f"(ids {sorted(known)})", dataset.ann_file, "categories",
                         "evaluate on data annotated with the checkpoint's categories")
+    if names and getattr(dataset, "class_names", None):  # (--images has no data set to name them)
+        data_name = dict(zip(dataset.cat_ids, dataset.class_names))
+        clash = [(v, names[k], data_name[v]) for k, v in sorted(kept.items())
+                 if k < len(names) and str(names[k]).casefold() != str(data_name[v]).casefold()]
+        if clash:
+            said = ", ".join(f"id {v}: {a!r} in the checkpoint, {b!r} in the data" for v, a, b in clash[:3])
+            raise UserError(f"the data's categories are not the checkpoint's ({said}"
+                            f"{f', and {len(clash) - 3} more' if len(clash) > 3 else ''})", dataset.ann_file,
+                            "categories", "evaluate on data annotated with the checkpoint's category ids and names")
     if len(kept) < len(mapping):
         from .runlog import console
 

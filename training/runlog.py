@@ -24,6 +24,18 @@ def make_output_folder(path: str) -> None:
                         "pass a folder you can write to") from None
 
 
+def check_writable_file(path: str, flag: str) -> None:
+    """Before long work that ends in writing ``path``: its folder is made, and a folder where the file belongs, or
+    a file where its folder belongs, is a one-line error naming ``flag``."""
+    if os.path.isdir(path):
+        raise UserError("a folder is where the file belongs", path, flag, "pass a file name")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the file's folder: {e.strerror or e}", path, flag,
+                        "pass a path you can write to") from None
+
+
 class JsonLog:
     """One JSON object per line, appended; a no-op without a path (ranks other than 0).
 

@@ -273,6 +273,11 @@ def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, 
                                           (["--momentum", "2"], "--momentum"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
                                           (["--lr-noise", "0.9", "0.4"], "--lr-noise"),
                                           (["--start-epoch", "-1"], "--start-epoch"),
+                                          (["--clip-grad", "-1"], "--clip-grad"), (["--weight-decay", "-1"], "--weight-decay"),
+                                          (["--smoothing", "2"], "--smoothing"), (["--drop-path", "2"], "--drop-path"),
+                                          (["--seed", "-1"], "--seed"), (["--workers", "-1"], "--workers"),
+                                          (["--nproc", "0"], "--nproc"),
+                                          (["--sched", "step", "--decay-epochs", "0"], "--decay-epochs"),
                                           (["--epochs", "2", "--start-epoch", "2", "-b", "2"], "--start-epoch")])
 def test_training_values_that_cannot_run(tiny, tmp_path, capsys, flags, field):
     (tmp_path / "file").write_text("")
@@ -298,3 +303,100 @@ def test_data_root_and_annotation_flags_together(tiny, tmp_path, capsys):
                      tiny["train"]["image_dir"], "--output", str(tmp_path / "out"), "--device", "cpu"])
     line, m = one_error_line(capsys, rc)
     assert "both DATA and --train-ann" in line and m["field"] == "data"
+
+
+def test_image_folders_without_their_annotation_file(tiny, tmp_path, capsys):
+    """--train-images / --val-images alone were ignored: the built-in set trained, or validation was left out."""
+    rc = train.main(["--train-images", tiny["train"]["image_dir"], "--output", str(tmp_path), "--device", "cpu"])
+    line, m = one_error_line(capsys, rc)
+    assert "--train-images without --train-ann" in line and m["field"] == "--train-images"
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--val-images", tiny["val"]["image_dir"],
+                     "--output", str(tmp_path), "--device", "cpu"])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == "--val-images", line
+    rc = evaluate.main(["--val-images", tiny["val"]["image_dir"], "--output", str(tmp_path), "--device", "cpu"])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == "--val-images", line
+
+
+def test_detections_file_without_ground_truth(tiny, tmp_path, capsys):
+    """It was scored against the built-in set's val split."""
+    (tmp_path / "dets.json").write_text("[]")
+    line, m = one_error_line(capsys, evaluate.main(["--detections", str(tmp_path / "dets.json"),
+                                                    "--output", str(tmp_path)]))
+    assert m["field"] == "--val-ann" and m["file"].endswith("dets.json"), line
+
+
+def test_validation_set_without_annotations(tiny, ckpt_dir, tmp_path, capsys):
+    """Found before training (it ended the first epoch in a traceback, before that epoch's checkpoint was saved)
+    and before inference; --inference still writes detections."""
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    gt["annotations"] = []
+    (tmp_path / "noboxes.json").write_text(json.dumps(gt))
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--val-ann", str(tmp_path / "noboxes.json"), "--val-images", tiny["val"]["image_dir"],
+                     "--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu"])
+    line, m = one_error_line(capsys, rc)
+    assert m["file"].endswith("noboxes.json") and m["field"] == "annotations", line
+    args = val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"), ann=tmp_path / "noboxes.json")
+    line, m = one_error_line(capsys, evaluate.main(args))
+    assert m["file"].endswith("noboxes.json") and "--inference" in line, line
+    assert evaluate.main(args + ["--inference"]) == 0 and (tmp_path / "detections.json").exists()
+
+
+def test_results_path_that_cannot_be_a_file(tiny, ckpt_dir, tmp_path, capsys):
+    """Checked before inference (it was an IsADirectoryError after it)."""
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path, tmp_path / "file" / "dets.json"):
+        rc = evaluate.main(val_args(tiny, tmp_path / "out", "--checkpoint", str(ckpt_dir / "good.pth"),
+                                    "--results", str(bad)))
+        line, m = one_error_line(capsys, rc)
+        assert m["field"] == "--results", line
+
+
+def test_checkpoint_categories_named_otherwise_in_the_data(tiny, ckpt_dir, tmp_path, capsys):
+    """The same ids naming other classes (a re-numbered annotation file) would score one class as another."""
+    state = torch.load(ckpt_dir / "good.pth")
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    ids = [c["id"] for c in gt["categories"]]
+    names = [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    mapping = {i: c for i, c in enumerate(sorted(ids))}
+    torch.save({**state, "label_to_cat_id": mapping, "class_names": names[1:] + names[:1]}, tmp_path / "x.pth")
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(tmp_path / "x.pth"))))
+    assert m["field"] == "categories" and f"{names[1]!r} in the checkpoint, {names[0]!r} in the data" in line, line
+    torch.save({**state, "label_to_cat_id": mapping, "class_names": [n.upper() for n in names]}, tmp_path / "y.pth")
+    assert evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(tmp_path / "y.pth"))) == 0  # case aside
+
+
+def test_resume_from_what_is_no_training_state(tiny, ckpt_dir, tmp_path, capsys):
+    """Weights only, or an optimizer other than the run's: one line (a KeyError, or a KeyError at the first step)."""
+    base = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"], "-b", "2",
+            "--input_size", "128", "--workers", "0", "--device", "cpu", "--kernel-backend", "torch"]
+    for extra in ([], ["--no-resume-opt"]):
+        rc = train.main(base + ["--output", str(tmp_path / "a"), "--resume", str(ckpt_dir / "good.pth"), *extra])
+        line, m = one_error_line(capsys, rc)
+        assert m["field"] == "--resume" and "--initial-checkpoint" in line, line
+    assert train.main(base + ["--output", str(tmp_path / "b"), "--max-steps", "1", "--opt", "adamw"]) == 0
+    capsys.readouterr()
+    rc = train.main(base + ["--output", str(tmp_path / "b"), "--resume", "--opt", "sgd"])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == "--opt" and "--no-resume-opt" in line, line
+
+
+def test_undecodable_training_images_are_counted_at_the_end(tiny, tmp_path, capsys):
+    """--skip-bad-images in training: the images replaced in the loader's workers are counted once each by the
+    main process, said at the end and listed in the log's end event (the count stayed in the workers)."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny["train"]["image_dir"], images)
+    gt = json.loads(open(tiny["train"]["ann_file"]).read())
+    for im in gt["images"][:2]:
+        (images / im["file_name"]).write_bytes(b"not an image")
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", str(images), "-b", "2",
+                     "--input_size", "128", "--epochs", "2", "--workers", "1", "--device", "cpu",
+                     "--kernel-backend", "torch", "--skip-bad-images", "--output", str(tmp_path / "out")])
+    assert rc == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"2 of {len(gt['images'])} training images could not be decoded" in said, said
+    end = [json.loads(l) for l in open(tmp_path / "out" / "log.jsonl")][-1]
+    assert end["event"] == "end" and sorted(os.path.basename(p) for p in end["undecodable_train_images"]) == \
+        sorted(im["file_name"] for im in gt["images"][:2])

@@ -57,6 +57,14 @@ def test_find_images_folder_and_glob(folder):
     assert len(paths) == 5 and not any(p.endswith(".txt") for p in paths)
     paths, _ = find_images(str(folder / "**" / "*.png"))
     assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["alpha.png", "gray.png", "wide.png"]
+    import shutil
+
+    named = folder / "copy [1].png"  # a file is taken as named: its brackets are no glob class
+    shutil.copy(folder / "alpha.png", named)
+    try:
+        assert find_images(str(named)) == ([str(named)], str(folder))
+    finally:
+        named.unlink()
 
 
 def test_evaluate_images_writes_detections_and_pictures(folder, tiny_checkpoint, tmp_path, capsys):
