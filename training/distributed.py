@@ -82,6 +82,10 @@ def free_port() -> int:
 # kills the other workers as soon as one exits with an error (milliseconds), so the wait ends in a traceback
 # only when no peer failed that way: ``spawn`` itself is gone, or a peer left early with status 0 (a bug).
 PEER_LOST_GRACE_S = 10.0
+# How long a rank other than 0 holds back its one-line user error. Bad input (a flag, a file, a batch larger than
+# each rank's share of the data) is usually found by every rank at once; rank 0 prints it and exits, and ``spawn``
+# kills the others before their copy of the same line. An error only one rank meets is still printed, this late.
+SAME_ERROR_GRACE_S = 5.0
 # gloo's words for it (seen in a torch 2.14 run), and NCCL's: its ncclGetErrorString text for ncclRemoteError,
 # which PyTorch's NCCL errors quote. (On GPUs the watchdog thread often aborts such a worker before Python sees
 # an error; then there is no second traceback to hold back.)
@@ -104,6 +108,11 @@ def _spawned(local_rank: int, nproc: int, port: int, fn, args):
     except user_error_types() as e:  # bad input: this worker's one line, then status 2 (no traceback)
         if getattr(args, "debug", False) or debug_requested([]):
             raise
+        if local_rank:  # most bad input is met by every rank alike: rank 0 says it, and ``spawn`` kills the rest
+            try:
+                time.sleep(SAME_ERROR_GRACE_S)
+            except KeyboardInterrupt:
+                pass
         report(e)
         sys.exit(EXIT_USER_ERROR)
     except Exception as e:

@@ -175,8 +175,11 @@ def setup(args, info: dist.DistInfo) -> Run:
                                  workers=cfg.workers, seed=cfg.seed, distributed=info.distributed)
                   if val_set is not None else None)
     if len(train_loader) == 0:
-        raise UserError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}",
-                        train_set.ann_file, "--batch-size", "pass a smaller --batch-size or more images")
+        each = (f" for each of {info.world_size} processes ({cfg.batch_size * info.world_size} images)"
+                if info.distributed else "")  # a global batch is --batch-size on every rank
+        raise UserError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}{each}",
+                        train_set.ann_file, "--batch-size", "pass a smaller --batch-size"
+                        f"{', fewer --nproc' if info.distributed else ''} or more images")
     optimizer = build_optimizer(cfg, model)
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
     budget = TimeBudget(cfg.time_budget, t0) if cfg.time_budget else None

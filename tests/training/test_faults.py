@@ -205,6 +205,19 @@ def test_failing_worker_of_a_distributed_run_exits_at_once_with_its_error_once(t
     assert seconds < 200
 
 
+def test_an_error_every_rank_meets_is_said_once_and_counts_the_ranks(tiny, tmp_path):
+    """Each of --nproc 2 ranks printed the same line; and the batch check named the batch of one rank while
+    a global batch is --batch-size on every rank (4 images, -b 3, 2 ranks: no batch, though 4 > 3)."""
+    n = TINY["num_train"]
+    p = subprocess.run(train_cmd(tiny, tmp_path / "out", "--nproc", "2", "-b", str(n // 2 + 1)), cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert lines == [f"error: {n} training images are fewer than one batch of {n // 2 + 1} for each of 2 processes "
+                     f"({2 * (n // 2 + 1)} images) ({tiny['train']['ann_file']}, --batch-size): pass a smaller "
+                     "--batch-size, fewer --nproc or more images"], p.stderr
+
+
 def test_a_worker_whose_peer_died_waits_to_be_killed_instead_of_printing(monkeypatch):
     """The race behind the test above: the healthy rank's collective fails as soon as the failed rank exits.
     Its traceback would follow the failed rank's one line unless ``spawn`` kills it first, so it waits."""
@@ -246,6 +259,19 @@ def test_a_worker_whose_peer_died_waits_to_be_killed_instead_of_printing(monkeyp
     from training.errors import WorkerFailed
 
     assert "killed by SIGKILL" in str(WorkerFailed(1, -9)) and "printed above" in str(WorkerFailed(1, 1))
+    # a user error: rank 0 prints it at once, another rank after a wait in which ``spawn`` kills it when
+    # rank 0 met the same error (the parent reports only the first failed worker)
+    from training.errors import UserError
+
+    def bad_input(_):
+        raise UserError("bad input", "f.json", "field", "fix it")
+
+    slept.clear()
+    monkeypatch.setattr(D.time, "sleep", slept.append)
+    for rank in (0, 1):
+        with pytest.raises(SystemExit):
+            D._spawned(rank, 2, 1, bad_input, args)
+    assert slept == [D.SAME_ERROR_GRACE_S]
 
 
 class Interrupted(Exception):
