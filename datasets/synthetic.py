@@ -298,6 +298,8 @@ def generate_synthetic(out_dir, seed=DEFAULT_SEED, num_train=None, num_val=None,
         raise ValueError(f"need 2 <= min_object <= max_object, got {min_object}, {max_object}")
     if image_size < min_object:
         raise ValueError(f"image_size {image_size} is smaller than min_object {min_object}")
+    if max_objects_per_image < 1:
+        raise ValueError(f"max_objects_per_image must be >= 1, got {max_objects_per_image}")
     params = {"seed": int(seed), "num_train": int(num_train), "num_val": int(num_val),
               "image_size": int(image_size), "num_classes": int(num_classes), "min_object": int(min_object),
               "max_object": int(max_object), "textured": bool(textured),

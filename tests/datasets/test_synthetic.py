@@ -138,3 +138,11 @@ def test_cli_out_that_cannot_be_a_folder_is_an_error_not_a_traceback(tmp_path, c
         with pytest.raises(SystemExit) as exit:
             main(["--out", str(out), "--num-train", "2", "--num-val", "1"])
         assert exit.value.code == 2 and "file.json" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_cli_no_objects_per_image_is_said_before_drawing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:  # it failed inside numpy's sampler ("low >= high")
+        syn.main(["--out", str(tmp_path / "s"), "--max-objects-per-image", "0", "--num-train", "2", "--num-val", "1"])
+    assert exit.value.code == 2
+    assert "max_objects_per_image must be >= 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]
+
