@@ -96,3 +96,19 @@ def test_cli_bad_log_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and f"({path}, {field})" in err[0], err
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_cli_output_that_cannot_be_the_picture_is_one_line(tmp_path, capsys):
+    """A suffix matplotlib does not write and a path under a file were tracebacks; a folder wrote
+    ``folder.png`` beside it while the command printed the folder's name."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"event": "train", "step": 1, "loss": 1.0, "lr": 0.1}\n')
+    (tmp_path / "file").write_text("")
+    (tmp_path / "folder").mkdir()
+    for out in ("curves.xyz", "curves", "file/curves.png", "folder"):
+        assert main([str(log), "--output", str(tmp_path / out)]) == 2, out
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"({tmp_path / out}, --output)" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "log.jsonl"]
+    assert main([str(log), "--output", str(tmp_path / "new" / "c.svg")]) == 0
+    assert (tmp_path / "new" / "c.svg").stat().st_size > 0

@@ -163,6 +163,23 @@ def draw_detections(image, detections, gt_boxes=None, gt_labels=None, class_name
     return im
 
 
+def check_plot_path(path: str) -> None:
+    """``--output`` names a file whose suffix is a format matplotlib writes (without one it would append
+    ``.png`` and write another file than the one named); its folder is made."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .errors import UserError
+    from .runlog import check_writable_file
+
+    check_writable_file(path, "--output")
+    formats = sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix not in formats:
+        raise UserError(f"{'no' if not suffix else f'the {suffix!r}'} file format: it is one of {', '.join(formats)}",
+                        path, "--output", "pass a file name ending in .png (or .pdf, .svg)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.plots", description="Draw the curves of a training log.")
     p.add_argument("log", help="log.jsonl of a run")
@@ -182,6 +199,8 @@ def main(argv=None) -> int:
         if events and not any("event" in e for e in events):  # (an empty log, of a run just begun: "no data")
             raise UserError("not a run's log: no line has an event", args.log, "event",
                             "pass a run's OUTPUT/log.jsonl")
+        if args.output is not None:
+            check_plot_path(args.output)
         print(plot_training(args.log, args.output))
         return 0
 
