@@ -52,6 +52,23 @@ def _parse(argv=None):
         args.arch = [int(x) for x in args.arch.split(",") if x.strip()]
     except ValueError:
         p.error("--sizes takes comma-separated H or HxW sizes, --arch comma-separated integers")
+    if args.static:
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        from detector.configs import ConfigError, get_config
+
+        for size in args.sizes:  # found before capturing (they failed deep in the model's construction)
+            try:
+                get_config("efficientdet_d0", image_size=size)
+            except ConfigError as e:
+                p.error(f"--sizes {size if isinstance(size, int) else 'x'.join(map(str, size))}: {e.what}; {e.todo}")
+        for flag, value in (("--batch", args.batch), ("--workers", args.workers), ("--timeout", args.timeout)):
+            if value <= 0:
+                p.error(f"{flag} must be more than 0, got {value:g}")
+        if not args.sizes or not args.arch:
+            p.error("--sizes and --arch need at least one value each")
+    if args.reps is not None and args.reps < 1:
+        p.error(f"--reps must be 1 or more, got {args.reps}")
     return args
 
 

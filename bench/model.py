@@ -108,15 +108,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.infer_batches = [int(b) for b in str(args.infer_batch).split(",") if b.strip()]
-    sizes, batches, opts = ([v.strip() for v in str(x).split(",") if v.strip()]
-                            for x in (args.train_size, args.train_batch, args.opt))
+    def positive_ints(flag: str, text) -> list[int]:
+        try:
+            values = [int(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:  # a 0 batch or size timed nothing and still wrote a row
+            p.error(f"{flag} takes comma-separated whole numbers of 1 or more, got {text!r}")
+        return values
+
+    args.infer_batches = positive_ints("--infer-batch", args.infer_batch)
+    positive_ints("--infer-size", args.infer_size)
+    sizes, batches = positive_ints("--train-size", args.train_size), positive_ints("--train-batch", args.train_batch)
+    opts = [v.strip() for v in str(args.opt).split(",") if v.strip()]
     n = max(len(sizes), len(batches), len(opts))
     pad = lambda xs: xs + xs[-1:] * (n - len(xs))  # noqa: E731 - a shorter list repeats its last entry
-    args.train_runs = [(int(s), int(b), o) for s, b, o in zip(pad(sizes), pad(batches), pad(opts))]
+    args.train_runs = [(s, b, o) for s, b, o in zip(pad(sizes), pad(batches), pad(opts))]
     for _, _, o in args.train_runs:
         if o not in ("sgd", "adamw"):
             p.error(f"--opt {o!r}: choose sgd or adamw")
+    from detector.configs import ConfigError, get_config
+
+    try:  # sizes the model cannot take, found before any timing (they failed deep in the model's construction)
+        for flag, size in [("--infer-size", args.infer_size)] + [("--train-size", s) for s in sizes]:
+            get_config(args.model, image_size=size)
+    except ConfigError as e:
+        p.error(f"{flag} {size}: {e.what}; {e.todo}" if e.field == "image_size" else f"--model: {e.what}; {e.todo}")
+    for flag, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 1)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be {low} or more, got {value}")
     if args.peer_memory_format == "same":
         args.peer_memory_format = args.memory_format
     if args.op_breakdown and args.device != "cpu":

@@ -25,13 +25,26 @@ def test_parse_args_quick_and_defaults():
     assert (full.infer_batches, full.infer_size) == ([1, 8], 512)
     assert full.train_runs == [(128, 16, "adamw"), (256, 8, "sgd")]  # the issue's two train rows
     assert full.peer_memory_format == full.memory_format == "nhwc"  # effdet's best CPU setting, as ours
-    assert bm.parse_args(["--train-size", "64,96", "--train-batch", "2", "--opt", "sgd"]).train_runs == [
-        (64, 2, "sgd"), (96, 2, "sgd")]
+    assert bm.parse_args(["--train-size", "128,256", "--train-batch", "2", "--opt", "sgd"]).train_runs == [
+        (128, 2, "sgd"), (256, 2, "sgd")]
     assert bm.parse_args(["--peer-memory-format", "same", "--memory-format", "nchw"]).peer_memory_format == "nchw"
     quick = bm.parse_args(["--quick", "--infer-batch", "1,2", "--memory-format", "nhwc",
                            "--peer-memory-format", "nchw"])
     assert quick.infer_batches == [1, 2] and quick.infer_size == 128 and quick.iters == 2  # explicit flag wins
     assert (quick.memory_format, quick.peer_memory_format) == ("nhwc", "nchw")
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--quick", "--infer-size", "100"], "--infer-size 100: efficientdet_d0: image_size (100, 100)"),
+    (["--train-size", "128,96"], "--train-size 96:"), (["--train-batch", "0"], "--train-batch takes"),
+    (["--infer-batch", "1,x"], "--infer-batch takes"), (["--iters", "0"], "--iters must be 1 or more"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"), (["--model", "d9"], "--model: unknown model 'd9'")])
+def test_bad_arguments_are_one_line_before_any_timing(argv, msg, capsys):
+    """They were a ConfigError traceback, or (a 0 batch, 0 iterations) rows of nothing appended to the results."""
+    with pytest.raises(SystemExit) as exit:
+        bm.parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and msg in err[-1], err
 
 
 def test_random_targets_and_effdet_format():

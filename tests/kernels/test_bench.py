@@ -119,3 +119,20 @@ def test_full_shapes_without_cuda_are_refused_in_one_line(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--quick" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_static_arguments_are_one_line(capsys):
+    """``--static --sizes 100`` was a ConfigError traceback from deep in the model's construction."""
+    import pytest
+
+    from bench.kernels import _parse
+
+    for argv, msg in ((["--static", "--sizes", "100"], "--sizes 100: efficientdet_d0: image_size (100, 100)"),
+                      (["--static", "--sizes", "128x96"], "--sizes 128x96:"),
+                      (["--static", "--batch", "0"], "--batch must be more than 0"),
+                      (["--quick", "--reps", "0"], "--reps must be 1 or more")):
+        with pytest.raises(SystemExit) as exit:
+            _parse(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and msg in err[-1], err
+    assert _parse(["--static", "--sizes", "128,128x256"]).sizes == [128, (128, 256)]
