@@ -3,7 +3,8 @@
     python bench/gpu_check.py [--out bench/results/gpu-<date>/] [--budget 480] [--dry-run] [--only a,b]
 
 Steps, each in its own subprocess with its own time limit (a failing or timed-out step is recorded and the
-rest still run; the limits add up to the 8-minute budget, and a step never gets more than what is left):
+rest still run; the limits add up to 450 s, within the 8-minute ``--budget``, and a step never gets more than
+what is left of it):
 
 1. ``cuda_tests``   - ``pytest -m cuda`` (JUnit XML in the folder);
 2. ``kernels``      - ``bench/kernels.py`` full shapes (D0 training batch 32 at 512 px, inference batch 8,
@@ -18,7 +19,7 @@ rest still run; the limits add up to the 8-minute budget, and a step never gets 
 Everything lands in ``--out``: the JSON lines of each bench, ``steps.jsonl`` (one line per step), the
 executed notebook and ``summary.md`` (device, date, torch / triton versions, git commit, each step's status,
 seconds and key numbers). Without CUDA it stops with a one-line error (exit 2) unless ``--dry-run``, which
-prints the plan and exits 0. Exit 1 when a step failed.
+prints the plan and exits 0. Exit 1 when a step failed, timed out or was skipped for lack of time.
 """
 from __future__ import annotations
 
