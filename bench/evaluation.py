@@ -257,7 +257,7 @@ def write_results(rows: list[dict], meta: dict, results_dir) -> Path:
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/evaluation.py: --device cuda asked for, but CUDA is not available")
+        raise SystemExit("error: CUDA is not available here (-, --device): pass --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = {"bench": "evaluation", "device": device_name(device), "device_type": device.type,

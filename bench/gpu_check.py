@@ -289,8 +289,8 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); use --dry-run to see the plan",
-              file=sys.stderr)
+        print("error: no CUDA device here, torch.cuda.is_available() is False (-, -): run it on a GPU "
+              "machine, or pass --dry-run to see the plan", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment()

@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     has_cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if has_cuda else "cpu")
     if device == "cuda" and not has_cuda:
-        print("--device cuda asked for, but CUDA is not available", file=sys.stderr)
+        print("error: CUDA is not available here (-, --device): pass --device cpu --quick for the CPU smoke run",
+              file=sys.stderr)
         return 2
     if device == "cpu" and not has_cuda:
         if not args.quick:  # the real shapes in the interpreter run for hours and measure nothing

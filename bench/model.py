@@ -528,7 +528,7 @@ def run(args) -> list[dict]:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but CUDA is not available")
+        raise SystemExit("error: CUDA is not available here (-, --device): pass --device cpu")
     if device.type == "cpu" and args.precision == "fp16":
         raise SystemExit("--precision fp16 needs CUDA; on the CPU use bf16 (autocast) or fp32")
     if args.threads:

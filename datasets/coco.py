@@ -34,8 +34,8 @@ one file under several image ids            each entry kept, ``stats["image_file
 
 A set whose decoded images fit in ``cache_bytes`` (``CACHE_BYTES``, 256 MiB, by the image entries' sizes:
 the built-in set's 600 train images take 118 MB) keeps every image after its first decode, so later epochs
-skip pillow's decoding (2.5 ms of the 4 ms a 256 px PNG of the built-in set takes to load and augment, on the
-CPU the model trains on). Each loader process holds its own cache; ``cache_bytes=0`` turns it off.
+skip pillow's decoding (loading and augmenting a 256 px PNG of the built-in set took 3.1-3.6 ms without the
+cache and 1.1-1.2 ms with it: ``bench/RESULTS.md``, "The default run"). Each loader process holds its own cache; ``cache_bytes=0`` turns it off.
 
 Box fixes happen once, at construction, against the ``height``/``width`` of the image entry, so
 ``stats`` is complete right after ``__init__``. Corrupt images are only found when decoded, which

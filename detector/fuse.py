@@ -1,7 +1,7 @@
 """Inference-only rewrite: BatchNorm folded into the convolution before it, SiLU fused into that conv.
 
 ``fuse_for_inference(model)`` returns a copy whose ``forward`` gives the same outputs (to float rounding) with
-about a fifth less work on the CPU, where BN and activation passes over memory cost as much as the convs.
+fewer passes over memory, which on the CPU cost about as much as the convs (``bench/model.py`` predicts with it).
 The heads' BN is per level behind a conv shared by all levels, so each level gets its own folded copy of the
 pointwise conv. The copy is for inference: it has no BN to train and other state-dict keys.
 """

@@ -398,7 +398,7 @@ def fill_color(value: str) -> tuple[int, int, int]:
 
 
 def add_script_flags(p: argparse.ArgumentParser, images: bool = False) -> None:
-    """Flags of issue 11: ``--debug`` for both scripts; ``--images`` (inference on a folder) for evaluate.py."""
+    """Flags of ours alone: ``--debug`` for both scripts; ``--images`` (inference on a folder) for evaluate.py."""
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of a bad-input error (also: environment variable EFFDET_DEBUG=1)")
     if images:
