@@ -1,33 +1,12 @@
-"""Every NVIDIA flag is accepted under its name; TrainConfig is filled once; the README table is generated."""
+"""No flag abbreviations, one-line flag errors; TrainConfig is filled once; the README table is generated."""
 import pathlib
-import re
 
 import pytest
 
-from training.config import TrainConfig, eval_parser, markdown_flags, train_parser
+from training.config import TrainConfig, markdown_flags, train_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FIXTURE = ROOT / "tests" / "fixtures" / "nvidia_flags.txt"
-
-
-def nvidia_flags():
-    rows = [line.split() for line in FIXTURE.read_text().splitlines() if line and not line.startswith("#")]
-    return [(script, flag) for script, flag in rows]
-
-
-def test_fixture_holds_both_scripts():
-    flags = nvidia_flags()
-    assert sum(s == "train.py" for s, _ in flags) >= 69 and sum(s == "validate.py" for s, _ in flags) >= 30
-
-
-@pytest.mark.parametrize("script", ["train.py", "validate.py"])
-def test_every_nvidia_flag_is_accepted_and_in_help(script):
-    parser = train_parser() if script == "train.py" else eval_parser()
-    text = parser.format_help()
-    for s, flag in nvidia_flags():
-        if s == script:
-            assert flag in parser._option_string_actions, f"{script} does not accept {flag}"
-            assert re.search(rf"(^|[\s\[,]){re.escape(flag)}([\s\],=]|$)", text, re.M), f"{flag} not in --help"
+# Each NVIDIA flag against NVIDIA's own parsers (accepted, in --help, value, default): test_nvidia_parsers.py
 
 
 def test_no_abbreviations():
