@@ -202,7 +202,8 @@ def train_parser() -> argparse.ArgumentParser:
              help="evaluation batch = batch size x this")
     p.nvidia(o, "--opt", default=None, help="momentum, sgd/nesterov, adam, adamw, or NVIDIA's fused* / lamb / "
              "novograd (mapped to the closest PyTorch optimizer, said at start); unset = recipe",
-             note="fused*/lamb/novograd run as the closest torch.optim optimizer (said once at start)")
+             note="unset = recipe (NVIDIA's: momentum); fused*/lamb/novograd run as the closest torch.optim "
+                  "optimizer (said once at start)")
     p.nvidia(o, "--opt-eps", type=float, default=None, help="optimizer epsilon (not SGD); unset = recipe "
              "(NVIDIA's: 1e-3)", note="unset = recipe (NVIDIA's: 1e-3)")
     p.nvidia(o, "--momentum", type=float, default=0.9, help="SGD momentum")
@@ -271,7 +272,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(r, "--dist-group-size", type=int, default=0, help="group size for sync-BN",
              note=_infra("dist_group_size"))
     p.nvidia(r, "--output", default="output", help="folder for checkpoints, log.jsonl, pictures",
-             note="default output (NVIDIA: output/train inside --output); last.pth / best.pth inside")
+             note="default output (NVIDIA: '', which it reads as ./output, writing into output/train/); "
+                  "last.pth / best.pth inside")
     p.nvidia(r, "--resume", nargs="?", const="auto", default=None,
              help="continue from a checkpoint (default: OUTPUT/last.pth; when that does not exist: start fresh)",
              note="also --resume PATH; with no checkpoint yet it starts fresh, as NVIDIA's does")
@@ -313,7 +315,9 @@ def eval_parser() -> argparse.ArgumentParser:
              note="optional here: without it, --val-ann, the checkpoint's recorded val set or the built-in set")
     p.nvidia(p, "--anno", default="val2017", help="annotation set of the COCO root: val2017, train2017 or "
              "test-dev2017 (test sets have no boxes: detections are written, not scored)")
-    p.nvidia(p, "--checkpoint", default=None, help="default: output/best.pth, else output/last.pth")
+    p.nvidia(p, "--checkpoint", default=None, help="weights to evaluate",
+             note="default OUTPUT/best.pth, else OUTPUT/last.pth, the run just trained (NVIDIA: '', which loads "
+                  "no weights unless --pretrained)")
     p.nvidia(p, "--model", "-m", default=None, help="needed for effdet/NVIDIA checkpoints (ours record it)",
              note="default: the model the checkpoint records (NVIDIA: tf_efficientdet_d1)")
     p.nvidia(p, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,

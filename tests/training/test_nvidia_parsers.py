@@ -96,9 +96,6 @@ CONFIG = "-c/--config FILE (a YAML file of parser defaults, NVIDIA's first parsi
 XFAIL: dict[tuple[str, str, str], str] = {
     ("accepted", "train.py", "--config"): CONFIG, ("value", "train.py", "--config"): CONFIG,
     ("default", "train.py", "--config"): CONFIG,
-    ("default", "train.py", "--opt"): "the note does not say NVIDIA's recipe default, momentum",
-    ("default", "train.py", "--output"): "the note does not say NVIDIA's default ''",
-    ("default", "validate.py", "--checkpoint"): "the note does not say NVIDIA's default ''",
 }
 INTERPOLATION_GAP = ("no datasets.transforms.resize_filter; random draws bilinear or bicubic (NVIDIA's: bilinear); "
                      "lanczos and hamming refused; '' and random refused where NVIDIA's take them")
