@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["TrainTransform", "EvalTransform", "build_transform", "IMAGENET_MEAN_PIXEL", "INTERPOLATIONS",
-           "resize_image", "clip_and_filter_boxes"]
+           "resize_filter", "resize_image", "clip_and_filter_boxes"]
 
 # ImageNet mean in 0..255; the default pad colour, so padding is ~0 after normalization.
 IMAGENET_MEAN_PIXEL = (124, 116, 104)
@@ -26,9 +26,20 @@ def _size_pair(size):
     return int(h), int(w)
 
 
-# resize filters by name (NVIDIA's --interpolation / --train-interpolation values); "random" (training only)
-# draws bilinear or bicubic per sample, as NVIDIA's (timm's) loader does
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+# resize filters by name: the values of NVIDIA's --interpolation / --train-interpolation that its
+# data/transforms.py::_pil_interp resizes with. There "" and "random" (its --train-interpolation default) fall
+# through to bilinear (no per-image draw), as does "nearest"; here "nearest" is the nearest filter, as named.
+INTERPOLATIONS = ("", "random", "bilinear", "bicubic", "nearest", "lanczos", "hamming")
+
+
+def resize_filter(name: str):
+    """The Pillow filter ``name`` resizes with (``PIL.Image.Resampling``)."""
+    from PIL import Image
+
+    _check_interpolation(name)
+    return {"bicubic": Image.Resampling.BICUBIC, "nearest": Image.Resampling.NEAREST,
+            "lanczos": Image.Resampling.LANCZOS, "hamming": Image.Resampling.HAMMING}.get(
+        name, Image.Resampling.BILINEAR)
 
 
 def resize_image(image: np.ndarray, out_hw, box=None, interpolation: str = "bilinear") -> np.ndarray:
@@ -40,13 +51,12 @@ def resize_image(image: np.ndarray, out_hw, box=None, interpolation: str = "bili
     if box is None and (oh, ow) == image.shape[:2]:
         return image
     im = Image.fromarray(image)
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
-    return np.asarray(im.resize((ow, oh), resample, box=box), dtype=np.uint8)
+    return np.asarray(im.resize((ow, oh), resize_filter(interpolation), box=box), dtype=np.uint8)
 
 
 def _check_interpolation(name: str, allowed=INTERPOLATIONS) -> str:
     if name not in allowed:
-        raise ValueError(f"interpolation {name!r}: choose one of {', '.join(allowed)}")
+        raise ValueError(f"interpolation {name!r}: choose one of {', '.join(map(repr, allowed))}")
     return name
 
 
@@ -85,7 +95,7 @@ class EvalTransform:
     def __init__(self, target_size, fill=IMAGENET_MEAN_PIXEL, interpolation: str = "bilinear"):
         self.target_size = _size_pair(target_size)
         self.fill = tuple(int(v) for v in fill)
-        self.interpolation = _check_interpolation(interpolation, INTERPOLATIONS[:-1])
+        self.interpolation = _check_interpolation(interpolation)
 
     def set_epoch(self, epoch: int) -> None:  # uniform interface; nothing random here
         pass
@@ -141,8 +151,6 @@ class TrainTransform:
         jitter = rng.uniform(*self.scale_range)
         uy, ux = rng.random(), rng.random()
         interpolation = self.interpolation
-        if interpolation == "random":  # drawn last, so the other draws do not depend on the choice
-            interpolation = ("bilinear", "bicubic")[int(rng.integers(2))]
 
         image = sample["image"]
         h, w = image.shape[:2]

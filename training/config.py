@@ -109,6 +109,13 @@ class _Parser(argparse.ArgumentParser):
         return action
 
 
+# --interpolation / --train-interpolation names (= datasets.transforms.INTERPOLATIONS, kept here so that building
+# a parser imports no torch; a test keeps them equal) and how they compare with NVIDIA's data/transforms.py
+INTERPOLATIONS = ("", "random", "bilinear", "bicubic", "nearest", "lanczos", "hamming")
+INTERPOLATION_NOTE = ("'' and random resize bilinear, bicubic / lanczos / hamming as named, as NVIDIA's; nearest is "
+                      "the nearest filter here (NVIDIA's: bilinear, its _pil_interp has no nearest case); another "
+                      "name is an error here (NVIDIA's: bilinear)")
+
 INFRA = {  # flags that only concern NVIDIA's infrastructure: dest -> what it does here (said once at start)
     "dllogger_file": "--dllogger-file: the JSON log's events are also written there in dllogger's format",
     "pin_mem": "--no-pin-mem / --pin-mem: host memory is pinned whenever CUDA is present; the flag changes nothing",
@@ -148,11 +155,12 @@ def train_parser() -> argparse.ArgumentParser:
              note="default: one per CPU core beyond the first, at most 4 (NVIDIA: 4), none for a CPU run on 2 "
                   "cores, so a small machine never runs more processes than cores; --worker (as NVIDIA's scripts "
                   "spell it) works too")
-    p.nvidia(d, "--interpolation", default="", choices=["", "bilinear", "bicubic", "nearest"],
-             help="resize filter of evaluation images ('' = bilinear, the model's)")
-    p.nvidia(d, "--train-interpolation", default="bilinear", choices=["random", "bilinear", "bicubic", "nearest"],
-             help="resize filter of training images; random = bilinear or bicubic per image",
-             note="default bilinear (NVIDIA: random), so earlier runs reproduce; pass random for NVIDIA's")
+    p.nvidia(d, "--interpolation", default="", choices=INTERPOLATIONS,
+             help="resize filter of evaluation images ('' = bilinear, the model's)", note=INTERPOLATION_NOTE)
+    p.nvidia(d, "--train-interpolation", default="bilinear", choices=INTERPOLATIONS,
+             help="resize filter of training images (random = bilinear, as in NVIDIA's loader)",
+             note="default bilinear (NVIDIA: random, which NVIDIA's loader also resizes bilinear: the same "
+                  "filter); " + INTERPOLATION_NOTE)
     p.nvidia(d, "--fill-color", default="mean", help="padding colour: 'mean' (ImageNet mean) or an integer 0-255",
              note="default mean (NVIDIA's train.py: 0; its validate.py: mean): padding is ~0 after normalization")
     p.nvidia(d, "--mixup", type=float, default=0.0, help="mixup alpha",
@@ -347,8 +355,8 @@ def eval_parser() -> argparse.ArgumentParser:
              note="also --amp bf16; fp16 without CUDA says so and runs fp32")
     p.nvidia(p, "--torchscript", action="store_true", help="run the model as a TorchScript trace (same detections)")
     p.nvidia(p, "--use-soft-nms", action="store_true", default=None, help="Gaussian soft-NMS instead of hard NMS")
-    p.nvidia(p, "--interpolation", default="bilinear", choices=["bilinear", "bicubic", "nearest"],
-             help="image resize filter")
+    p.nvidia(p, "--interpolation", default="bilinear", choices=INTERPOLATIONS, help="image resize filter",
+             note=INTERPOLATION_NOTE)
     p.nvidia(p, "--fill-color", default="mean", help="padding colour: 'mean' (ImageNet mean) or an integer 0-255")
     p.nvidia(p, "--memory-format", choices=["nchw", "nhwc"], default="nchw", help="memory layout of the network")
     p.add_argument("--kernel-backend", choices=["auto", "triton", "torch"], default="auto")

@@ -97,8 +97,7 @@ XFAIL: dict[tuple[str, str, str], str] = {
     ("accepted", "train.py", "--config"): CONFIG, ("value", "train.py", "--config"): CONFIG,
     ("default", "train.py", "--config"): CONFIG,
 }
-INTERPOLATION_GAP = ("no datasets.transforms.resize_filter; random draws bilinear or bicubic (NVIDIA's: bilinear); "
-                     "lanczos and hamming refused; '' and random refused where NVIDIA's take them")
+
 
 
 def flag_name(action: dict) -> str:
@@ -241,7 +240,6 @@ INTERPOLATION_FLAGS = [("train.py", "--interpolation"), ("train.py", "--train-in
                        ("validate.py", "--interpolation")]
 
 
-@pytest.mark.xfail(strict=True, reason=INTERPOLATION_GAP)
 @pytest.mark.parametrize("script, flag", INTERPOLATION_FLAGS)
 @pytest.mark.parametrize("name", sorted(NVIDIA["interpolation"]))
 def test_interpolation_names_resize_as_nvidias(script, flag, name):
@@ -256,6 +254,14 @@ def test_interpolation_names_resize_as_nvidias(script, flag, name):
     else:
         assert resize_filter(name).name != NVIDIA["interpolation"][name]
         assert f"NVIDIA's: bilinear" in note(script, flag), "the note must say how NVIDIA resizes it"
+
+
+def test_the_parsers_take_the_names_the_transforms_take():
+    from datasets.transforms import INTERPOLATIONS
+    from training.config import INTERPOLATIONS as names
+
+    assert names == INTERPOLATIONS
+    assert set(NVIDIA["interpolation"]) <= set(names)
 
 
 @pytest.mark.parametrize("script, flag", INTERPOLATION_FLAGS)
