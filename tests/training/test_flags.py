@@ -37,6 +37,7 @@ def test_config_takes_the_recipe_for_unset_flags_only():
     assert small.opt == "adamw" and small.input_size == (128, 128) and "small-data" in small.recipe
     assert (coco.opt, coco.lr, coco.batch_size, coco.epochs, coco.warmup_epochs) == ("momentum", 0.01, 32, 300, 5)
     assert (small.opt_eps, coco.opt_eps) == (1e-8, 1e-3)  # NVIDIA's epsilon only in NVIDIA's recipe
+    assert (small.log_interval, coco.log_interval, config("--log-interval", "7").log_interval) == (10, 50, 7)
     given = config("--lr", "0.3", "--input_size", "256", "--epochs", "2", "--opt-eps", "1e-3")
     assert (given.lr, given.input_size, given.epochs, given.opt, given.opt_eps) == (0.3, (256, 256), 2, "adamw", 1e-3)
 
