@@ -91,7 +91,88 @@ class _Parser(argparse.ArgumentParser):
             for i, word in enumerate(words[:-1]):
                 if word in OPTIONAL_VALUE and word in self._option_string_actions and os.path.isdir(words[i + 1]):
                     words[i] = f"{word}={self._option_string_actions[word].const}"  # the switch alone
+        if "--config" in self._option_string_actions:
+            self._config_defaults(words)
         return super().parse_known_args(words, namespace)
+
+    def _config_defaults(self, words: list[str]) -> None:
+        """``-c/--config FILE`` as NVIDIA's train.py: a first pass parses only it, and the YAML file's keys (flag
+        names as stored: ``batch_size: 64``) become this parser's defaults, so flags on the command line win.
+        Unlike NVIDIA's, an unknown key or a value the flag cannot take is a one-line error naming the file."""
+        first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        first.add_argument("-c", "--config", default="")
+        first.error = self.error
+        path = first.parse_known_args(words)[0].config
+        if not path:
+            return
+        from .errors import UserError
+
+        try:
+            import yaml
+        except ImportError:
+            raise UserError("--config needs PyYAML, which is not installed", path, "--config",
+                            "pip install pyyaml (listed in requirements.txt)") from None
+        try:
+            with open(path) as f:
+                cfg = yaml.safe_load(f)
+        except OSError as e:
+            raise UserError(f"cannot read the config file ({e.strerror})", path, "--config",
+                            "pass an existing YAML file") from None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            raise UserError(f"not valid YAML{f' (line {where.line + 1})' if where else ''}: "
+                            f"{getattr(e, 'problem', None) or e}", path, "--config",
+                            "write one `name: value` per line, e.g. batch_size: 64") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"holds {'nothing' if cfg is None else 'a ' + type(cfg).__name__}, not a mapping of "
+                            "flag names to values", path, "--config",
+                            "write one `name: value` per line, e.g. batch_size: 64")
+        self.set_defaults(**{str(k): self._config_value(path, str(k), v) for k, v in cfg.items()})
+
+    def _config_value(self, path: str, key: str, value):
+        """A ``--config`` file's value for the flag stored as ``key``, as the flag would parse it."""
+        from .errors import UserError
+
+        actions = [a for a in self._actions if a.dest == key and a.dest not in ("help", "config")]
+        if not actions:
+            import difflib
+
+            close = difflib.get_close_matches(key.replace("-", "_"), [a.dest for a in self._actions], 1)
+            raise UserError(f"unknown key {key!r}", path, "--config",
+                            (f"did you mean {close[0]}? " if close else "") + "keys are flag names as stored, "
+                            "with _ for -, e.g. batch_size (see --help)")
+        a = actions[0]
+        flag = a.option_strings[-1] if a.option_strings else a.dest
+
+        def bad(why: str):
+            raise UserError(f"{key}: {value!r} {why}", path, "--config", f"see {flag} in --help")
+
+        if value is None:
+            return None
+        if a.nargs == 0:  # a switch (store_true / store_false)
+            if not isinstance(value, bool):
+                bad("is not true or false")
+            return value
+        if a.nargs == "?" and a.const is not None and isinstance(value, bool):  # NVIDIA's switches --amp, --resume
+            return a.const if value else None
+        many = a.nargs in ("+", "*")
+        if isinstance(value, list) and not many:
+            bad("is a list; the flag takes one value")
+        if many and value == [] and a.default is None:  # NVIDIA's args.yaml writes its default [] (= unset)
+            return None
+        kind = {int: "an integer", float: "a number"}.get(a.type, "a string")
+        out = []
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                bad(f"is not {kind}")
+            try:
+                item = a.type(str(item)) if a.type else str(item)
+            except (TypeError, ValueError):
+                bad(f"is not {kind}")
+            if a.choices is not None and item not in a.choices:
+                bad(f"is not one of {', '.join(map(repr, a.choices))}")
+            out.append(item)
+        return out if many else out[0]
 
     def error(self, message: str):
         """A flag argparse cannot read (an unknown flag, a value outside its choices, not a number): one
@@ -310,6 +391,12 @@ def train_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int, default=None,
                    help="stop after N optimizer steps of this run, saving a checkpoint --resume continues from")
     r.add_argument("--pictures", type=int, default=None, help="detection pictures written at the end")
+    p.nvidia(r, "-c", "--config", default="", metavar="FILE",
+             help="YAML file whose keys (flag names as stored, e.g. batch_size: 64) set the defaults; flags on "
+                  "the command line win",
+             note="as NVIDIA's, but an unknown key or a value its flag cannot take is a one-line error here "
+                  "(NVIDIA's sets any key silently); its args.yaml reads as NVIDIA's: true/false for --amp and "
+                  "--resume, [] for --remove-weights = unset")
     add_script_flags(p)
     return p
 
@@ -497,6 +584,7 @@ class TrainConfig:
     freeze_bn_after: float | None = None
     compile: bool = False
     # run
+    config: str = ""
     seed: int = 42
     device: str = "auto"
     nproc: int = 1

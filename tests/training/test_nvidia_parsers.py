@@ -92,11 +92,7 @@ DIFFERENCES = {
 }
 
 # Known gaps where ours should change: (test, script, flag) -> reason. Each is a strict xfail.
-CONFIG = "-c/--config FILE (a YAML file of parser defaults, NVIDIA's first parsing pass) is not implemented"
-XFAIL: dict[tuple[str, str, str], str] = {
-    ("accepted", "train.py", "--config"): CONFIG, ("value", "train.py", "--config"): CONFIG,
-    ("default", "train.py", "--config"): CONFIG,
-}
+XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 
@@ -269,3 +265,81 @@ def test_an_unknown_interpolation_is_one_line(script, flag, capsys):
     with pytest.raises(SystemExit) as exit:
         PARSERS[script]().parse_args([flag, "box"])
     assert exit.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- train.py -c/--config FILE
+def write(tmp_path, text: str, name="cfg.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = write(tmp_path, "batch_size: 4\nmodel_ema: true\nlr_noise: [0.4, 0.9]\ninput_size: 256\n"
+                          "opt_eps: 1e-3\namp: true\ntrain_interpolation: bicubic\n")
+    a = train_parser().parse_args(["-c", cfg])
+    assert (a.batch_size, a.model_ema, a.lr_noise, a.input_size, a.opt_eps, a.amp, a.train_interpolation) == \
+        (4, True, [0.4, 0.9], [256], 1e-3, "fp16", "bicubic")
+    a = train_parser().parse_args(["-b", "8", f"--config={cfg}", "--no-model-ema"])  # the command line wins
+    assert (a.batch_size, a.model_ema, a.config) == (8, False, cfg)
+    assert train_parser().parse_args([]).batch_size is None  # a file changes only the parser that read it
+
+
+def test_nvidias_args_yaml_reads_back(tmp_path):
+    """NVIDIA's train.py writes its parsed flags to OUTPUT/train/args.yaml (yaml.safe_dump of args.__dict__);
+    that file, with NVIDIA's defaults, gives NVIDIA's values here (its switches --amp/--resume false = unset)."""
+    import yaml
+
+    from training.config import TrainConfig
+
+    nv = {a["dest"]: a["default"] for a in NVIDIA["train.py"] if a["parser"] == "parser" and a["action"] != "help"}
+    nv["data"] = str(tmp_path)
+    args = train_parser().parse_args(["-c", write(tmp_path, yaml.safe_dump(nv, default_flow_style=False))])
+    unset = {"resume", "amp", "remove_weights", "freeze_layers"}
+    assert {k: getattr(args, k) for k in nv if k not in unset} == {k: v for k, v in nv.items() if k not in unset}
+    assert all(getattr(args, k) is None for k in unset)
+    cfg = TrainConfig.from_args(args, num_train=10_000, cuda=False)
+    assert (cfg.model, cfg.lr, cfg.log_interval, cfg.cooldown_epochs) == ("tf_efficientdet_d1", 0.01, 50, 10)
+
+
+@pytest.mark.parametrize("text, said", [
+    ("batch_size: 4\nbatch_sise: 8\n", "unknown key 'batch_sise'"),
+    ("batch-size: 8\n", "did you mean batch_size?"),
+    ("- batch_size\n- 4\n", "holds a list, not a mapping"),
+    ("", "holds nothing"),
+    ("batch_size: [4\n", "not valid YAML"),
+    ("batch_size: four\n", "batch_size: 'four' is not an integer"),
+    ("memory_format: nhcw\n", "is not one of 'nchw', 'nhwc'"),
+    ("model_ema: 1\n", "is not true or false"),
+    ("lr: [0.1, 0.2]\n", "is a list"),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, text, said):
+    import train
+
+    cfg = write(tmp_path, text)
+    assert train.main(["-c", cfg, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0] and f"({cfg}, --config)" in err[0], err
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    import train
+
+    assert train.main(["--config", str(tmp_path / "none.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read the config file" in err[0], err
+    with pytest.raises(SystemExit):  # -c without its FILE: argparse's one line
+        train_parser().parse_args(["-c"])
+
+
+def test_without_pyyaml_config_says_how_to_install_it(tmp_path, monkeypatch):
+    import builtins
+
+    from training.errors import UserError
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "yaml" else real(name, *a, **k))
+    with pytest.raises(UserError, match="PyYAML") as e:
+        train_parser().parse_args(["-c", write(tmp_path, "batch_size: 4\n")])
+    assert "pip install pyyaml" in e.value.todo
