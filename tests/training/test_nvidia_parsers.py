@@ -92,8 +92,9 @@ DIFFERENCES = {
 }
 
 # Known gaps where ours should change: (test, script, flag) -> reason. Each is a strict xfail.
-XFAIL: dict[tuple[str, str, str], str] = {}
-
+EXCLUSIVE = "ours takes both --redundant-bias and --no-redundant-bias (the last wins); NVIDIA's refuses the pair"
+XFAIL: dict[tuple[str, str, str], str] = {
+    ("exclusive", s, f): EXCLUSIVE for s in ("train.py", "validate.py") for f in ("--redundant-bias", "--no-redundant-bias")}
 
 
 def flag_name(action: dict) -> str:
@@ -173,11 +174,11 @@ def nvidia_value(action: dict, words: list[str]):
 @pytest.mark.parametrize("script, action", cases("value"))
 def test_a_sample_value_parses_as_nvidias(script, action, tmp_path):
     name, mine = flag_name(action), ours(script, action)
+    assert mine.dest == action["dest"], f"{name} is stored as {mine.dest} (NVIDIA's code and args.yaml: {action['dest']})"
     other = DIFFERENCES.get((script, name, "value"))
     if action["nargs"] == 0:  # a switch: alone, it sets NVIDIA's constant
         got = getattr(PARSERS[script]().parse_args([name]), action["dest"])
         assert got == action["const"] or (other and bool(got) == action["const"]), (got, action["const"])
-        assert mine.dest == action["dest"]
         return
     for words in samples(action, tmp_path):
         argv = [*words] if not action["option_strings"] else [name, *words]
@@ -220,6 +221,15 @@ def test_default_is_nvidias_or_a_listed_difference(script, action):
     assert said != SAME and "NVIDIA" in said, f"{name}: the README says 'as NVIDIA's' but the default differs"
     assert any(form in said for form in shown(want)), f"{name}: its note does not name NVIDIA's default {want!r}"
     assert said in mine.help, f"{name}: --help lacks the note"
+
+
+@pytest.mark.parametrize("script, action", cases("exclusive", lambda a: a["mutually_exclusive_with"]))
+def test_nvidias_mutually_exclusive_flags_are_here_too(script, action, capsys):
+    """NVIDIA's add_bool_arg pairs (--redundant-bias / --no-redundant-bias): both at once is an error."""
+    for other in action["mutually_exclusive_with"]:
+        with pytest.raises(SystemExit) as exit:
+            PARSERS[script]().parse_args([flag_name(action), other])
+        assert exit.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
 def test_every_difference_is_one_that_exists():
