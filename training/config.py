@@ -259,9 +259,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(m, "--num_classes", type=int, default=None, help="default: the data set's category count")
     p.nvidia(m, "--input_size", type=int, nargs="+", default=None,
              help="image size (H [W]); default per recipe (the model's for NVIDIA's recipe)")
-    p.nvidia(m, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
+    bias = m.add_mutually_exclusive_group()  # as NVIDIA's add_bool_arg: not both
+    p.nvidia(bias, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
              help="override the model config's redundant bias")
-    p.nvidia(m, "--no-redundant-bias", dest="redundant_bias", action="store_false", default=None,
+    p.nvidia(bias, "--no-redundant-bias", dest="redundant_bias", action="store_false", default=None,
              help="override the model config's redundant bias")
     p.nvidia(m, "--pretrained", action="store_true", help="start from published COCO weights",
              note="effdet's published COCO weights of --model, downloaded once into the torch hub cache "
@@ -417,9 +418,10 @@ def eval_parser() -> argparse.ArgumentParser:
                   "no weights unless --pretrained)")
     p.nvidia(p, "--model", "-m", default=None, help="needed for effdet/NVIDIA checkpoints (ours record it)",
              note="default: the model the checkpoint records (NVIDIA: tf_efficientdet_d1)")
-    p.nvidia(p, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
+    bias = p.add_mutually_exclusive_group()  # as NVIDIA's add_bool_arg: not both
+    p.nvidia(bias, "--redundant-bias", dest="redundant_bias", action="store_true", default=None,
              help="override the model config's redundant bias")
-    p.nvidia(p, "--no-redundant-bias", dest="redundant_bias", action="store_false", default=None,
+    p.nvidia(bias, "--no-redundant-bias", dest="redundant_bias", action="store_false", default=None,
              help="override the model config's redundant bias")
     p.nvidia(p, "--num_classes", type=int, default=None,
              help="class count of an effdet/NVIDIA checkpoint; default: read from its class head (ours record it)")

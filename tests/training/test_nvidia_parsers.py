@@ -92,9 +92,7 @@ DIFFERENCES = {
 }
 
 # Known gaps where ours should change: (test, script, flag) -> reason. Each is a strict xfail.
-EXCLUSIVE = "ours takes both --redundant-bias and --no-redundant-bias (the last wins); NVIDIA's refuses the pair"
-XFAIL: dict[tuple[str, str, str], str] = {
-    ("exclusive", s, f): EXCLUSIVE for s in ("train.py", "validate.py") for f in ("--redundant-bias", "--no-redundant-bias")}
+XFAIL: dict[tuple[str, str, str], str] = {}
 
 
 def flag_name(action: dict) -> str:
