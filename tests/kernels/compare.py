@@ -26,18 +26,25 @@ def lowest_precision(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def assert_close(actual, expected, rtol, atol, what):
-    """Elementwise ``|a - e| <= atol + rtol * |e|``, NaN only where the expected value is NaN. ``atol``: a
-    number, or a tensor broadcast against the values (a tolerance per element)."""
+    """Non-finite values exactly, finite ones within ``|a - e| <= atol + rtol * |e|``.
+
+    Where either side is NaN or +-inf, both must hold the same: NaN where the expected value is NaN, an
+    infinity of the same sign where it is infinite (a finite value, however large, never matches an
+    infinity, and +inf never matches -inf). ``atol``: a number, or a tensor broadcast against the values (a
+    tolerance per element)."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     atol = atol.double().cpu() if torch.is_tensor(atol) else atol
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = ~(((actual - expected).abs() <= atol + rtol * expected.abs()) | (actual == expected))  # inf == inf
-    bad &= ~(actual.isnan() & expected.isnan())
-    bad |= actual.isnan() != expected.isnan()
+    finite = actual.isfinite() & expected.isfinite()
+    # (inf - inf is NaN and |finite - inf| <= rtol * inf holds, so non-finite values never reach the formula)
+    diff = torch.where(finite, actual - expected, 0.0).abs()
+    within = diff <= atol + rtol * torch.where(finite, expected, 0.0).abs()
+    same_special = (actual == expected) | (actual.isnan() & expected.isnan())   # inf == inf, same sign only
+    bad = torch.where(finite, ~within, ~same_special)
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
         lines = [f"  at {i}: got {actual[tuple(i)].item():.9g}, expected {expected[tuple(i)].item():.9g}"
                  for i in idx]
         atol_s = f"{atol:.3g}" if not torch.is_tensor(atol) else f"per element, up to {atol.max().item():.3g}"
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements differ "
-                             f"(rtol {rtol}, atol {atol_s}); first:\n" + "\n".join(lines))
+                             f"(rtol {rtol}, atol {atol_s}; NaN and +-inf exactly); first:\n" + "\n".join(lines))
