@@ -66,7 +66,8 @@ def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer
     few dense passes, no float one-hot, per-anchor masks broadcast, and a finite gradient for ``gamma < 1`` at
     saturated logits (no ``pow`` of a zero). Ignored anchors have ``alpha_t = 0`` and their logits are
     replaced by 0 first (zero loss and gradient whatever they hold). A counted non-finite logit gives a NaN
-    term (``inf - inf``) or an inf term and NaN gradient there; an inf total is turned into NaN.
+    term (``inf - inf``) or an inf term and NaN gradient there; an inf total is turned into NaN. Finite
+    logits have a finite gradient, huge ones too (``exp(-gamma q)`` is held constant where its gradient is 0).
     fp16/bf16 are promoted to fp32; float64 stays float64 (for gradcheck).
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
@@ -78,7 +79,13 @@ def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer
     q = F.softplus(u)
     ce = q.sub(u, alpha=1.0 - 0.5 * label_smoothing)
     mod = torch.exp(q * -gamma)  # (1 - p_t) ** gamma
-    loss = torch.dot((mod * ce).flatten(), alpha_t.flatten())
+    # Where gamma, mod or softplus' slope is exactly 0 and the logit is finite, mod's gradient is 0: hold it
+    # constant there, so that a huge ce times the incoming gradient (|x| near the dtype's max) cannot
+    # overflow into inf * 0 = NaN. Otherwise (non-finite logits included) the same gradient as autograd's.
+    hold = (mod == 0) | (q == 0) if gamma != 0 else torch.ones_like(q, dtype=torch.bool)
+    mod = torch.where(hold & u.isfinite(), mod.detach(), mod)
+    term = mod * ce
+    loss = torch.dot(term.flatten(), alpha_t.flatten())
     loss = loss + (loss - loss)  # an inf total (a +-inf logit) becomes NaN; finite: + 0, same gradient
     if not isinstance(normalizer, torch.Tensor):
         return loss / float(normalizer)
@@ -153,6 +160,7 @@ if triton_available():
             offs = it * BLOCK + lane
             acc += tl.load(partial_ptr + offs, mask=offs < n_partial, other=0.0)
         total = tl.sum(acc, axis=0)
+        total = total + (total - total)         # an inf total (overflow) becomes NaN, as the reference
         norm = tl.load(norm_ptr).to(tl.float32)
         tl.store(out_ptr, total / norm)
 
@@ -234,18 +242,30 @@ def _(grad, grad_output, normalizer, dtype):
 def _setup_context(ctx, inputs, output):
     logits, _targets, normalizer, *_ = inputs
     ctx.logits_dtype, ctx.logits_numel = logits.dtype, logits.numel()
-    ctx.save_for_backward(output[1], normalizer)
+    ctx.save_for_backward(output[1], normalizer, output[0])
 
 
 def _backward(ctx, grad_loss, _grad_grad):
-    grad_sum, normalizer = ctx.saved_tensors
-    if grad_sum.numel() != ctx.logits_numel:
-        raise RuntimeError("focal_loss: forward ran with compute_grad=False; cannot backpropagate")
-    return (_focal_loss_bwd(grad_sum, grad_loss, normalizer, ctx.logits_dtype),
-            None, None, None, None, None, None, None)
+    grad_sum, normalizer, loss = ctx.saved_tensors
+    grad_logits = grad_norm = None
+    if ctx.needs_input_grad[0]:
+        if grad_sum.numel() != ctx.logits_numel:
+            raise RuntimeError("focal_loss: forward ran with compute_grad=False; cannot backpropagate")
+        grad_logits = _focal_loss_bwd(grad_sum, grad_loss, normalizer, ctx.logits_dtype)
+    if ctx.needs_input_grad[2]:        # loss = sum / normalizer: d loss / d normalizer = -loss / normalizer
+        grad_norm = -(grad_loss * loss.detach()) / normalizer.detach()
+    return grad_logits, None, grad_norm, None, None, None, None, None
 
 
 _focal_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError("kernels.focal_loss: the Triton path has no second derivative (its backward is not "
+                       "differentiable); use backend='torch' for double backward")
+
+
+_focal_loss_bwd.register_autograd(_no_double_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +283,9 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
             or targets.dtype == torch.bool:
         raise TypeError(f"focal_loss: targets must be an integer tensor of class indices, got "
                         f"{getattr(targets, 'dtype', type(targets))}")
+    if not targets.dtype.is_signed:
+        raise TypeError(f"focal_loss: targets must be a signed integer tensor (-1 = background, "
+                        f"ignore_index = ignored), got {targets.dtype}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"focal_loss: targets shape {tuple(targets.shape)} must equal logits shape "
                          f"without the class dimension {tuple(logits.shape[:-1])}")
@@ -277,7 +300,8 @@ def _triton_path(logits, targets, normalizer, alpha, gamma, label_smoothing, ign
     elif normalizer.numel() != 1:
         raise ValueError(f"focal_loss: normalizer must be a single value, got shape "
                          f"{tuple(normalizer.shape)}")
-    normalizer = normalizer.detach().reshape(()).to(device=logits.device, dtype=torch.float32)
+    # not detached: a normalizer that needs a gradient gets one (the op's autograd formula)
+    normalizer = normalizer.reshape(()).to(device=logits.device, dtype=torch.float32)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     return _focal_loss_fwd(logits, targets, normalizer, float(alpha), float(gamma), float(label_smoothing),
                            int(ignore_index), bool(compute_grad))[0]
@@ -291,14 +315,16 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
     Args:
         logits: ``(..., C)`` fp32/fp16/bf16 class logits (the detector passes ``(B, N_anchors, C)``); float64
             runs the reference in float64 (``"auto"``; the Triton path refuses it).
-        targets: ``(...)`` integer class index per anchor: ``k >= 0`` positive for class ``k``,
+        targets: ``(...)`` signed integer class index per anchor (unsigned dtypes are refused: they cannot
+            hold -1): ``k >= 0`` positive for class ``k``,
             ``-1`` background, ``ignore_index`` ignored (no loss, no gradient).
         normalizer: 0-dim tensor on the logits' device (or a Python number); never read on the host.
         alpha, gamma, label_smoothing: as in effdet (smoothing changes only the BCE target).
         backend: ``"auto" | "triton" | "torch"`` (see ``kernels._dispatch``).
 
     Returns:
-        0-dim float32 tensor (float64 for float64 logits). Differentiable w.r.t. ``logits``.
+        0-dim float32 tensor (float64 for float64 logits). Differentiable w.r.t. ``logits`` and a tensor
+        ``normalizer`` (the Triton path: first derivatives only; double backward is a clear error).
     """
     _check_inputs(logits, targets)
     unsupported = "float64 logits (it computes in float32)" if logits.dtype == torch.float64 else None

@@ -337,6 +337,95 @@ def test_input_validation():
         focal_loss(x.long(), torch.zeros(2, 3, dtype=torch.int64), 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unsigned_targets_are_refused(dtype, backend):
+    """Unsigned targets cannot hold -1 (background) or -2 (ignored): 255 would be read as a wrapped -1 by one
+    path and as class 255 by the other. Both paths refuse them in one line."""
+    x = torch.randn(1, 4, 3)
+    t = torch.tensor([[0, 1, 2, 1]]).to(dtype)
+    with pytest.raises(TypeError, match="signed integer") as e:
+        focal_loss(x, t, 1.0, backend=backend)
+    assert "\n" not in str(e.value)
+    check(x, torch.tensor([[0, -1, -2, 1]], dtype=torch.int8), torch.tensor(2.0))   # signed 8 bits: fine
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_huge_and_infinite_logits_overflow_like_reference(dtype):
+    """Logits at the dtype's max, 1e30 / 3e38 and +-inf in positive, negative and background anchors, a
+    gradient scale above 1 (grad_output 3, normalizer 0.5): the same finite / inf / NaN pattern as the
+    reference, loss and gradient. Finite logits give a finite gradient (no inf * 0 inside the reference's
+    autograd), an overflowing loss sum is NaN on both paths."""
+    big = min(torch.finfo(dtype).max, 3e38)
+    inf = float("inf")
+    rows = [[big, 0.5, -3.0], [-big, 0.5, -3.0], [big, -big, 0.0], [1e30, -1e30, 2.0], [inf, 0.5, -3.0],
+            [-inf, 0.5, -3.0]]
+    for smoothing in (0.0, 0.1):
+        for gamma in (0.0, 1.5):
+            for tv in (0, 1, -1):
+                for r in range(len(rows)):
+                    x = torch.tensor([rows[r], [0.3, -0.2, 1.0]]).to(dtype)
+                    t = torch.tensor([tv, 2])
+                    got, want = [], []
+                    for be, out in (("triton", got), ("torch", want)):
+                        xr = x.clone().requires_grad_(True)
+                        loss = focal_loss(xr, t, torch.tensor(0.5), gamma=gamma, label_smoothing=smoothing,
+                                          backend=be)
+                        loss.backward(torch.tensor(3.0))
+                        out += [loss.detach(), xr.grad]
+                    what = f"{dtype} row {rows[r]} target {tv} gamma {gamma} s {smoothing}"
+                    assert_close(got[0], want[0], *tolerance(torch.float32, 6), "loss " + what)
+                    assert_close(got[1], want[1], *tolerance(lowest_precision(dtype, torch.float32)), "grad " + what)
+                    if x.isfinite().all():
+                        assert got[1].isfinite().all(), what
+    if dtype == torch.float16:
+        return                                          # 65504 cannot overflow the fp32 sum
+    # the loss sum overflows: NaN, as the reference turns an inf total into NaN; the gradient stays finite
+    x = torch.tensor([[big, big, 0.0]]).to(dtype)
+    lt, gt, lr, gr = run_both(x, torch.tensor([-1]), torch.tensor(2.0))
+    assert lr.isnan() and lt.isnan() and gt.isfinite().all() and gr.isfinite().all()
+
+
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64])
+def test_normalizer_that_needs_a_gradient_gets_it(norm_dtype):
+    """A normalizer tensor with requires_grad: d loss / d normalizer = -loss / normalizer, as the reference
+    (the Triton path used to drop it silently: None)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 9, 4, generator=g)
+    t = make_targets((2, 9), 4, g)
+    grads = {}
+    for be in ("triton", "torch"):
+        xr = x.clone().requires_grad_(True)
+        n = torch.tensor(3.0, dtype=norm_dtype, requires_grad=True)
+        (focal_loss(xr, t, n, backend=be) * 2.0).backward()
+        grads[be] = (n.grad, xr.grad)
+    assert grads["triton"][0] is not None and grads["triton"][0].dtype == norm_dtype
+    assert_close(grads["triton"][0], grads["torch"][0], *tolerance(torch.float32, x.numel()), "d normalizer")
+    assert_close(grads["triton"][1], grads["torch"][1], *F32, "d logits")
+    # only the normalizer needs a gradient
+    n = torch.tensor(3.0, requires_grad=True)
+    focal_loss(x, t, n, backend="triton").backward()
+    n_ref = torch.tensor(3.0, requires_grad=True)
+    focal_loss_reference(x, t, n_ref).backward()
+    assert_close(n.grad, n_ref.grad, *tolerance(torch.float32, x.numel()), "d normalizer alone")
+
+
+def test_double_backward_is_a_clear_error():
+    """create_graph=True, then a backward through the Triton path's gradient: a one-line error naming the op
+    and the way out, not the autograd engine's message about register_autograd."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 5, 3, generator=g).requires_grad_(True)
+    t = make_targets((2, 5), 3, g)
+    (gx,) = torch.autograd.grad(focal_loss(x, t, 2.0, backend="triton"), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="kernels.focal_loss: the Triton path has no second derivative") as e:
+        torch.autograd.grad(gx.pow(2).sum(), x)
+    assert "backend='torch'" in str(e.value) and "\n" not in str(e.value)
+    # the reference has one
+    (gr,) = torch.autograd.grad(focal_loss_reference(x, t, 2.0), x, create_graph=True)
+    assert torch.autograd.grad(gr.pow(2).sum(), x)[0].isfinite().all()
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.compile through the custom op / the reference
 
