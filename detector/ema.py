@@ -25,8 +25,15 @@ class ModelEma:
         self.updates = 0
 
     def _pairs(self, model: nn.Module):
+        """(ema tensor, model tensor) per parameter and buffer, each ema tensor once: a tensor tied to two
+        modules (one Parameter under two names, which the deep copy keeps tied) is averaged once per update,
+        not twice."""
         src = dict(_unwrap(model).state_dict(keep_vars=True))
+        seen = set()
         for name, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
             yield t, src[name]
 
     def _split(self, model: nn.Module):

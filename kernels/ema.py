@@ -26,6 +26,13 @@ One launch per (ema dtype, model dtype, aligned) group, normally exactly one. Pa
 updated with the reference's torch ops instead. Integer, bool and complex tensors are rejected (the EMA
 class copies integer buffers itself).
 
+Aliasing: the kernel's tiles read and write in no fixed order, so an ema tensor that shares memory with
+another ema tensor (the same tensor twice, e.g. a tied parameter) or with any model tensor (the same
+storage, or overlapping views) would give an order-dependent result. The plan finds such overlaps once
+(address ranges); ``"auto"`` then runs the reference (which reads every model value before it writes),
+``"triton"`` refuses them by name, and the custom op (what ``torch.compile`` runs) updates them with the
+reference's torch ops.
+
 Custom op: ``effdet::ema_update_(ema, model, decay_tensor, decay_value) -> ()`` mutating ``ema``, what
 ``torch.compile`` traces. Eager calls run the same launcher without the op's Python dispatch, which for
 two lists of ~640 tensors costs more than the whole host budget of a step (see the tests); they bump the
@@ -163,12 +170,40 @@ def _validate(ema: Sequence, model: Sequence) -> torch.device:
     return device
 
 
+def _aliasing(ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> Optional[str]:
+    """Why these tensors cannot be updated by independent tiles: an ema tensor whose memory overlaps another
+    ema tensor or a model tensor (model tensors may share memory among themselves: they are only read).
+    None when no memory is shared. Address ranges from sizes and strides, one sort."""
+    spans = []
+    for kind, tensors in (("ema", ema), ("model", model)):
+        for i, t in enumerate(tensors):
+            if t.numel() == 0:
+                continue
+            extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            spans.append((t.data_ptr(), t.data_ptr() + extent * t.element_size(), kind, i))
+    spans.sort()
+    end_all = end_ema = -1
+    last_all = last_ema = None
+    for lo, hi, kind, i in spans:
+        other = last_all if kind == "ema" and lo < end_all else last_ema if lo < end_ema else None
+        if other is not None:
+            a, b = sorted([(kind, i), other])
+            return (f"ema tensors that share memory with other tensors of the call ({a[0]} tensor {a[1]} and "
+                    f"{b[0]} tensor {b[1]} overlap)")
+        if hi > end_all:
+            end_all, last_all = hi, (kind, i)
+        if kind == "ema" and hi > end_ema:
+            end_ema, last_ema = hi, (kind, i)
+    return None
+
+
 class _Plan:
     """Everything about one list of tensor pairs that does not change between steps."""
 
     def __init__(self, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]):
         self.device = _validate(ema, model)
         self.ema, self.model = tuple(ema), tuple(model)          # keeps the tensors (and addresses) alive
+        self.aliasing = _aliasing(self.ema, self.model)          # None, or why the kernel cannot take them
         self._groups = None                                      # built on the first Triton launch
 
     def same_tensors(self, ema, model) -> bool:
@@ -246,7 +281,11 @@ def _build_table(ema: list[torch.Tensor], model: list[torch.Tensor], device) -> 
 
 def _launch(plan: "_Plan", decay_tensor: Optional[torch.Tensor], decay_value: float) -> None:
     """One kernel launch per (ema dtype, model dtype, aligned) group; non-dense pairs go through torch.
-    ``decay_value`` is used where ``decay_tensor`` is None."""
+    ``decay_value`` is used where ``decay_tensor`` is None. Tensors that share memory (``plan.aliasing``;
+    the public function sends them to the reference, the custom op gets here) all go through torch."""
+    if plan.aliasing is not None:
+        ema_update_reference(plan.ema, plan.model, decay_tensor if decay_tensor is not None else decay_value)
+        return
     launches, fb_e, fb_m = plan.groups()
     for table, n, n_tiles, edt, mdt, aligned, block in launches:
         _ema_kernel[(n_tiles,)](
@@ -278,7 +317,7 @@ def _(ema_tensors, model_tensors, decay_tensor, decay_value):
 # --------------------------------------------------------------------------------------------------
 
 
-def _triton_path(ema, model, decay):
+def _triton_path(ema, model, decay, plan=None):
     device = ema[0].device
     if isinstance(decay, torch.Tensor):
         decay_tensor, decay_value = decay.detach().reshape(()).to(device=device, dtype=torch.float32), 0.0
@@ -288,12 +327,12 @@ def _triton_path(ema, model, decay):
         _ema_update_op(list(ema), list(model), decay_tensor, decay_value)
     else:                               # CUDA, or CPU tensors in the interpreter (resolve() checked it is on)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            _launch(_plan(ema, model), decay_tensor, decay_value)
+            _launch(plan if plan is not None else _plan(ema, model), decay_tensor, decay_value)
         torch.autograd.graph.increment_version(list(ema))  # written through raw addresses: say so to autograd
 
 
-def _reference_path(ema, model, decay):
-    if not torch.compiler.is_compiling():
+def _reference_path(ema, model, decay, plan=None):
+    if plan is None and not torch.compiler.is_compiling():
         _plan(ema, model)               # validation, once per set of tensors
     ema_update_reference(ema, model, decay)
 
@@ -309,6 +348,8 @@ def ema_update(ema_tensors: Sequence[torch.Tensor], model_tensors: Sequence[torc
         backend: ``"auto" | "triton" | "torch"``.
 
     Pass the same two lists every step: the per-list work (validation, tables) is done once and cached.
+    Ema tensors that share memory with each other or with model tensors run the reference (``"auto"``;
+    ``"triton"`` refuses them): give a tied parameter once.
     """
     if len(ema_tensors) != len(model_tensors):
         raise ValueError(f"ema_update: {len(ema_tensors)} ema tensors but {len(model_tensors)} model tensors")
@@ -324,4 +365,6 @@ def ema_update(ema_tensors: Sequence[torch.Tensor], model_tensors: Sequence[torc
         raise TypeError("ema_update: item 0 is not a pair of tensors")
     if first.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("ema_update: ema tensors require grad; call under torch.no_grad()")
-    dispatch(OP_NAME, backend, first.device, _triton_path, _reference_path, ema_tensors, model_tensors, decay)
+    plan = None if torch.compiler.is_compiling() else _plan(ema_tensors, model_tensors)   # cached: validation,
+    dispatch(OP_NAME, backend, first.device, _triton_path, _reference_path,             # aliasing, tables
+             ema_tensors, model_tensors, decay, plan=plan, unsupported=plan.aliasing if plan is not None else None)

@@ -49,6 +49,35 @@ def test_ema_decay_zero_copies_one_keeps_and_buffers_follow():
     assert torch.equal(ema2.module.state_dict()[p], ema.module.state_dict()[p])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tied_parameter_is_averaged_once(backend):
+    """One Parameter shared by two modules (listed twice by state_dict) is averaged once per update: before,
+    it was in the EMA's lists twice, so each update moved it twice (and the Triton path raced on it)."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+    torch.manual_seed(0)
+    m = Tied()
+    ema = ModelEma(m, decay=0.5, backend=backend)
+    assert ema.module.b.weight is ema.module.a.weight                 # the copy keeps the tie
+    floats = ema._split(m)[0]
+    assert len(floats) == len({id(t) for t in floats}) == 3           # a.weight, a.bias, b.bias
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    ema.update(m)
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, 0.5 * before[k] + 0.5 * m.state_dict()[k], msg=k)
+    ema.restart(m)
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, m.state_dict()[k]), k
+
+
 def test_roundtrip_our_checkpoint(tmp_path):
     m = _tiny()
     path = str(tmp_path / "ckpt.pth")

@@ -163,6 +163,64 @@ def test_errors():
 
 
 
+def _aliased_cases():
+    """(name, make) -> (ema list, model list, the storage both live in). 4097 elements: 3 tiles of 2048."""
+    def overlap_forward():    # ema = buf[5:], model = buf[:-5]: each tile's ema is the next tile's model
+        base = torch.randn(4200, generator=torch.Generator().manual_seed(20))
+        return [base[5:4102]], [base[0:4097]], base
+
+    def overlap_backward():   # model = buf[5:], ema = buf[:-5]
+        base = torch.randn(4200, generator=torch.Generator().manual_seed(21))
+        return [base[0:4097]], [base[5:4102]], base
+
+    def same_ema_twice():     # a tied parameter listed twice
+        g = torch.Generator().manual_seed(22)
+        base, m = torch.randn(4097, generator=g), torch.randn(4097, generator=g)
+        return [base, base], [m, m], base
+
+    def ema_is_other_model():  # ema 0 is model 1
+        base = torch.randn(3 * 4097, generator=torch.Generator().manual_seed(23))
+        a, b, c = base.split(4097)
+        return [a, b], [b, c], base
+
+    def ema_is_own_model():   # the very same tensor on both sides
+        base = torch.randn(4097, generator=torch.Generator().manual_seed(24))
+        return [base], [base], base
+    return [overlap_forward, overlap_backward, same_ema_twice, ema_is_other_model, ema_is_own_model]
+
+
+@pytest.mark.parametrize("make_case", _aliased_cases(), ids=lambda f: f.__name__)
+def test_aliased_tensors_run_the_reference_or_are_refused(make_case):
+    """Ema tensors sharing memory with each other or with model tensors: the kernel's tiles would read values
+    other tiles already wrote (order-dependent results; measured here before the fix: up to 1.3 off). The
+    plan flags them, "triton" refuses them in one line, the custom op (torch.compile's path) and "auto"
+    compute the reference."""
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
+    ema, model, base = make_case()
+    e_ref, m_ref, want = make_case()                                 # the same values, own storage
+    ema_update_reference(e_ref, m_ref, 0.5)
+    assert ema_mod._plan(ema, model).aliasing is not None          # "auto" takes the reference
+    with pytest.raises(ValueError, match="share memory") as err:
+        ema_update(ema, model, 0.5, backend="triton")
+    assert "\n" not in str(err.value) and "backend='torch'" in str(err.value)
+    assert torch.equal(base, make_case()[2]), "refused, but written"
+    torch.ops.effdet.ema_update_(list(ema), list(model), None, 0.5)
+    assert_close(base, want, *tolerance(torch.float32), "custom op on aliased tensors")
+
+
+def test_views_of_one_storage_that_do_not_overlap_stay_on_the_kernel():
+    """Adjacent, disjoint views of one buffer (a flat parameter buffer) share a storage but no element: no
+    aliasing, the kernel runs."""
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
+    g = torch.Generator().manual_seed(25)
+    eb, mb = torch.randn(3 * 4097, generator=g), torch.randn(3 * 4097, generator=g)
+    ema, model = list(eb.split(4097)), list(mb.split(4097))
+    assert ema_mod._plan(ema, model).aliasing is None
+    check(ema, model, 0.5)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_update_bumps_autograd_versions(backend):
     """The kernel writes through raw addresses; autograd must still see an in-place change of a tensor it
