@@ -334,13 +334,17 @@ def _check_topk(class_logits, box_deltas, anchors) -> None:
                          f"{box_deltas.device}")
 
 
-def _triton_unsupported(deltas: torch.Tensor) -> Optional[str]:
-    """Why the Triton path cannot decode these deltas as the reference does (``"auto"`` then runs the
-    reference), or None: it computes in float32 and has no backward."""
+def _triton_unsupported(deltas: torch.Tensor, anchors: torch.Tensor, clip_to) -> Optional[str]:
+    """Why the Triton path cannot decode these inputs as the reference does (``"auto"`` then runs the
+    reference), or None: it computes in float32 and has no backward (deltas, anchors or a ``clip_to`` tensor
+    that needs a gradient would silently get none)."""
     if deltas.dtype == torch.float64:
         return "float64 deltas (it decodes in float32)"
-    if deltas.requires_grad and torch.is_grad_enabled():
-        return "deltas that need a gradient (it has no backward)"
+    if torch.is_grad_enabled():
+        for name, t in (("deltas that need", deltas), ("anchors that need", anchors),
+                        ("a clip_to tensor that needs", clip_to)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                return f"{name} a gradient (it has no backward)"
     return None
 
 
@@ -358,13 +362,14 @@ def decode_boxes(deltas: torch.Tensor, anchors: torch.Tensor, clip_to=None, back
 
     Returns:
         ``(..., N, 4)`` float32 xyxy boxes (float64 for float64 deltas, which ``"auto"`` decodes with the
-        reference, as it does deltas that need a gradient: the Triton path refuses both); ``dh, dw`` are
+        reference, as it does deltas, anchors or a ``clip_to`` tensor that need a gradient: the Triton path
+        refuses both); ``dh, dw`` are
         clamped to ``log(1000/16)`` before ``exp``.
     """
     _check_decode(deltas, anchors)
     mode, clip, h, w = _parse_clip(clip_to, tuple(deltas.shape[:-2]), deltas.device)
     return dispatch("decode_boxes", backend, deltas.device, _decode_boxes_op, _decode_reference_parsed,
-                    deltas, anchors, mode, clip, h, w, unsupported=_triton_unsupported(deltas))
+                    deltas, anchors, mode, clip, h, w, unsupported=_triton_unsupported(deltas, anchors, clip_to))
 
 
 def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: torch.Tensor, k: int,
@@ -389,6 +394,6 @@ def decode_topk(class_logits: torch.Tensor, box_deltas: torch.Tensor, anchors: t
     values, flat_index = _topk_select(class_logits, k)
     return dispatch("decode_topk", backend, class_logits.device, _topk_gather_op, _topk_gather_reference,
                     values, flat_index, box_deltas, anchors, mode, clip, h, w, class_logits.shape[-1],
-                    unsupported=_triton_unsupported(box_deltas) or (
+                    unsupported=_triton_unsupported(box_deltas, anchors, clip_to) or (
                         "class logits that need a gradient (it has no backward)"
                         if class_logits.requires_grad and torch.is_grad_enabled() else None))

@@ -185,6 +185,48 @@ def test_decode_boxes_validation():
         decode_boxes(torch.zeros(2, 5, 4), torch.zeros(5, 4), torch.zeros(3, 2))
 
 
+@pytest.mark.parametrize("what", ["anchors", "clip_to"])
+def test_inputs_that_need_a_gradient_are_refused_by_triton_and_get_one_from_the_reference(what):
+    """Anchors or a clip_to tensor with requires_grad: the Triton op has no backward, so "triton" refuses them
+    by name up front (it used to run, and fail only at backward with autograd's register_autograd message)
+    and "auto" runs the reference, which gives the gradient."""
+    import kernels.decode as dec
+
+    g = torch.Generator().manual_seed(30)
+    a = make_anchors(6, g)
+    d = make_deltas((2, 6, 4), g)
+    logits = torch.randn(2, 6, 3, generator=g)
+    clip = torch.tensor([[400.0, 420.0], [60.0, 70.0]])             # image 0 hardly clipped, image 1 much
+    a_in = a.clone().requires_grad_(what == "anchors")
+    c_in = clip.clone().requires_grad_(what == "clip_to")
+    name = "anchors that need" if what == "anchors" else "a clip_to tensor that needs"
+    for call in (lambda be: decode_boxes(d, a_in, c_in, backend=be),
+                 lambda be: decode_topk(logits, d, a_in, 5, c_in, backend=be)[0]):
+        with pytest.raises(ValueError, match=f"the Triton path cannot take {name} a gradient") as e:
+            call("triton")
+        assert "\n" not in str(e.value)
+        assert dec._triton_unsupported(d, a_in, c_in) is not None       # "auto" on CUDA: the reference
+        out = call("auto")
+        leaf = a_in if what == "anchors" else c_in
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        assert grad.abs().sum() > 0
+        with torch.no_grad():                                            # no gradient wanted: Triton is fine
+            assert dec._triton_unsupported(d, a_in, c_in) is None
+            assert_close(call("triton"), out.detach(), 1e-5, 1e-3, "no-grad triton")
+
+
+@pytest.mark.parametrize("clip", CLIP_KINDS)
+def test_decode_boxes_several_programs(clip):
+    """450 boxes = 2 programs of 256 (the test above draws at most 148): box and image indices across the
+    block boundary, each image's clip size read by lanes of both programs (N = 150 does not divide 256)."""
+    g = torch.Generator().manual_seed(31)
+    a = make_anchors(150, g, degenerate=True)
+    d = make_deltas((3, 150, 4), g, extreme=True)
+    c = clip_arg(clip, (3,), g)
+    got = decode_boxes(d, a, c, backend="triton")
+    assert_close(got, decode_boxes_reference(d, a, c), *box_tol(d, a), f"boxes clip={clip}")
+
+
 # --------------------------------------------------------------------------------------------------
 # decode_topk, Triton
 
@@ -229,6 +271,14 @@ def test_decode_topk_matches_reference(b, n, c, k, dtype, clip, extreme, seed):
         logits.view(-1)[1::7] = -1e4 if dtype != torch.float16 else -6e4
     check_topk(logits, make_deltas((b, n, 4), g, dtype, extreme), make_anchors(n, g), k,
                clip_arg(clip, (b,), g))
+
+
+def test_decode_topk_several_programs():
+    """3 images x k = 120 = 360 selections: 2 programs of 256, the second starting inside image 3."""
+    g = torch.Generator().manual_seed(32)
+    logits = torch.randn(3, 90, 5, generator=g) * 3
+    check_topk(logits, make_deltas((3, 90, 4), g, extreme=True), make_anchors(90, g), 120,
+               clip_arg("tensor", (3,), g))
 
 
 def test_decode_topk_nan_inf_logits_and_deltas():
