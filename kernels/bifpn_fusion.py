@@ -563,6 +563,14 @@ def _fwd_backward(ctx, grad_out, grad_f):
 _fwd_launcher.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f"{_WHERE}: the Triton path has no second derivative (its backward is not "
+                       "differentiable); use backend='torch' for double backward")
+
+
+_bwd_launcher.register_autograd(_no_double_backward)
+
+
 # ----------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------
