@@ -82,8 +82,8 @@ def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer
     # Where gamma, mod or softplus' slope is exactly 0 and the logit is finite, mod's gradient is 0: hold it
     # constant there, so that a huge ce times the incoming gradient (|x| near the dtype's max) cannot
     # overflow into inf * 0 = NaN. Otherwise (non-finite logits included) the same gradient as autograd's.
-    hold = (mod == 0) | (q == 0) if gamma != 0 else torch.ones_like(q, dtype=torch.bool)
-    mod = torch.where(hold & u.isfinite(), mod.detach(), mod)
+    hold = u.isfinite() if gamma == 0 else ((mod == 0) | (q == 0)) & u.isfinite()
+    mod = torch.where(hold, mod.detach(), mod)
     term = mod * ce
     loss = torch.dot(term.flatten(), alpha_t.flatten())
     loss = loss + (loss - loss)  # an inf total (a +-inf logit) becomes NaN; finite: + 0, same gradient
