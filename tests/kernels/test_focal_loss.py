@@ -77,6 +77,9 @@ def test_reference_gradcheck(smoothing, gamma):
     norm = torch.tensor(2.0, dtype=torch.float64)
     assert torch.autograd.gradcheck(
         lambda v: focal_loss_reference(v, t, norm, 0.25, gamma, smoothing), (x,), eps=1e-6, atol=1e-6)
+    # the written-out derivative (_ModulatedBCE) is differentiable again under create_graph
+    assert torch.autograd.gradgradcheck(
+        lambda v: focal_loss_reference(v, t, norm, 0.25, gamma, smoothing), (x,), eps=1e-6, atol=1e-6)
 
 
 def _old_focal_loss_reference(logits, targets, normalizer, alpha=0.25, gamma=1.5, label_smoothing=0.0,
