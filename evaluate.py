@@ -148,8 +148,9 @@ def trained_for(state: dict) -> dict:
 
 def recorded_data_paths(args, checkpoint) -> tuple[str, str]:
     """No data flag: the val set the checkpoint's training run evaluated on (ours record their flags), else the
-    built-in set (a detections file, a checkpoint trained on it, effdet's, NVIDIA's, ``--pretrained``).
-    ``checkpoint()``: (path, contents) of the checkpoint."""
+    built-in set (a checkpoint trained on it, effdet's, NVIDIA's, ``--pretrained``). A detections file has no
+    record of its data: it needs ``--val-ann`` or DATA (scored against the built-in set, another set's
+    detections would get a wrong AP without a word). ``checkpoint()``: (path, contents) of the checkpoint."""
     from types import SimpleNamespace
 
     from training.config import synthetic_paths, train_data_paths, train_parser, uses_builtin_data

@@ -8,7 +8,7 @@ The loop itself is ``training/loop.py``.
 """
 import sys
 
-from training.config import check_flag_ranges, train_parser
+from training.config import check_flag_ranges, check_image_flags, train_parser
 from training.errors import run
 
 
@@ -20,6 +20,7 @@ def main(argv=None):
 def _main(argv):
     args = train_parser().parse_args(argv)
     check_flag_ranges(args)
+    check_image_flags(args)
     from training import distributed, loop
     from training.host import uses_cuda
 

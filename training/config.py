@@ -29,7 +29,7 @@ COCO_RECIPE = dict(opt="momentum", lr=0.01, batch_size=32, epochs=300, warmup_ep
 # images (README, "Training", says why; bench/RESULTS.md, "The default run", has the measurements). Input
 # size, batch size, learning rate and epochs are fitted to the training set (``training/recipe.py``); the
 # values here are the built-in set's. A log line every 10 steps (NVIDIA's 50): the built-in set's epochs
-# are 38 steps.
+# are 37 steps.
 SMALL_RECIPE = dict(opt="adamw", lr=2e-3, batch_size=16, epochs=30, warmup_epochs=0.5, weight_decay=1e-2,
                     model_ema=True, model_ema_decay=0.995, ema_warmup=True, scale_range=(0.6, 1.4),
                     input_size=(128, 128), bn_momentum=0.1, eval_interval=5, pictures=4, memory_format="nhwc",
@@ -147,8 +147,10 @@ class _Parser(argparse.ArgumentParser):
         def bad(why: str):
             raise UserError(f"{key}: {value!r} {why}", path, "--config", f"see {flag} in --help")
 
-        if value is None:
-            return None
+        if value is None:  # null: unset, where the flag has an unset state
+            if a.default is None:
+                return None
+            bad(f"is null; the flag needs a value (its default: {a.default!r})")
         if a.nargs == 0:  # a switch (store_true / store_false)
             if not isinstance(value, bool):
                 bad("is not true or false")
@@ -371,7 +373,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.nvidia(r, "--no-resume-opt", action="store_true", help="do not restore the optimizer state")
     p.nvidia(r, "--log-interval", type=int, default=None, help="steps between log lines (and each epoch's last)",
              note="unset = recipe (NVIDIA's: 50; the small-data recipe's: 10, as its epochs can be a few dozen "
-                  "steps, e.g. 38 on the built-in set)")
+                  "steps, e.g. 37 on the built-in set)")
     p.nvidia(r, "--eval-after", type=int, default=0,
              help="evaluate after epoch N (0-based) and later: --eval-after 200 first evaluates after the 201st epoch",
              note="NVIDIA's rule with --model-ema (`epoch >= eval_after`); NVIDIA without EMA ignores it")
@@ -434,7 +436,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--waymo-iou", action="store_true",
                    help="per-class AP at a per-class IoU (0.7 for vehicle classes, 0.5 for the others) "
                         "on any data; implied by --waymo")
-    p.add_argument("--detections", default=None, help="score this COCO results file; no model is run")
+    p.add_argument("--detections", default=None,
+                   help="score this COCO results file against --val-ann (or DATA); no model is run")
     p.nvidia(p, "--inference", action="store_true", help="write detections only, do not score")
     p.nvidia(p, "--results", default=None, help="detections file (COCO results format)",
              note="default OUTPUT/detections.json (NVIDIA: ./results.json)")
@@ -631,6 +634,7 @@ class TrainConfig:
         else:
             notes = []
         notes += infra_lines(args, train_parser().parse_args([]))
+        values["output"] = values["output"] or "output"  # '' (NVIDIA's default, in its args.yaml): ./output
         values["input_size"] = size_pair(values["input_size"], values["model"])
         values["fill_color"] = fill_color(values["fill_color"])
         values["lr_noise"] = tuple(values["lr_noise"]) if values["lr_noise"] else None
@@ -797,7 +801,6 @@ def coco_anno_paths(data: str, anno: str):
 
 def eval_data_paths(flags):
     """(annotation file, image folder) that evaluate.py reads."""
-    check_image_flags(flags)
     if flags.waymo or flags.val_ann:
         return split_paths("val", flags.data, flags.val_ann, flags.val_images, flags.waymo,
                            flags.waymo_val_annotation, flags.waymo_val)
@@ -816,7 +819,9 @@ def synthetic_paths(split: str):
 
 def check_image_flags(flags) -> None:
     """``--train-images`` / ``--val-images`` name the folder of an annotation file: alone they are an error (they
-    would otherwise be ignored, and the built-in set, or no validation, used in their place)."""
+    would otherwise be ignored, and the built-in set, or no validation, used in their place). Checked on the
+    command line of train.py and evaluate.py only: a checkpoint's recorded flags from before the check read
+    as they did then."""
     if flags.waymo:
         return
     for split in ("train", "val"):
@@ -835,7 +840,6 @@ def uses_builtin_data(flags) -> bool:
 def train_data_paths(flags) -> dict:
     """{"train": (ann, images), "val": (ann, images)} from the parsed flags; "val" is absent when only
     ``--train-ann`` is given, and with no data flag at all both are the built-in synthetic set."""
-    check_image_flags(flags)
     if uses_builtin_data(flags):
         return {s: synthetic_paths(s) for s in ("train", "val")}
     if flags.data and (flags.train_ann or flags.val_ann) and not flags.waymo:

@@ -308,6 +308,7 @@ def test_nvidias_args_yaml_reads_back(tmp_path):
     assert all(getattr(args, k) is None for k in unset)
     cfg = TrainConfig.from_args(args, num_train=10_000, cuda=False)
     assert (cfg.model, cfg.lr, cfg.log_interval, cfg.cooldown_epochs) == ("tf_efficientdet_d1", 0.01, 50, 10)
+    assert cfg.output == "output"  # NVIDIA's '' is its ./output (os.makedirs('') failed)
 
 
 @pytest.mark.parametrize("text, said", [
@@ -320,6 +321,7 @@ def test_nvidias_args_yaml_reads_back(tmp_path):
     ("memory_format: nhcw\n", "is not one of 'nchw', 'nhwc'"),
     ("model_ema: 1\n", "is not true or false"),
     ("lr: [0.1, 0.2]\n", "is a list"),
+    ("nproc: null\n", "nproc: None is null; the flag needs a value (its default: 1)"),
 ])
 def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, text, said):
     import train
