@@ -261,7 +261,8 @@ def fit(run: Run) -> dict | None:
         if epoch == run.start_epoch and budget_spent(run):
             break  # a resumed run whose budget was already spent
         if not train_one_epoch(run, epoch, interrupt):
-            return None  # interrupted; the state is saved
+            report_bad_images(run)
+            return None  # interrupted or --max-steps; the state is saved
         if run.cfg.benchmark:
             return report_benchmark(run.bench_times, run.cfg, run.jlog, run.info)
         distribute_bn(run)
@@ -499,17 +500,24 @@ def distribute_bn(run: Run) -> None:
                 dist.distribute_bn(model, reduce=run.cfg.dist_bn == "reduce")
 
 
+def report_bad_images(run: Run) -> list[str]:
+    """The training images every rank's loader found undecodable (``--skip-bad-images``), said once by rank 0:
+    their files (a collective: every rank calls it)."""
+    bad = sorted(set().union(*dist.all_gather_objects(sorted(run.bad_images))))
+    if bad and run.info.is_main:
+        console.print(f"[yellow]{len(bad)} of {len(run.train_set)} training images could not be decoded and were "
+                      f"replaced by the next good one (--skip-bad-images); first: {run.train_set.image_path(bad[0])}[/]")
+    return [run.train_set.image_path(j) for j in bad]
+
+
 def finish(run: Run) -> None:
     """Training curves (loss parts, learning rate, validation AP of the whole log, resumed runs included) and
     detection pictures (rank 0)."""
-    bad = sorted(set().union(*dist.all_gather_objects(sorted(run.bad_images))))  # collective: every rank
+    bad = report_bad_images(run)
     if not run.info.is_main:
         return
     if run.nonfinite_total:
         console.print(f"[yellow]{run.nonfinite_total} steps with a NaN/inf loss were skipped[/]")
-    if bad:
-        console.print(f"[yellow]{len(bad)} of {len(run.train_set)} training images could not be decoded and were "
-                      f"replaced by the next good one (--skip-bad-images); first: {run.train_set.image_path(bad[0])}[/]")
     out = run.cfg.output
     if os.path.isfile(os.path.join(out, "log.jsonl")):
         plot_training(os.path.join(out, "log.jsonl"), os.path.join(out, "curves.png"))
@@ -517,7 +525,7 @@ def finish(run: Run) -> None:
         save_pictures(run.val_set, run.pictures, os.path.join(out, "pictures"), run.train_set.class_names)
     minutes = (time.perf_counter() - run.t0) / 60
     run.jlog.write(event="end", step=run.step, minutes=minutes, time_budget=run.cfg.time_budget,
-                   undecodable_train_images=[run.train_set.image_path(j) for j in bad])
+                   undecodable_train_images=bad)
     budget = f" (time budget {run.cfg.time_budget:g} min)" if run.cfg.time_budget else ""
     steps = f"{run.step} steps" if run.steps_this_run == run.step else f"{run.steps_this_run} steps (step {run.step})"
     console.print(f"finished in {minutes:.2f} min{budget}: {steps}; outputs in {out}/")

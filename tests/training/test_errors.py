@@ -319,6 +319,16 @@ def test_image_folders_without_their_annotation_file(tiny, tmp_path, capsys):
     assert m["field"] == "--val-images", line
 
 
+def test_image_flags_recorded_in_an_older_checkpoint_are_not_checked(capsys):
+    """The check is for the command line: a checkpoint of a run that passed DATA and --val-images (ignored
+    then) still evaluates on DATA's val set, instead of failing on a flag evaluate.py was not given."""
+    from training.config import eval_parser
+
+    state = {"args": {"data": "/d", "val_images": "/elsewhere"}}
+    ann, images = evaluate.recorded_data_paths(eval_parser().parse_args([]), lambda: ("c.pth", state))
+    assert (ann, images) == ("/d/annotations/instances_val2017.json", "/d/val2017")
+
+
 def test_detections_file_without_ground_truth(tiny, tmp_path, capsys):
     """It was scored against the built-in set's val split."""
     (tmp_path / "dets.json").write_text("[]")
@@ -400,3 +410,11 @@ def test_undecodable_training_images_are_counted_at_the_end(tiny, tmp_path, caps
     end = [json.loads(l) for l in open(tmp_path / "out" / "log.jsonl")][-1]
     assert end["event"] == "end" and sorted(os.path.basename(p) for p in end["undecodable_train_images"]) == \
         sorted(im["file_name"] for im in gt["images"][:2])
+    # a run stopped early (--max-steps, or interrupted) says it too: one batch of every image
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", str(images), "-b",
+                     str(len(gt["images"])), "--input_size", "128", "--epochs", "2", "--max-steps", "1", "--workers",
+                     "0", "--device", "cpu", "--kernel-backend", "torch", "--skip-bad-images", "--output",
+                     str(tmp_path / "out2")])
+    assert rc == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--max-steps 1 reached" in said and f"2 of {len(gt['images'])} training images could not be" in said, said
