@@ -55,13 +55,12 @@ def _parse(argv=None):
     if args.static:
         if str(REPO_ROOT) not in sys.path:
             sys.path.insert(0, str(REPO_ROOT))
-        from detector.configs import ConfigError, get_config
+        from detector.configs import config_problem
 
-        for size in args.sizes:  # found before capturing (they failed deep in the model's construction)
-            try:
-                get_config("efficientdet_d0", image_size=size)
-            except ConfigError as e:
-                p.error(f"--sizes {size if isinstance(size, int) else 'x'.join(map(str, size))}: {e.what}; {e.todo}")
+        for size in args.sizes:  # found before capturing, not deep in the model's construction
+            if config_problem("efficientdet_d0", image_size=size):
+                p.error(f"--sizes {size if isinstance(size, int) else 'x'.join(map(str, size))}: "
+                        f"{config_problem('efficientdet_d0', image_size=size)}")
         for flag, value in (("--batch", args.batch), ("--workers", args.workers), ("--timeout", args.timeout)):
             if value <= 0:
                 p.error(f"{flag} must be more than 0, got {value:g}")

@@ -118,7 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         return values
 
     args.infer_batches = positive_ints("--infer-batch", args.infer_batch)
-    positive_ints("--infer-size", args.infer_size)
     sizes, batches = positive_ints("--train-size", args.train_size), positive_ints("--train-batch", args.train_batch)
     opts = [v.strip() for v in str(args.opt).split(",") if v.strip()]
     n = max(len(sizes), len(batches), len(opts))
@@ -127,13 +126,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for _, _, o in args.train_runs:
         if o not in ("sgd", "adamw"):
             p.error(f"--opt {o!r}: choose sgd or adamw")
-    from detector.configs import ConfigError, get_config
+    from detector.configs import config_problem
 
-    try:  # sizes the model cannot take, found before any timing (they failed deep in the model's construction)
-        for flag, size in [("--infer-size", args.infer_size)] + [("--train-size", s) for s in sizes]:
-            get_config(args.model, image_size=size)
-    except ConfigError as e:
-        p.error(f"{flag} {size}: {e.what}; {e.todo}" if e.field == "image_size" else f"--model: {e.what}; {e.todo}")
+    if config_problem(args.model):
+        p.error(f"--model: {config_problem(args.model)}")
+    for flag, size in [("--infer-size", args.infer_size)] + [("--train-size", s) for s in sizes]:
+        if config_problem(args.model, image_size=size):  # found before any timing, not deep in the model
+            p.error(f"{flag} {size}: {config_problem(args.model, image_size=size)}")
     for flag, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--threads", args.threads, 1)):
         if value is not None and value < low:
             p.error(f"{flag} must be {low} or more, got {value}")

@@ -128,6 +128,16 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return cfg
 
 
+def config_problem(name: str, **overrides) -> str | None:
+    """Why ``get_config(name, **overrides)`` fails (``"<what>; <todo>"``, for a command-line tool's one-line
+    error before long work), or None."""
+    try:
+        get_config(name, **overrides)
+    except ConfigError as e:
+        return f"{e.what}; {e.todo}"
+    return None
+
+
 def _as_size(size) -> tuple[int, int]:
     try:
         if not isinstance(size, (tuple, list)):

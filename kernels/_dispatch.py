@@ -116,6 +116,17 @@ def _first_tensor_device(args) -> torch.device | None:
     return None
 
 
+def no_double_backward(op, where: str) -> None:
+    """Register on ``op`` (a backward launcher's custom op) an autograd formula that refuses a derivative of
+    it: double backward through the Triton path is a one-line error naming ``where``, not autograd's
+    message about ``register_autograd``."""
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"{where}: the Triton path has no second derivative (its backward is not "
+                           "differentiable); use backend='torch' for double backward")
+
+    op.register_autograd(refuse)
+
+
 def triton_op(qualname: str, *, mutates_args=()):
     """Decorator: make a Triton launcher the ``torch.library`` custom op ``qualname``.
 

@@ -55,7 +55,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import dispatch, triton_available, triton_op
+from ._dispatch import dispatch, no_double_backward, triton_available, triton_op
 
 __all__ = ["bifpn_fusion", "bifpn_fusion_reference", "normalized_edge_weights"]
 
@@ -563,12 +563,7 @@ def _fwd_backward(ctx, grad_out, grad_f):
 _fwd_launcher.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(f"{_WHERE}: the Triton path has no second derivative (its backward is not "
-                       "differentiable); use backend='torch' for double backward")
-
-
-_bwd_launcher.register_autograd(_no_double_backward)
+no_double_backward(_bwd_launcher, _WHERE)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import dispatch, triton_available, triton_op
+from ._dispatch import dispatch, no_double_backward, triton_available, triton_op
 
 __all__ = ["focal_loss", "focal_loss_reference"]
 
@@ -290,12 +290,7 @@ def _backward(ctx, grad_loss, _grad_grad):
 _focal_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, grad):
-    raise RuntimeError("kernels.focal_loss: the Triton path has no second derivative (its backward is not "
-                       "differentiable); use backend='torch' for double backward")
-
-
-_focal_loss_bwd.register_autograd(_no_double_backward)
+no_double_backward(_focal_loss_bwd, "kernels.focal_loss")
 
 
 # --------------------------------------------------------------------------------------------------

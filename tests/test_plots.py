@@ -105,7 +105,7 @@ def test_cli_output_that_cannot_be_the_picture_is_one_line(tmp_path, capsys):
     log.write_text('{"event": "train", "step": 1, "loss": 1.0, "lr": 0.1}\n')
     (tmp_path / "file").write_text("")
     (tmp_path / "folder").mkdir()
-    for out in ("curves.xyz", "curves", "file/curves.png", "folder"):
+    for out in ("curves.xyz", "curves", "file/curves.png", "folder", "new/curves.xyz"):
         assert main([str(log), "--output", str(tmp_path / out)]) == 2, out
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"({tmp_path / out}, --output)" in err[0], err

@@ -172,12 +172,12 @@ def check_plot_path(path: str) -> None:
     from .errors import UserError
     from .runlog import check_writable_file
 
-    check_writable_file(path, "--output")
     formats = sorted(FigureCanvasAgg(Figure()).get_supported_filetypes())
     suffix = os.path.splitext(path)[1].lower().lstrip(".")
-    if suffix not in formats:
+    if suffix not in formats and not os.path.isdir(path):  # (a folder: said as such below)
         raise UserError(f"{'no' if not suffix else f'the {suffix!r}'} file format: it is one of {', '.join(formats)}",
                         path, "--output", "pass a file name ending in .png (or .pdf, .svg)")
+    check_writable_file(path, "--output")
 
 
 def main(argv=None) -> int:
