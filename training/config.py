@@ -173,6 +173,8 @@ class _Parser(argparse.ArgumentParser):
                 bad(f"is not {kind}")
             if a.choices is not None and item not in a.choices:
                 bad(f"is not one of {', '.join(map(repr, a.choices))}")
+            if a.dest in FLAG_RANGES and not FLAG_RANGES[a.dest][0](item):
+                bad(f"is out of range: it must be {FLAG_RANGES[a.dest][1]}")
             out.append(item)
         return out if many else out[0]
 
@@ -742,26 +744,33 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Flags whose valid range does not depend on the recipe or the data: dest -> (test, what it asks). Out of range
+# they would not fail loudly: --clip-grad -1 flips the gradient's sign, --smoothing 2 trains positives toward 0.
+FLAG_RANGES = {
+    "nproc": (lambda v: v >= 1, "1 or more"),
+    "workers": (lambda v: v >= 0, "0 or more (0: load in the main process)"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "clip_grad": (lambda v: v >= 0, "0 or more (0: no clipping)"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "drop_path": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "decay_rate": (lambda v: v >= 0, "0 or more"),
+}
+
+
 def check_flag_ranges(args) -> None:
-    """Flags whose valid range does not depend on the recipe or the data, checked once before any work (and
-    before ``--nproc`` starts workers, so the error is said once). Out of range they would not fail loudly:
-    ``--clip-grad -1`` flips the gradient's sign, ``--smoothing 2`` trains positives toward 0, ``--sched step
-    --decay-epochs 0`` sets the learning rate to 0."""
+    """``FLAG_RANGES``, and ``--decay-epochs`` > 0 with ``--sched step`` (0 sets the learning rate to 0), checked
+    once before any work (and before ``--nproc`` starts workers, so the error is said once). A ``-c/--config``
+    file's values were checked as it was read, naming the file."""
     from .errors import UserError
 
-    checks = (("--nproc", "nproc", lambda v: v >= 1, "1 or more"),
-              ("--workers", "workers", lambda v: v >= 0, "0 or more (0: load in the main process)"),
-              ("--seed", "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
-              ("--clip-grad", "clip_grad", lambda v: v >= 0, "0 or more (0: no clipping)"),
-              ("--weight-decay", "weight_decay", lambda v: v >= 0, "0 or more"),
-              ("--smoothing", "smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-              ("--drop-path", "drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
-              ("--decay-rate", "decay_rate", lambda v: v >= 0, "0 or more"),
-              ("--decay-epochs", "decay_epochs", lambda v: v > 0 or getattr(args, "sched", "step") != "step",
-               "more than 0 with --sched step"))
-    for flag, dest, ok, say in checks:
+    checks = [(dest, ok, say) for dest, (ok, say) in FLAG_RANGES.items()]
+    checks.append(("decay_epochs", lambda v: v > 0 or getattr(args, "sched", "step") != "step",
+                   "more than 0 with --sched step"))
+    for dest, ok, say in checks:
         v = getattr(args, dest, None)
         if v is not None and not ok(v):
+            flag = "--" + dest.replace("_", "-")
             raise UserError(f"{flag} must be {say}, got {v:g}", None, flag, f"pass {flag} {say.split(' (')[0]}")
 
 

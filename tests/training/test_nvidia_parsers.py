@@ -322,6 +322,7 @@ def test_nvidias_args_yaml_reads_back(tmp_path):
     ("model_ema: 1\n", "is not true or false"),
     ("lr: [0.1, 0.2]\n", "is a list"),
     ("nproc: null\n", "nproc: None is null; the flag needs a value (its default: 1)"),
+    ("clip_grad: -1\n", "clip_grad: -1 is out of range: it must be 0 or more (0: no clipping)"),
 ])
 def test_a_bad_config_file_is_one_line_naming_it(tmp_path, capsys, text, said):
     import train
