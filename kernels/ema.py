@@ -317,7 +317,8 @@ def _(ema_tensors, model_tensors, decay_tensor, decay_value):
 # --------------------------------------------------------------------------------------------------
 
 
-def _triton_path(ema, model, decay, plan=None):
+def _triton_path(ema, model, decay, plan):
+    """``plan``: ``_plan(ema, model)``, or None while torch.compile traces (the custom op then)."""
     device = ema[0].device
     if isinstance(decay, torch.Tensor):
         decay_tensor, decay_value = decay.detach().reshape(()).to(device=device, dtype=torch.float32), 0.0
@@ -327,14 +328,12 @@ def _triton_path(ema, model, decay, plan=None):
         _ema_update_op(list(ema), list(model), decay_tensor, decay_value)
     else:                               # CUDA, or CPU tensors in the interpreter (resolve() checked it is on)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            _launch(plan if plan is not None else _plan(ema, model), decay_tensor, decay_value)
+            _launch(plan, decay_tensor, decay_value)
         torch.autograd.graph.increment_version(list(ema))  # written through raw addresses: say so to autograd
 
 
-def _reference_path(ema, model, decay, plan=None):
-    if plan is None and not torch.compiler.is_compiling():
-        _plan(ema, model)               # validation, once per set of tensors
-    ema_update_reference(ema, model, decay)
+def _reference_path(ema, model, decay, plan):
+    ema_update_reference(ema, model, decay)  # (validated by ``plan``, built by the caller)
 
 
 def ema_update(ema_tensors: Sequence[torch.Tensor], model_tensors: Sequence[torch.Tensor], decay,
