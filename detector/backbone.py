@@ -40,11 +40,14 @@ class SqueezeExcite(nn.Module):
         self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
         self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3))  # (B, C)
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C)``: the per-image, per-channel factor ``forward`` multiplies ``x`` by."""
+        s = x.mean((2, 3))
         s = F.silu(F.linear(s, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias))
-        s = F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias)
-        return x * s.sigmoid()[:, :, None, None]
+        return F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias).sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)[:, :, None, None]
 
 
 class DepthwiseSeparable(nn.Module):

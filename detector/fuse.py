@@ -3,7 +3,8 @@
 ``fuse_for_inference(model)`` returns a copy whose ``forward`` gives the same outputs (to float rounding) with
 fewer passes over memory, which on the CPU cost about as much as the convs (``bench/model.py`` predicts with it).
 The heads' BN is per level behind a conv shared by all levels, so each level gets its own folded copy of the
-pointwise conv. The copy is for inference: it has no BN to train and other state-dict keys.
+pointwise conv. In the backbone, each block's squeeze-excite gate is folded into the 1x1 conv after it, per image
+(:class:`GatedPointwise`). The copy is for inference: it has no BN to train and other state-dict keys.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import DepthwiseSeparable, EfficientNetFeatures, InvertedResidual
+from .backbone import DepthwiseSeparable, EfficientNetFeatures, InvertedResidual, SqueezeExcite
 from .bifpn import ConvBn, FNode
 from .heads import HeadNet
 from .layers import eager_cpu
@@ -57,10 +58,38 @@ def _fused_op_ok(x: torch.Tensor) -> bool:
 _HAS_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+class GatedPointwise(nn.Module):
+    """``conv(se(x))`` for a squeeze-excite ``se`` followed by a 1x1 ``conv`` (stride 1, with bias), the gate
+    folded into the conv's weights, per image: ``W (x * s_b) = (W * s_b) x``. On the CPU in eager mode with a
+    channels-last ``x`` that is one batched matrix product over the pixels (``torch.baddbmm``, the gated weights
+    are ``(B, C_in, C_out)``), in place of the gate's multiply over the block's widest tensor and then the conv;
+    elsewhere (NCHW, CUDA, traced, scripted, compiled, autocast) it is ``conv(se(x))``."""
+
+    def __init__(self, se: SqueezeExcite, conv: nn.Conv2d):
+        super().__init__()
+        assert conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.bias is not None
+        self.se, self.conv = se, conv
+
+    def forward(self, x):
+        if not (eager_cpu(x) and x.is_contiguous(memory_format=torch.channels_last)):
+            return self.conv(self.se(x))
+        B, C, H, W = x.shape
+        gated = self.se.gate(x)[:, :, None] * self.conv.weight.flatten(1).t()        # (B, C_in, C_out)
+        pixels = x.permute(0, 2, 3, 1).reshape(B, H * W, C)                          # a view: x is channels-last
+        out = torch.baddbmm(self.conv.bias, pixels, gated)                            # (B, H * W, C_out)
+        return out.view(B, H, W, -1).permute(0, 3, 1, 2)                              # channels-last (B, C_out, H, W)
+
+
 def _fold_act(conv: nn.Conv2d, bn) -> tuple[nn.Module, nn.Module]:
     """(conv, bn) of a conv followed by a BatchNormAct -> (folded conv with its activation, identity)."""
     folded = _fold(conv, bn)
     return (ConvSiLU(folded) if bn.act else folded), nn.Identity()
+
+
+def _fold_gated(se: SqueezeExcite, conv: nn.Conv2d, bn) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(se, 1x1 conv, BN without activation) of a block's end -> (identity, gated folded conv, identity)."""
+    assert not bn.act
+    return nn.Identity(), GatedPointwise(se, _fold(conv, bn)), nn.Identity()
 
 
 def _fuse_backbone(b: EfficientNetFeatures) -> None:
@@ -70,10 +99,10 @@ def _fuse_backbone(b: EfficientNetFeatures) -> None:
             if isinstance(blk, InvertedResidual):
                 blk.conv_pw, blk.bn1 = _fold_act(blk.conv_pw, blk.bn1)
                 blk.conv_dw, blk.bn2 = _fold_act(blk.conv_dw, blk.bn2)
-                blk.conv_pwl, blk.bn3 = _fold_act(blk.conv_pwl, blk.bn3)
+                blk.se, blk.conv_pwl, blk.bn3 = _fold_gated(blk.se, blk.conv_pwl, blk.bn3)
             elif isinstance(blk, DepthwiseSeparable):
                 blk.conv_dw, blk.bn1 = _fold_act(blk.conv_dw, blk.bn1)
-                blk.conv_pw, blk.bn2 = _fold_act(blk.conv_pw, blk.bn2)
+                blk.se, blk.conv_pw, blk.bn2 = _fold_gated(blk.se, blk.conv_pw, blk.bn2)
 
 
 class _FusedHead(nn.Module):

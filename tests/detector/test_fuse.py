@@ -8,14 +8,18 @@ from detector.fuse import fuse_for_inference
 from .conftest import randomize_bn
 
 
-@pytest.mark.parametrize("name", ["efficientdet_d0", "tf_efficientdet_d0", "efficientdet_d1"])
-def test_fused_model_gives_the_same_outputs(name):
+@pytest.mark.parametrize("name,channels_last", [("efficientdet_d0", False), ("efficientdet_d0", True),
+                                                 ("tf_efficientdet_d0", True), ("efficientdet_d1", False)])
+def test_fused_model_gives_the_same_outputs(name, channels_last):
+    """NCHW takes the portable paths of the fused layers, channels-last the CPU ones (oneDNN conv + SiLU,
+    the squeeze-excite gate folded into the 1x1 conv)."""
     torch.manual_seed(0)
-    m = randomize_bn(create_model(name, num_classes=5, image_size=128, backend="torch")).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = randomize_bn(create_model(name, num_classes=5, image_size=128, backend="torch")).eval().to(memory_format=fmt)
     f = fuse_for_inference(m)
     assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in f.modules())
     assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules()), "the original is left alone"
-    x = torch.randn(2, 3, 128, 128)
+    x = torch.randn(2, 3, 128, 128).contiguous(memory_format=fmt)
     with torch.no_grad():
         a, b = m(x), f(x)
     for r, o in zip(a[0] + a[1], b[0] + b[1]):
@@ -56,4 +60,31 @@ def test_conv_silu_one_call_equals_conv_then_silu(k, stride, groups, tf, channel
     layer(xg).sum().backward()
     xr = x.clone().requires_grad_(True)
     torch.nn.functional.silu(conv(xr)).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,size", [(1, 5), (3, 4), (2, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gated_pointwise_equals_gate_then_conv(batch, size, channels_last, monkeypatch):
+    """GatedPointwise = conv(se(x)); channels-last on the CPU takes the batched product with the gate folded
+    into the weights (counted), NCHW the two modules; both differentiable."""
+    from detector import fuse
+    from detector.backbone import SqueezeExcite
+    from detector.layers import Conv2d
+
+    torch.manual_seed(batch * 7 + size)
+    se, conv = SqueezeExcite(12, 3), Conv2d(12, 5, 1, bias=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 12, size, size + 1).contiguous(memory_format=fmt)
+    calls = []
+    real = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = fuse.GatedPointwise(se, conv)
+    xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    got, want = layer(xg), conv(se(xr))
+    assert len(calls) == int(channels_last)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    want.square().sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
