@@ -45,8 +45,9 @@ class ConvSiLU(nn.Module):
     def forward(self, x):
         if _fused_op_ok(x):
             c = self.conv
-            return torch.ops.mkldnn._convolution_pointwise(c.pad_input(x), c.weight, c.bias, c.padding, c.stride,
-                                                           c.dilation, c.groups, "swish", [], "")
+            x, weight, padding = c.same_operands(x)
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, c.bias, padding, c.stride, c.dilation,
+                                                           c.groups, "swish", [], "")
         return F.silu(self.conv(x), inplace=True)
 
 
