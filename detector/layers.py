@@ -4,7 +4,7 @@
 split with the extra pixel at the bottom/right. For stride-1 convs that is ordinary symmetric padding, so only
 strided convs and max-pools need the dynamic padding below. Neither copies the input where it can be avoided:
 the max-pool lets PyTorch's ``ceil_mode`` read the missing bottom/right row, and an inference conv shifts its
-kernel instead (``Conv2d.unpadded_same``).
+kernel instead (``Conv2d.same_operands``).
 """
 from __future__ import annotations
 
@@ -51,10 +51,13 @@ class Conv2d(nn.Conv2d):
 
         For a strided TF conv in eager CPU inference (nothing records a gradient) that is ``x`` itself, not a
         padded copy: where a dimension's padding is uneven (``b`` before, ``b + 1`` after), a zero tap in front
-        of the kernel and ``b + 1`` on both sides read the same pixels (output ``i`` sums ``w[t] x[s*i - b + t]``
-        either way; the extra row in front meets the zero tap). The padded copy of the widest maps cost more
-        than the conv (D0 at 512 px, batch 8, 2 cores: 96 x 256x256 3x3, 34 against 16 ms). In training the
-        larger kernel's gradients cost more than the copy, so the copy stays there, as it does elsewhere."""
+        of the kernel and ``b + 1`` on both sides give the same sums (output ``i`` sums ``w[t] x[s*i - b + t]``
+        either way; the zero tap reads the pixel just before the window). So the result is the padded conv's for
+        finite inputs; an inf or NaN pixel also turns the outputs whose windows start right after it (in
+        either dimension) into NaN (``0 * inf``), where the padded conv's may be finite. The padded copy of the widest maps
+        cost more than the conv (D0 at 512 px, batch 8, 2 cores: 96 x 256x256 3x3, 34 against 16 ms). In
+        training the larger kernel's gradients cost more than the copy, so the copy stays there, as it does
+        elsewhere (CUDA, traces, compile)."""
         if not (self.dynamic_same and eager_cpu(x) and not _records_gradient(x, self.weight)):
             return self.pad_input(x), self.weight, self.padding
         (bh, ah), (bw, aw) = (same_pad_amount(n, k, s) for n, k, s in zip(x.shape[-2:], self.kernel_size, self.stride))
@@ -80,6 +83,7 @@ def eager_cpu(x: torch.Tensor) -> bool:
 
 
 def _records_gradient(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Autograd will record an op on ``x`` and ``weight`` (a training forward, not inference)."""
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 

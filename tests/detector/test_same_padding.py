@@ -84,3 +84,20 @@ def test_tf_max_pool_without_a_padded_copy(h, w):
     assert torch.equal(got, want)
     g = torch.randn_like(got)
     assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+def test_an_inf_pixel_reaches_the_next_windows():
+    """The documented difference: an inf pixel also makes NaN the outputs whose window starts right after it
+    in either dimension (zero tap * inf); all other outputs are the padded conv's."""
+    torch.manual_seed(1)
+    conv = Conv2d(1, 1, 3, 2, tf_padding=True).eval()
+    x = torch.randn(1, 1, 8, 8)
+    x[0, 0, 3, 5] = float("inf")
+    with torch.no_grad():
+        got, want = conv(x)[0, 0], padded_conv(x, conv)[0, 0]
+    # padded: only output (1, 2) reads pixel (3, 5) (rows 2..4, columns 4..6); row 3 lies just before the
+    # windows of output row 2, column 5 just before those of output column 3
+    assert want.isinf().nonzero().tolist() == [[1, 2]] and not want.isnan().any()
+    assert got.isnan().nonzero().tolist() == [[1, 3], [2, 2], [2, 3]]
+    finite = ~got.isnan()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
