@@ -54,10 +54,10 @@ class Conv2d(nn.Conv2d):
         of the kernel and ``b + 1`` on both sides give the same sums (output ``i`` sums ``w[t] x[s*i - b + t]``
         either way; the zero tap reads the pixel just before the window). So the result is the padded conv's for
         finite inputs; an inf or NaN pixel also turns the outputs whose windows start right after it (in
-        either dimension) into NaN (``0 * inf``), where the padded conv's may be finite. The padded copy of the widest maps
-        cost more than the conv (D0 at 512 px, batch 8, 2 cores: 96 x 256x256 3x3, 34 against 16 ms). In
-        training the larger kernel's gradients cost more than the copy, so the copy stays there, as it does
-        elsewhere (CUDA, traces, compile)."""
+        either dimension) into NaN (``0 * inf``), where the padded conv's may be finite. The padded copy of the
+        widest maps cost more than the conv (D0 at 512 px, batch 8, 2 cores: 96 x 256x256 3x3, 34 against
+        16 ms). In training the larger kernel's gradients cost more than the copy, so the copy stays there, as
+        it does elsewhere (CUDA, traces, compile)."""
         if not (self.dynamic_same and eager_cpu(x) and not _records_gradient(x, self.weight)):
             return self.pad_input(x), self.weight, self.padding
         (bh, ah), (bw, aw) = (same_pad_amount(n, k, s) for n, k, s in zip(x.shape[-2:], self.kernel_size, self.stride))
