@@ -2,9 +2,9 @@
 
 ``tf_padding=True`` reproduces TensorFlow "same" padding: output = ceil(input / stride), the total padding
 split with the extra pixel at the bottom/right. For stride-1 convs that is ordinary symmetric padding, so only
-strided convs and max-pools need the dynamic padding below. Neither copies the input where it can be avoided:
-the max-pool lets PyTorch's ``ceil_mode`` read the missing bottom/right row, and an inference conv shifts its
-kernel instead (``Conv2d.same_operands``).
+strided convs and max-pools need the dynamic padding below. The max-pool never copies its input: PyTorch's
+``ceil_mode`` adds the last window that overhangs the bottom/right edge. A strided conv copies it into a padded
+tensor except in eager CPU inference, where it shifts its kernel instead (``Conv2d.same_operands``).
 """
 from __future__ import annotations
 
@@ -53,11 +53,12 @@ class Conv2d(nn.Conv2d):
         padded copy: where a dimension's padding is uneven (``b`` before, ``b + 1`` after), a zero tap in front
         of the kernel and ``b + 1`` on both sides give the same sums (output ``i`` sums ``w[t] x[s*i - b + t]``
         either way; the zero tap reads the pixel just before the window). So the result is the padded conv's for
-        finite inputs; an inf or NaN pixel also turns the outputs whose windows start right after it (in
-        either dimension) into NaN (``0 * inf``), where the padded conv's may be finite. The padded copy of the
-        widest maps cost more than the conv (D0 at 512 px, batch 8, 2 cores: 96 x 256x256 3x3, 34 against
-        16 ms). In training the larger kernel's gradients cost more than the copy, so the copy stays there, as
-        it does elsewhere (CUDA, traces, compile)."""
+        finite inputs; an inf or NaN pixel also turns into NaN (``0 * inf``) the outputs whose window, extended by
+        the zero row and column in front, covers it, where the padded conv's may be finite. Copying the widest
+        maps cost more than the conv (D0 at 512 px, batch 8, 2-core AMD EPYC VM, 96 x 256x256, 3x3 stride-2
+        depthwise: 34 ms for the copy and the conv, 16 ms for the shifted conv alone). In training the larger
+        kernel's gradients cost more than the copy saves, so the copy stays there, as it does elsewhere (CUDA,
+        CPU autocast, traces, compile). Dilation is 1 (this class takes none), which the shift assumes."""
         if not (self.dynamic_same and eager_cpu(x) and not _records_gradient(x, self.weight)):
             return self.pad_input(x), self.weight, self.padding
         (bh, ah), (bw, aw) = (same_pad_amount(n, k, s) for n, k, s in zip(x.shape[-2:], self.kernel_size, self.stride))
@@ -142,7 +143,9 @@ def max_pool_3x3_s2(x: torch.Tensor, tf_padding: bool) -> torch.Tensor:
     """3x3 stride-2 max-pool: symmetric padding 1, or TF "same" padding with -inf.
 
     TF "same" pads ``b`` before and ``b`` or ``b + 1`` after (``same_pad_amount``); PyTorch pads ``b`` on both
-    sides with -inf and ``ceil_mode`` adds the last, partial window: the same windows, with no padded copy."""
+    sides with -inf and ``ceil_mode`` adds the last window, which overhangs the input: the same windows, with no
+    padded copy. (Where a window over the edge holds only -inf, its gradient now goes to one of its pixels, not
+    to the padding.)"""
     if tf_padding:
         before = tuple(same_pad_amount(n, 3, 2)[0] for n in x.shape[-2:])
         return F.max_pool2d(x, 3, 2, padding=before, ceil_mode=True)

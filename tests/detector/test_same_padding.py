@@ -61,15 +61,19 @@ def test_training_keeps_the_padded_copy():
         torch.testing.assert_close(g, w)
 
 
-def test_traces_record_the_padded_conv():
-    """Traces (export) keep the portable padded conv: the shifted kernel is an eager CPU path."""
+def test_traces_and_autocast_keep_the_padded_conv():
+    """Traces (export) and CPU autocast keep the portable padded conv: the shifted kernel is an eager CPU
+    fp32 path. A 9x9 map is padded evenly (1, 1): the shifted path would pad nothing, the copy pads the input."""
     conv = Conv2d(4, 4, 3, 2, groups=4, tf_padding=True).eval()
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(1, 4, 9, 9)
     with torch.no_grad():
+        assert conv.same_operands(x)[0] is x
         traced = torch.jit.trace(conv, x)
         kinds = [n.kind() for n in traced.graph.nodes()]
         assert "aten::pad" in kinds, kinds
         torch.testing.assert_close(traced(x), padded_conv(x, conv))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv.same_operands(x)[0] is not x
 
 
 @pytest.mark.parametrize("h", range(1, 12))
