@@ -91,8 +91,8 @@ def test_tf_max_pool_without_a_padded_copy(h, w):
 
 
 def test_an_inf_pixel_reaches_the_next_windows():
-    """The documented difference: an inf pixel also makes NaN the outputs whose window starts right after it
-    in either dimension (zero tap * inf); all other outputs are the padded conv's."""
+    """The documented difference: an inf pixel also makes NaN the outputs whose window, extended by the zero
+    row and column in front, covers it (zero tap * inf); all other outputs are the padded conv's."""
     torch.manual_seed(1)
     conv = Conv2d(1, 1, 3, 2, tf_padding=True).eval()
     x = torch.randn(1, 1, 8, 8)
