@@ -66,14 +66,10 @@ class Conv2d(nn.Conv2d):
         return x, weight, (ah, aw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_same and not _records_gradient(x, self.weight):
-            x, weight, padding = self.same_operands(x)
-            return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
-        small = self.depthwise and _small_map_ok(x, self)  # judged on the map before "same" padding
-        x = self.pad_input(x)
-        if small:
-            return DepthwiseSmallMap.apply(x, self.weight, self.bias, self.stride, self.padding)
-        return super().forward(x)
+        if self.depthwise and _small_map_ok(x, self):  # judged on the map before "same" padding
+            return DepthwiseSmallMap.apply(self.pad_input(x), self.weight, self.bias, self.stride, self.padding)
+        x, weight, padding = self.same_operands(x)
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 def eager_cpu(x: torch.Tensor) -> bool:
