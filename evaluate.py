@@ -12,7 +12,7 @@ import os
 import sys
 
 from training.config import check_flag_ranges, check_image_flags, eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
-from training.errors import UserError, naming, run
+from training.errors import UserError, from_flag, naming, run
 
 
 def main(argv=None):
@@ -24,9 +24,10 @@ def _main(argv):
     parser = eval_parser()
     args = parser.parse_args(argv)
     check_flag_ranges(args)
-    from training.host import default_workers, uses_cuda
+    from training.host import check_kernel_backend, default_workers, uses_cuda
 
     use_cuda = uses_cuda(args.device)
+    check_kernel_backend(args.kernel_backend, use_cuda)
     if args.workers is None:
         args.workers = default_workers(cuda=use_cuda)
     if args.batch_size < 1:
@@ -53,7 +54,8 @@ def _main(argv):
         """(path, contents) of the checkpoint to evaluate, read once (its recorded flags, then its weights)
         when first needed: bad data named by the flags is reported first."""
         path = default_checkpoint(args)
-        return path, read(path)
+        with from_flag("--checkpoint"):
+            return path, read(path)
 
     check_image_flags(args)
     if args.waymo or args.val_ann or args.data:
@@ -65,7 +67,8 @@ def _main(argv):
     for line in infra_lines(args, parser.parse_args([])):
         console.print(f"[yellow]{line}[/]")
     make_output_folder(args.output)
-    gt = D.load_coco_json(ann)
+    with from_flag("--val-ann"):
+        gt = D.load_coco_json(ann)
     scored = not args.inference and "test" not in args.anno  # test sets carry no boxes: detections only
     if scored and not gt["annotations"]:  # found before inference, not after it
         raise UserError("the annotation file has no annotations: AP is undefined", ann, "annotations",
@@ -82,7 +85,8 @@ def _main(argv):
             console.print(waymo_table(stats, iou_by_class))
 
     if args.detections:
-        dets = D.load_detections(args.detections)
+        with from_flag("--detections"):
+            dets = D.load_detections(args.detections)
         with naming(args.detections):  # an entry the annotation file does not know
             stats = D.evaluate_detections(gt, dets, iou_by_class=iou_by_class)
         report(stats, f"{args.detections} on {len(gt['images'])} images")
@@ -97,7 +101,8 @@ def _main(argv):
     amp, note = resolve_amp(args.amp, use_cuda)
     if note:
         console.print(f"[yellow]{note}[/]")
-    dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
+    with from_flag("--val-ann"):
+        dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
     path, state = checkpoint()
     trained = trained_for(state)
     model, message, dataset.label_to_cat_id = model_from_checkpoint(

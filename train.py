@@ -22,9 +22,10 @@ def _main(argv):
     check_flag_ranges(args)
     check_image_flags(args)
     from training import distributed, loop
-    from training.host import uses_cuda
+    from training.host import check_kernel_backend, uses_cuda
 
-    uses_cuda(args.device)  # a --device this machine cannot run: one line now, not one per worker later
+    # a --device or kernel backend this machine cannot run: one line now, not one per worker later
+    check_kernel_backend(args.kernel_backend, uses_cuda(args.device))
 
     if args.nproc > 1:
         distributed.spawn(args.nproc, loop.train, args)

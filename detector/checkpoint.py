@@ -55,13 +55,21 @@ class CheckpointError(RuntimeError):
         self.todo = todo or "check the file, or pass another --checkpoint / --initial-checkpoint"
 
 
+def error_line(e: Exception) -> str:
+    """``error: <what> (<file>, <field>): <todo>``, the scripts' form, for a checkpoint or config error (the
+    command lines of ``detector/``, which cannot use ``training.errors``)."""
+    what = getattr(e, "what", None) or str(e).splitlines()[0]
+    todo = getattr(e, "todo", None) or "see --help"
+    return f"error: {what} ({getattr(e, 'file', None) or '-'}, {getattr(e, 'field', None) or '-'}): {todo}"
+
+
 def read(path: str) -> dict:
     """``torch.load`` with ``weights_only=True`` and errors that name the file."""
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is a folder", "checkpoint is a folder, not a file", path, "path",
+        raise CheckpointError(f"checkpoint {path!r} is a folder", "checkpoint is a folder, not a file", path, None,
                               "pass the file inside it (ours are OUTPUT/last.pth and OUTPUT/best.pth)")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist", "checkpoint file not found", path, "path",
+        raise CheckpointError(f"checkpoint {path!r} does not exist", "checkpoint file not found", path, None,
                               "check the path (ours are OUTPUT/last.pth and OUTPUT/best.pth)")
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE):
@@ -91,9 +99,9 @@ def read(path: str) -> dict:
     return obj
 
 
-def _not_pytorch(path: str, detail: str, field: str) -> CheckpointError:
+def _not_pytorch(path: str, detail: str, kind: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path!r} is truncated or not a PyTorch file: {detail}",
-                           "checkpoint is truncated or not a PyTorch file", path, field,
+                           f"checkpoint is truncated or not a PyTorch file ({kind})", path, None,
                            "copy the file again (a download or copy was cut short), or pass another "
                            "checkpoint; train.py's last.pth of the previous save is never half-written")
 

@@ -30,7 +30,7 @@ from torch import nn
 import kernels
 
 from .anchors import anchors_for
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, error_line
 from .configs import ConfigError
 from .fuse import fuse_for_inference
 from .model import EfficientDet, create_model
@@ -207,13 +207,6 @@ class TracedNetwork(nn.Module):
         return list(cls), list(box)
 
 
-def _one_line(e: Exception) -> str:
-    """``error: <what> (<file>, <field>): <todo>``, the scripts' form, for a checkpoint or config error."""
-    what = getattr(e, "what", None) or str(e).splitlines()[0]
-    todo = getattr(e, "todo", None) or "see --help"
-    return f"error: {what} ({getattr(e, 'file', None) or '-'}, {getattr(e, 'field', None) or '-'}): {todo}"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m detector.export", description="Export a detector to ONNX or "
                                 "TorchScript (post-processing included; see docs/export.md). Run it from the "
@@ -257,7 +250,10 @@ def main(argv=None) -> int:
             else:
                 print("warning: no --checkpoint or --pretrained: exporting random weights", file=sys.stderr)
     except (CheckpointError, ConfigError) as e:
-        print(_one_line(e), file=sys.stderr)
+        # the flag that gave the value, where the error names no field inside the file
+        e.field = {None: "--checkpoint" if isinstance(e, CheckpointError) else None, "model": "--model",
+                   "image_size": "--image-size"}.get(e.field, e.field)
+        print(error_line(e), file=sys.stderr)
         return 2
     cfg = model.config
     print(f"exporting {cfg.name}, {cfg.num_classes} classes, input {cfg.image_size[0]}x{cfg.image_size[1]}",

@@ -28,7 +28,7 @@ import urllib.request
 
 import torch
 
-from .checkpoint import CheckpointError, load
+from .checkpoint import CheckpointError, error_line, load
 from .model import EfficientDet
 
 _RELEASE = "https://github.com/rwightman/efficientdet-pytorch/releases/download/v0.1/"
@@ -137,7 +137,9 @@ def main(argv=None) -> int:
     try:
         print(fetch(args.model, cache_dir=args.cache_dir))
     except PretrainedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if e.field == "--pretrained":  # this command's own argument
+            e.field = "model"
+        print(error_line(e), file=sys.stderr)
         return 2
     return 0
 

@@ -11,7 +11,7 @@ Every public op in ``kernels`` takes ``backend="auto" | "triton" | "torch"``:
 The environment variable ``EFFDET_KERNEL_BACKEND`` (``auto`` / ``triton`` / ``torch``) replaces
 ``"auto"`` everywhere, so a whole run can be forced onto one path without touching code; an explicit
 ``backend=`` argument still wins. Each decision is logged once per (op, device, choice) at DEBUG level
-on the ``kernels`` logger (``logging.getLogger("kernels").setLevel("DEBUG")`` to see it).
+on the ``kernels`` logger (``logging.basicConfig(level="DEBUG")`` shows it; the package adds no handler of its own).
 """
 from __future__ import annotations
 

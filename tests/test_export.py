@@ -112,9 +112,9 @@ def test_cli_errors_are_one_line_in_the_scripts_form(tmp_path, capsys):
 
     line = re.compile(r"^error: \S.* \((?P<file>[^,]+), (?P<field>.+)\): \S.*$")
     (tmp_path / "text.pth").write_text("hello\n")
-    for argv, field in ((["--checkpoint", str(tmp_path / "text.pth"), "--output", str(tmp_path / "x.pt")], "KeyError"),
+    for argv, field in ((["--checkpoint", str(tmp_path / "text.pth"), "--output", str(tmp_path / "x.pt")], "--checkpoint"),
                         (["--output", str(tmp_path)], "--output"),
-                        (["--model", "efficientdet_d9", "--output", str(tmp_path / "x.pt")], "model"),
+                        (["--model", "efficientdet_d9", "--output", str(tmp_path / "x.pt")], "--model"),
                         (["--num-classes", "0", "--output", str(tmp_path / "x.pt")], "--num-classes"),
                         (["--image-size", "0", "--output", str(tmp_path / "x.pt")], "--image-size")):
         assert main(argv) == 2

@@ -1,6 +1,7 @@
 """--pretrained: fetch into a cache through a file:// URL (no network), hash-prefix check, clear errors."""
 import hashlib
 import os
+import re
 import shutil
 
 import pytest
@@ -93,6 +94,7 @@ def test_unknown_name_and_cli(tmp_path, capsys):
     assert P.main(["tf_efficientdet_d0", "--cache-dir", str(cache)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.match(r"^error: weights file has SHA-256 .* \(.*tf_efficientdet_d0_34-f153e0cf\.pth, model\): delete it", err), err
 
 
 @pytest.fixture

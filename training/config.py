@@ -759,7 +759,8 @@ FLAG_RANGES = {
 
 
 def check_flag_ranges(args) -> None:
-    """``FLAG_RANGES``, and ``--decay-epochs`` > 0 with ``--sched step`` (0 sets the learning rate to 0), checked
+    """``FLAG_RANGES``, ``--decay-epochs`` > 0 with ``--sched step`` (0 sets the learning rate to 0), and a known
+    ``--model``, checked
     once before any work (and before ``--nproc`` starts workers, so the error is said once). A ``-c/--config``
     file's values were checked as it was read, naming the file."""
     from .errors import UserError
@@ -772,6 +773,14 @@ def check_flag_ranges(args) -> None:
         if v is not None and not ok(v):
             flag = "--" + dest.replace("_", "-")
             raise UserError(f"{flag} must be {say}, got {v:g}", None, flag, f"pass {flag} {say.split(' (')[0]}")
+    model = getattr(args, "model", None)
+    if model:  # an unknown name: before the data is read and the recipe printed
+        from detector.configs import ConfigError, get_config
+
+        try:
+            get_config(model)
+        except ConfigError as e:
+            raise UserError(e.what, None, "--model", e.todo) from None
 
 
 # ---------------------------------------------------------------- where the data is

@@ -63,6 +63,20 @@ def naming(path):
         raise
 
 
+@contextmanager
+def from_flag(flag: str, missing_todo: str | None = None):
+    """A user error raised inside that names no field of its file (the file missing, a folder, not readable as a
+    whole) names ``flag``, the flag that gave the path; ``missing_todo`` replaces the advice for a missing file."""
+    try:
+        yield
+    except user_error_types() as e:
+        if getattr(e, "field", None) is None:
+            e.field = flag
+            if missing_todo and "not found" in (getattr(e, "what", None) or ""):
+                e.todo = missing_todo
+        raise
+
+
 def user_error_types() -> tuple:
     from datasets.coco import DataError
     from detector.checkpoint import CheckpointError

@@ -50,6 +50,29 @@ def uses_cuda(device: str) -> bool:
     return True
 
 
+def check_kernel_backend(backend: str, cuda: bool) -> None:
+    """A one-line error now, not a traceback once data and model are built, for kernels this machine cannot
+    run: ``--kernel-backend triton`` (or ``auto`` with ``EFFDET_KERNEL_BACKEND=triton``) without CUDA or the
+    Triton interpreter, without Triton, or an ``EFFDET_KERNEL_BACKEND`` that names no backend."""
+    from kernels import _dispatch
+
+    from .errors import UserError
+
+    try:
+        from_env = _dispatch.default_backend()
+    except ValueError as e:
+        raise UserError(str(e), None, _dispatch.ENV_VAR, "set it to auto, triton or torch, or unset it") from None
+    chosen, field = (backend, "--kernel-backend") if backend != "auto" else (from_env, _dispatch.ENV_VAR)
+    if chosen != "triton":
+        return
+    if not _dispatch.triton_available():
+        raise UserError("the Triton kernels were asked for, but Triton does not import here", None, field,
+                        "use the PyTorch reference: --kernel-backend torch")
+    if not cuda and not _dispatch.interpreter_enabled():
+        raise UserError("the Triton kernels need a CUDA GPU, or the Triton interpreter on a CPU", None, field,
+                        "pass --kernel-backend torch (or auto), or set TRITON_INTERPRET=1 to interpret them (slow)")
+
+
 def default_workers(cores: int | None = None, cuda: bool = False) -> int:
     """Data-loader worker processes for ``-j`` left unset: ``cores - 1``, between 0 and 4; 0 for a CPU step on
     at most 2 cores (see the module doc)."""

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, from_flag
 from .host import uses_cuda
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -146,7 +146,8 @@ def infer_images(args, checkpoint: str, size: tuple[int, int] | None) -> int:
     amp, note = resolve_amp(args.amp, use_cuda)
     if note:
         console.print(f"[yellow]{note}[/]")
-    state = ckpt.read(checkpoint)
+    with from_flag("--checkpoint"):
+        state = ckpt.read(checkpoint)
     recorded = state.get("config", {}).get("num_classes") if isinstance(state.get("config"), dict) else None
     stand_in = _NoData(args.num_classes or recorded or ckpt.head_classes(ckpt.extract_state_dict(state)[0]) or 90,
                        state.get("label_to_cat_id") if isinstance(state.get("label_to_cat_id"), dict) else None)

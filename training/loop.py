@@ -22,7 +22,7 @@ from detector.pipeline import compute_loss
 
 from . import distributed as dist
 from .config import TrainConfig, train_data_paths, uses_builtin_data
-from .errors import UserError, naming
+from .errors import UserError, from_flag, naming
 from .evaluation import autocast, evaluate_model, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
 from .plots import plot_training
@@ -214,8 +214,10 @@ def load_data(args):
     if "train" not in paths:
         raise UserError("no training data", None, "--train-ann",
                         "give a data root, --train-ann, or nothing for the built-in synthetic set")
-    train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
-    val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
+    with from_flag("--train-ann"):
+        train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
+    with from_flag("--val-ann"):
+        val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
     if val_set is not None and len(val_set) == 0:
         raise UserError("the validation set is empty", paths["val"][0], "images",
                         "pass a --val-ann with images, or leave validation out")
@@ -239,7 +241,9 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
     """``--pretrained-backbone-path``, ``--pretrained``, ``--initial-checkpoint`` (minus ``--remove-weights``),
     ``--freeze-layers``."""
     if cfg.pretrained_backbone_path:
-        load_backbone(model, cfg.pretrained_backbone_path)
+        with from_flag("--pretrained-backbone-path", "check the path of the backbone weights (ours, timm's or "
+                       "NVIDIA's jocbackbone_statedict_B0.pth), or leave the flag out to train from scratch"):
+            load_backbone(model, cfg.pretrained_backbone_path)
     if cfg.pretrained:  # effdet's published COCO weights of --model; another class count: a fresh class head
         from detector.pretrained import load_pretrained
 
@@ -247,8 +251,9 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
         if info.is_main:
             console.print(f"pretrained weights: {msg}")
     if cfg.initial_checkpoint:
-        msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights == [],  # no names
-                        remove=cfg.remove_weights or None)
+        with from_flag("--initial-checkpoint"):
+            msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights == [],  # no names
+                            remove=cfg.remove_weights or None)
         if info.is_main:
             console.print(f"initial checkpoint: {msg}")
     freeze(model, cfg.freeze_layers)
@@ -555,7 +560,8 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
 
 def resume(run: Run, path: str) -> None:
     """Model, EMA, optimizer, schedule, scaler, position and random streams from ``path``."""
-    state = ckpt.read(path)
+    with from_flag("--resume"):
+        state = ckpt.read(path)
     missing = [k for k in ("model", "epoch", "step", "rng") + (() if run.cfg.no_resume_opt else
                                                              ("optimizer", "scheduler")) if k not in state]
     if missing:  # weights only (ours, effdet's) or another project's training state (NVIDIA's, timm's)

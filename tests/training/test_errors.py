@@ -73,6 +73,8 @@ def test_bad_checkpoints(tiny, ckpt_dir, tmp_path, capsys, name, extra, expect_w
     rc = evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / name), *extra))
     line, m = one_error_line(capsys, rc)
     assert expect_what in line and m["file"].endswith(expect_file)
+    if name in ("cut.pth", "missing.pth"):  # the file as a whole: the flag that named it
+        assert m["field"] == "--checkpoint", line
     if name == "good.pth":  # a class-count change says how to get past it (a fresh head is no evaluation)
         assert "--num_classes" in line and "--remove-weights" not in line
 
@@ -185,14 +187,15 @@ def test_files_that_are_no_checkpoint_and_folders(tiny, tmp_path, capsys):
     belongs is said to be one."""
     (tmp_path / "text.pth").write_text("hello world\n")
     (tmp_path / "image.pth").write_bytes((Path(ROOT) / "docs" / "images" / "glyphs_sample.png").read_bytes()[:2000])
-    for name, field in (("text.pth", "KeyError"), ("image.pth", "UnpicklingError")):
+    for name, kind in (("text.pth", "KeyError"), ("image.pth", "UnpicklingError")):
         rc = evaluate.main(val_args(tiny, tmp_path / "out", "--checkpoint", str(tmp_path / name)))
         line, m = one_error_line(capsys, rc)
-        assert "checkpoint is truncated or not a PyTorch file" in line and m["field"] == field, line
+        assert f"checkpoint is truncated or not a PyTorch file ({kind})" in line, line
+        assert m["field"] == "--checkpoint", line
     line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path / "out", "--checkpoint", str(tmp_path))))
-    assert "checkpoint is a folder" in line and m["file"] == str(tmp_path)
+    assert "checkpoint is a folder" in line and m["file"] == str(tmp_path) and m["field"] == "--checkpoint"
     line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path / "out", ann=tmp_path)))
-    assert "annotation file is a folder" in line
+    assert "annotation file is a folder" in line and m["field"] == "--val-ann"
     for det in (tmp_path / "none.json", tmp_path):
         line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path / "out", "--detections", str(det))))
         assert ("detections file not found" if det.suffix else "detections file is a folder") in line
@@ -245,6 +248,45 @@ def test_flags_this_machine_or_model_cannot_run(tiny, ckpt_dir, tmp_path, capsys
                     + ([] if "--device" in flags else ["--device", "cpu"]))
     line, m = one_error_line(capsys, rc)
     assert m["field"] == field, line
+
+
+@pytest.mark.parametrize("flags, env, field", [
+    (["--kernel-backend", "triton"], {}, "--kernel-backend"),
+    ([], {"EFFDET_KERNEL_BACKEND": "triton"}, "EFFDET_KERNEL_BACKEND"),
+    ([], {"EFFDET_KERNEL_BACKEND": "bogus"}, "EFFDET_KERNEL_BACKEND")])
+def test_kernel_backends_this_machine_cannot_run(tiny, ckpt_dir, tmp_path, capsys, monkeypatch, flags, env, field):
+    """Triton asked for on CPU tensors without the interpreter: one line before any data or model is built
+    (it was a traceback from the first kernel call)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so the Triton kernels can run")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # conftest turns the interpreter on for the kernel tests
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    args = [a for a in val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"))]
+    args = args[:args.index("--kernel-backend")] + args[args.index("--kernel-backend") + 2:] + flags
+    line, m = one_error_line(capsys, evaluate.main(args))
+    assert m["field"] == field, line
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--output", str(tmp_path), "--workers", "0", "--max-steps", "1", "--device", "cpu", *flags])
+    line, m = one_error_line(capsys, rc)
+    assert m["field"] == field, line
+    assert not (tmp_path / "last.pth").exists()  # refused before training
+
+
+@pytest.mark.parametrize("flag", ["--train-ann", "--val-ann", "--initial-checkpoint", "--resume",
+                                  "--pretrained-backbone-path"])
+def test_training_files_not_found_name_their_flag(tiny, tmp_path, capsys, flag):
+    """A file a flag names that is missing: the error's field is that flag (the backbone's advice is its own)."""
+    args = {"--train-ann": tiny["train"]["ann_file"], "--train-images": tiny["train"]["image_dir"],
+            "--val-ann": tiny["val"]["ann_file"], "--val-images": tiny["val"]["image_dir"]}
+    args[flag] = str(tmp_path / "missing.file")
+    argv = [x for kv in args.items() for x in kv]
+    rc = train.main(argv + ["--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu", "--max-steps", "1",
+                            "-b", "2"])
+    line, m = one_error_line(capsys, rc)
+    assert "not found" in line and m["file"].endswith("missing.file") and m["field"] == flag, line
+    if flag == "--pretrained-backbone-path":
+        assert "backbone weights" in line and "last.pth" not in line, line
 
 
 def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, capsys):
