@@ -14,10 +14,12 @@ when both tensors start on a 16-byte boundary, with alignment hints, so the acce
 parameters in one allocation (they are not) or a gather copy every step (2x traffic).
 
 Host side: everything that depends only on the tensors (validation, grouping by dtype/alignment, the
-tables) is a *plan*, built once and cached (``_PLANS``) under the tensors' addresses; a call recomputes
-the addresses, checks that the cached plan holds the very same tensor objects, and launches: no table
-copy, no per-tensor validation. A tensor moved to new storage (``.to()``, ``.data = ...``) changes the
-addresses and the plan is rebuilt. The plan keeps its tensors alive, so their addresses cannot be reused
+tables) is a *plan*, built once and cached (``_PLANS``) under the tensors' addresses and element counts; a
+call recomputes those, checks that the cached plan holds the very same tensor objects, and launches: no
+table copy, no per-tensor validation. A tensor moved to new storage (``.to()``, ``.data = ...``), resized or
+sliced at the same address (``resize_``, ``.data = p.data[:k]``), or replaced in the list by another tensor
+(even a view at the same address) rebuilds the plan. Not noticed: the same tensor object given another
+dtype or strides at the same address and size through ``.data = ...``. The plan keeps its tensors alive, so their addresses cannot be reused
 by other tensors while it is cached.
 
 One launch per (ema dtype, model dtype, aligned) group, normally exactly one. Pairs must be dense
@@ -237,27 +239,34 @@ class _Plan:
         return self._groups
 
 
-def _plan(ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> "_Plan":
-    """The cached plan for these tensors (rebuilt, with full validation, when any address changed).
+def _key(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Per tensor, its address and element count (C-level passes, no Python loop): with the tensor objects
+    themselves (``_Plan.same_tensors``) what a cached plan is checked against on every call."""
+    return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.numel, tensors))
 
-    Fast path: the same two sequence objects as last time and the same addresses (one C-level pass over
-    the tensors, no per-tensor Python work). Otherwise the plan is looked up by the addresses and reused
-    when it holds the very same tensor objects (e.g. the lists torch.compile rebuilds every call)."""
-    data_ptr = torch.Tensor.data_ptr
+
+def _plan(ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> "_Plan":
+    """The cached plan for these tensors (rebuilt, with full validation, when any address or size changed).
+
+    Fast path: the same two sequence objects as last time, holding the same tensor objects, with the same
+    addresses and element counts (a few C-level passes over the tensors, no per-tensor Python work).
+    Otherwise the plan is looked up by addresses and counts and reused when it holds the very same tensor
+    objects (e.g. the lists torch.compile rebuilds every call)."""
     try:
-        ptrs = (tuple(map(data_ptr, ema)), tuple(map(data_ptr, model)))
+        key = (_key(ema), _key(model))
     except TypeError:                     # not tensors: let _validate name the item
         _validate(ema, model)
         raise
     ids = (id(ema), id(model))
     plan = _BY_ID.get(ids)
-    if plan is not None and plan.ptrs == ptrs and plan.seqs[0] is ema and plan.seqs[1] is model:
+    if (plan is not None and plan.key == key and plan.seqs[0] is ema and plan.seqs[1] is model
+            and plan.same_tensors(ema, model)):
         return plan
-    plan = _PLANS.get(ptrs)
+    plan = _PLANS.get(key)
     if plan is None or not plan.same_tensors(ema, model):
         plan = _Plan(ema, model)
-        plan.ptrs = ptrs
-        _PLANS[ptrs] = plan
+        plan.key = key
+        _PLANS[key] = plan
         while len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     plan.seqs = (ema, model)              # kept alive with the plan, so their ids stay unique

@@ -119,6 +119,32 @@ def test_repeated_updates_use_cached_plan_and_rebuild_on_new_storage():
         assert_close(e, r, *tolerance(torch.float32, 5), "after new storage")
 
 
+def test_list_items_replaced_or_resized_at_the_same_address_rebuild_the_plan():
+    """The cached plan is keyed by layout as well as address: a list item swapped for a view at the same
+    address, a tensor resized in place, or another dtype at the same address must not reuse the old sizes
+    (the kernel would write past the new tensor's end) or dtype."""
+    ema_mod._PLANS.clear()
+    ema_mod._BY_ID.clear()
+    a, b = torch.zeros(10), torch.ones(10)
+    ema, model = [a], [b]
+    ema_update(ema, model, 0.5, backend="triton")
+    ema[0], model[0] = a[:5], b[:5]                  # the same list objects, the same addresses, 5 elements
+    ema_update(ema, model, 0.5, backend="triton")
+    assert a[:5].tolist() == [0.75] * 5 and a[5:].tolist() == [0.5] * 5, a
+    a.resize_(3)                                     # in place: same object, same address, 3 elements
+    ema[0], model[0] = a, b[:3]
+    ema_update(ema, model, 0.0, backend="triton")
+    assert a.tolist() == [1.0] * 3
+    c, d = torch.zeros(4, dtype=torch.float32), torch.ones(4, dtype=torch.float32)
+    ema, model = [c], [d]
+    ema_update(ema, model, 0.5, backend="triton")
+    c16 = c.view(torch.float16)                      # another dtype at the same address
+    ema[0], model[0] = c16, torch.ones(8, dtype=torch.float16)
+    ema_update(ema, model, 0.5, backend="triton")
+    ref = torch.tensor([0.5] * 4).view(torch.float16).float()
+    assert_close(c16.float(), 0.5 * ref + 0.5, *tolerance(torch.float16, 1), "fp16 view")
+
+
 def test_unaligned_tensors_use_the_unhinted_variant():
     """Views that start 4 bytes into their storage are not 16-byte aligned: their group launches the
     kernel without alignment hints (on a GPU the hinted variant would fault on them)."""
@@ -349,11 +375,11 @@ def test_aligned_full_tiles_compile_to_vector_accesses():
 def test_host_time_per_call_for_d0_lists(monkeypatch):
     """ema_update on D0's float parameters + buffers (the lists ModelEma passes every step) costs at most
     0.3 ms of host time per call with the kernel launch stubbed out: no per-call validation, grouping or
-    table building once the plan is cached; what is left is one pass reading every tensor's address (to
-    notice storage moved by ``.to()``) plus a constant. Median of 50 calls, the smallest of 3 such medians,
-    as this thread's CPU time. On the shared 2-core CPU that pass alone varies 2x with the load, so a
-    call is also accepted within 2x of that bare pass timed alongside (the old per-call validation and
-    grouping was >10x)."""
+    table building once the plan is cached; what is left is the plan's key, passes reading every tensor's
+    address and element count (to notice storage moved by ``.to()`` or resized), the identity check, plus a
+    constant. Median of 50 calls, the smallest of 3 such medians, as this thread's CPU time. On the shared
+    2-core CPU the key's passes alone vary 2x with the load, so a call is also accepted within 2x of that
+    bare key timed alongside (the old per-call validation and grouping was >10x)."""
     import statistics
     import time
 
@@ -374,7 +400,6 @@ def test_host_time_per_call_for_d0_lists(monkeypatch):
     ema_mod._PLANS.clear()
     ema_mod._BY_ID.clear()
     decay = torch.tensor(0.999)
-    data_ptr = torch.Tensor.data_ptr
     for _ in range(3):                                           # warm-up: the plan is built once here
         ema_update(floats, sources, decay, backend="triton")
     calls, scans = [], []
@@ -384,13 +409,13 @@ def test_host_time_per_call_for_d0_lists(monkeypatch):
             t0 = time.thread_time()
             ema_update(floats, sources, decay, backend="triton")
             t1 = time.thread_time()
-            tuple(map(data_ptr, floats)), tuple(map(data_ptr, sources))
+            ema_mod._key(floats), ema_mod._key(sources)
             base.append(time.thread_time() - t1)
             times.append(t1 - t0)
         calls.append(statistics.median(times) * 1e3)
         scans.append(statistics.median(base) * 1e3)
     assert len(launches) == 153 and len(ema_mod._PLANS) == 1      # one launch per call: one dtype group
     call_ms, scan_ms = min(calls), min(scans)
-    print(f"ema_update host time per call {call_ms:.3f} ms; bare address pass {scan_ms:.3f} ms")
+    print(f"ema_update host time per call {call_ms:.3f} ms; bare key {scan_ms:.3f} ms")
     assert call_ms <= 0.3 or call_ms <= 2.0 * scan_ms, \
-        f"host time per ema_update call {call_ms:.3f} ms > 0.3 ms and > 2x the address pass ({scan_ms:.3f} ms)"
+        f"host time per ema_update call {call_ms:.3f} ms > 0.3 ms and > 2x the plan's key ({scan_ms:.3f} ms)"
