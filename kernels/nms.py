@@ -81,6 +81,8 @@ _MASK_BUDGET_BYTES = 64 << 20
 # Programs per row block in the mask kernel (each loops over every _MASK_SPLIT-th column block it needs):
 # enough for a single long segment to fill the GPU, few idle programs when segments are short.
 _MASK_SPLIT = 8
+# Mask words the scan reads at once when it applies a kept box's band (a power of two).
+_SCAN_WCHUNK = 16
 
 
 def _check_inputs(boxes, scores, classes, batch_index):
@@ -515,7 +517,7 @@ def _batched_nms_op(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Te
         _nms_mask_kernel[(nb, split)](sboxes, seg_end, mask, n, W, split, thr, BLOCK=_BLOCK, num_warps=8,
                                       enable_fp_fusion=False)
         _nms_scan_kernel[(nb,)](sboxes, mask, seg_start, seg_end, seg_id, removed, keep_sorted, n, W, thr,
-                                BLOCK=_BLOCK, WCHUNK=16, num_warps=16,
+                                BLOCK=_BLOCK, WCHUNK=_SCAN_WCHUNK, num_warps=16,
                                 enable_fp_fusion=False)
     keep_orig = torch.empty(n, dtype=torch.bool, device=dev)
     keep_orig[order] = keep_sorted.bool()

@@ -312,6 +312,7 @@ def test_multi_tile_programs_and_determinism(monkeypatch):
     monkeypatch.setattr(fl, "_BLOCK", 64)
     monkeypatch.setattr(fl, "_MAX_PROGRAMS", 3)
     monkeypatch.setattr(fl, "_REDUCE_BLOCK", 2)       # reduce kernel loops too
+    monkeypatch.setattr(fl, "_BWD_BLOCK", 64)         # the gradient's unmasked full tiles, then a masked one
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 41, 7, generator=g) * 4          # 861 elements = 14 tiles of 64 -> 5 per program
     t = make_targets((3, 41), 7, g)

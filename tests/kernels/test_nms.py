@@ -114,6 +114,23 @@ def test_long_segment_band_and_on_the_fly():
     assert 10 < keep.numel() < n - 10
 
 
+@pytest.mark.parametrize("split,wchunk", [(2, 2), (1, 4)])
+def test_long_segment_with_looping_mask_programs_and_scan_chunks(monkeypatch, split, wchunk):
+    """The loops the GPU sizes never reach on small inputs: a mask program looping over several column
+    blocks (``_MASK_SPLIT`` below the block count) and the scan reading the band in several chunks
+    (``_SCAN_WCHUNK`` below the band's words)."""
+    import kernels.nms as nms_mod
+
+    monkeypatch.setattr(nms_mod, "_MASK_SPLIT", split)
+    monkeypatch.setattr(nms_mod, "_SCAN_WCHUNK", wchunk)
+    gen = torch.Generator().manual_seed(3)
+    n = 600                                         # one class: 10 blocks of 64, a band of up to 9 words
+    boxes = torch.cat([cluster_boxes(n // 2, gen), rand_boxes(n - n // 2, gen, spread=150.0)])
+    scores = torch.rand(n, generator=gen)
+    keep = run_all(boxes, scores, torch.zeros(n, dtype=torch.long), 0.5, bands=(0, 3))
+    assert 10 < keep.numel() < n - 10
+
+
 def test_identical_boxes_equal_scores_keep_lowest_index():
     boxes = torch.tensor([[0., 0, 10, 10]] * 6)
     scores = torch.tensor([0.5, 0.9, 0.9, 0.5, 0.9, 0.1])
@@ -450,14 +467,16 @@ def test_cuda_compile_through_custom_op():
 
 
 def test_kernels_compile_for_cuda_without_gpu():
+    import kernels.nms as nms_mod
+
     # as launched by _batched_nms_op: float32 sorted boxes, int32 segment tables, int64 mask words
     mask = {"boxes_ptr": "*fp32", "seg_end_ptr": "*i32", "mask_ptr": "*i64", "n": "i32", "W": "i32", "W_SPLIT": "i32",
             "thr": "fp32"}
     scan = {"boxes_ptr": "*fp32", "mask_ptr": "*i64", "seg_start_ptr": "*i32", "seg_end_ptr": "*i32",
             "seg_id_ptr": "*i32", "removed_ptr": "*i64", "keep_ptr": "*i8", "n": "i32", "W": "i32", "thr": "fp32"}
     aot_compile("kernels.nms", [
-        ("_nms_mask_kernel", mask, {"BLOCK": 64}),
-        ("_nms_scan_kernel", scan, {"BLOCK": 64, "WCHUNK": 16})])
+        ("_nms_mask_kernel", mask, {"BLOCK": nms_mod._BLOCK}),
+        ("_nms_scan_kernel", scan, {"BLOCK": nms_mod._BLOCK, "WCHUNK": nms_mod._SCAN_WCHUNK})])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
