@@ -110,7 +110,9 @@ def focal_loss_reference(logits: torch.Tensor, targets: torch.Tensor, normalizer
     """
     x = logits if logits.dtype == torch.float64 else logits.float()
     pos = targets.unsqueeze(-1) == torch.arange(x.shape[-1], device=x.device)  # bool, never a float one-hot
-    valid = (targets != ignore_index).unsqueeze(-1)  # per-anchor mask, broadcast over the classes
+    # per-anchor mask, broadcast over the classes; compared as int64, so an ignore_index outside the targets'
+    # dtype (-200 for int8) matches no anchor instead of wrapping to another class (56)
+    valid = (targets.long() != ignore_index).unsqueeze(-1)
     zero, one = x.new_zeros(()), x.new_ones(())
     alpha_t = torch.where(pos, torch.where(valid, alpha, zero), torch.where(valid, 1.0 - alpha, zero))
     u = torch.where(valid, x, 0.0) * torch.where(pos, one, -one)
@@ -343,8 +345,11 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
         targets: ``(...)`` signed integer class index per anchor (unsigned dtypes are refused: they cannot
             hold -1): ``k >= 0`` positive for class ``k``,
             ``-1`` background, ``ignore_index`` ignored (no loss, no gradient).
-        normalizer: 0-dim tensor on the logits' device (or a Python number); never read on the host.
-        alpha, gamma, label_smoothing: as in effdet (smoothing changes only the BCE target).
+        normalizer: 0-dim tensor on the logits' device (or a Python number), > 0 (effdet's is the positive
+            count + 1); never read on the host, so not checked: with 0 the loss is inf or NaN, and which
+            gradient entries are inf and which NaN differs between the two paths.
+        alpha, gamma: as in effdet.
+        label_smoothing: in [0, 1], as in effdet (it changes only the BCE target); anything else is refused.
         backend: ``"auto" | "triton" | "torch"`` (see ``kernels._dispatch``).
 
     Returns:
@@ -352,6 +357,8 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer, alpha: f
         ``normalizer`` (the Triton path: first derivatives only; double backward is a clear error).
     """
     _check_inputs(logits, targets)
+    if not 0.0 <= label_smoothing <= 1.0:  # NaN fails this too
+        raise ValueError(f"focal_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
     unsupported = "float64 logits (it computes in float32)" if logits.dtype == torch.float64 else None
     return dispatch(OP_NAME, backend, logits.device, _triton_path, focal_loss_reference, logits, targets,
                     normalizer, alpha, gamma, label_smoothing, ignore_index, unsupported=unsupported)
