@@ -530,9 +530,16 @@ def _batched_nms_fake(boxes, scores, classes, batch_index, iou_threshold, band_w
     return boxes.new_empty((n,), dtype=torch.int64), boxes.new_empty((n,), dtype=torch.bool)
 
 
+_MAX_TRITON_BOXES = 2**29  # 4 * position must fit the kernels' int32 offsets
+
+
+def _unsupported(boxes: torch.Tensor) -> Optional[str]:
+    """Why the Triton path cannot take these boxes (``"auto"`` then runs the reference), or None."""
+    n = boxes.shape[0]
+    return f"{n} boxes (it takes fewer than 2**29)" if n >= _MAX_TRITON_BOXES else None
+
+
 def _triton_path(boxes, scores, classes, iou_threshold, batch_index, band_words=0):
-    if boxes.shape[0] >= 2**29:  # 4 * position must fit the kernels' int32 offsets
-        raise ValueError(f"kernels/nms.py: boxes has {boxes.shape[0]} rows; the Triton path takes < 2**29")
     score_perm, keep = _batched_nms_op(boxes, scores, classes, batch_index, float(iou_threshold), int(band_words))
     return score_perm[keep]  # the one host synchronisation: the output's length
 
@@ -574,10 +581,8 @@ def batched_nms_mask(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.T
     _check_inputs(boxes, scores, classes, batch_index)
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=boxes.device)
-    if boxes.shape[0] >= 2**29:
-        raise ValueError(f"kernels/nms.py: boxes has {boxes.shape[0]} rows; the Triton path takes < 2**29")
     return dispatch(OP_NAME, backend, boxes.device, _triton_mask_path, _reference_mask_path,
-                    boxes, scores, classes, iou_threshold, batch_index)
+                    boxes, scores, classes, iou_threshold, batch_index, unsupported=_unsupported(boxes))
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float,
@@ -593,4 +598,4 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     return dispatch(OP_NAME, backend, boxes.device, _triton_path, _reference_path,
-                    boxes, scores, classes, iou_threshold, batch_index)
+                    boxes, scores, classes, iou_threshold, batch_index, unsupported=_unsupported(boxes))

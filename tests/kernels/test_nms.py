@@ -305,6 +305,25 @@ def test_opcheck():
                                                                  0.5, 0), test_utils=("test_schema", "test_faketensor"))
 
 
+def test_too_many_boxes_for_the_kernels_go_to_the_reference(monkeypatch):
+    """Above the kernels' int32 offsets (2**29 boxes; lowered here) "triton" refuses by name and "torch" (and
+    "auto", which then picks the reference) still answer, for both the indices and the mask."""
+    import kernels.nms as nms_mod
+
+    gen = torch.Generator().manual_seed(4)
+    boxes, scores = cluster_boxes(40, gen), torch.rand(40, generator=gen)
+    cls = torch.zeros(40, dtype=torch.long)
+    expect = batched_nms(boxes, scores, cls, 0.5, backend="triton")
+    monkeypatch.setattr(nms_mod, "_MAX_TRITON_BOXES", 40)
+    for fn in (batched_nms, batched_nms_mask):
+        with pytest.raises(ValueError, match="cannot take 40 boxes"):
+            fn(boxes, scores, cls, 0.5, backend="triton")
+    assert_same(batched_nms(boxes, scores, cls, 0.5, backend="torch"), expect)
+    assert batched_nms_mask(boxes, scores, cls, 0.5, backend="torch").nonzero().flatten().sort().values.tolist() \
+        == expect.sort().values.tolist()
+    assert nms_mod._unsupported(boxes) is not None and nms_mod._unsupported(boxes[:39]) is None
+
+
 def test_validation_names_file_and_field():
     b, s, c = torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"nms\.py: boxes must be \(N, 4\)"):
