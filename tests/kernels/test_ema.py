@@ -279,7 +279,7 @@ def test_torch_compile_fullgraph_cpu():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(e, m):
-        torch.ops.effdet.ema_update_(e, m, decay, 0.0)          # the custom op (CPU impl = reference)
+        torch.ops.effdet.ema_update_(e, m, decay, 0.0)          # the custom op (on CPU: the kernel, interpreted)
 
     step(ema, model)
     for e, x in zip(ema, expected):
