@@ -16,6 +16,7 @@ from torch import nn
 
 import datasets as D
 from detector import checkpoint as ckpt
+from detector.configs import get_config
 from detector.ema import ModelEma
 from detector.layers import convert_sync_batchnorm
 from detector.pipeline import compute_loss
@@ -133,9 +134,10 @@ def setup(args, info: dist.DistInfo) -> Run:
         console.print(f"recipe: {cfg.recipe} ({len(train_set)} training images); flags you gave take precedence")
         epochs = scheduled_epochs(cfg)
         length = f"{cfg.time_budget:g}-minute budget" if cfg.time_budget else f"{epochs} epochs"
-        size = f"{cfg.input_size[0]}x{cfg.input_size[1]}" if cfg.input_size else "the model's size"
-        console.print(f"in effect: input {size}, batch {cfg.batch_size} x {info.world_size} worker(s), "
-                      f"--opt {cfg.opt} lr {cfg.lr:g}, {length}")
+        height, width = cfg.input_size or get_config(cfg.model).image_size
+        batch = f"batch {cfg.batch_size}" + (f" per process x {info.world_size} processes" if info.world_size > 1 else "")
+        stop = f" or {cfg.max_steps} step{'s' * (cfg.max_steps != 1)}, whichever ends first" if cfg.max_steps else ""
+        console.print(f"in effect: input {height}x{width}, {batch}, --opt {cfg.opt} lr {cfg.lr:g}, {length}{stop}")
         if val_set is not None and not cfg.time_budget and not evaluation_due(cfg, epochs - 1, True):
             console.print(f"[yellow]--eval-after {cfg.eval_after}: the run's last epoch is {epochs - 1} "
                           "(counted from 0), so nothing is evaluated during training and no best.pth is written, as in "
@@ -532,7 +534,8 @@ def finish(run: Run) -> None:
     run.jlog.write(event="end", step=run.step, minutes=minutes, time_budget=run.cfg.time_budget,
                    undecodable_train_images=bad)
     budget = f" (time budget {run.cfg.time_budget:g} min)" if run.cfg.time_budget else ""
-    steps = f"{run.step} steps" if run.steps_this_run == run.step else f"{run.steps_this_run} steps (step {run.step})"
+    steps = f"{run.steps_this_run} step{'s' * (run.steps_this_run != 1)}"
+    steps += "" if run.steps_this_run == run.step else f" (step {run.step})"
     console.print(f"finished in {minutes:.2f} min{budget}: {steps}; outputs in {out}/")
 
 
