@@ -8,7 +8,8 @@ Every module in ``bench/cases/`` that defines ``cases(quick: bool, device) -> li
 batch 32 at 512 px = 49,104 anchors x 90 classes; inference: batch 8 at 512 px, k = 5000; D4: 1024 px
 = 196,416 anchors) and needs a GPU; ``--quick`` uses tiny shapes that run anywhere. Without CUDA the
 Triton providers run in the Triton interpreter (set up here before triton is imported): those rows
-are correctness smoke tests, not speed figures, and the table and JSON say so.
+show that the kernel code runs, not a speed (its values are checked by ``pytest tests/kernels``), and the
+table and JSON say so.
 
 ``--static`` needs no GPU: it records every kernel variant one D0 training step + inference pass launch
 (Triton path, interpreter on the CPU), compiles each for sm_90 and sm_80 and prints registers, spill bytes,

@@ -42,7 +42,7 @@ def test_bench_quick_subprocess(tmp_path):
             assert any(p.startswith("peer:") for p in got), got.keys()
     assert all(r["git_commit"] for r in rows)
     if not torch.cuda.is_available():
-        assert "interpreter: correctness smoke test, not a speed figure" in out
+        assert "not a speed figure" in out
         triton_rows = [r for r in rows if r["provider"] == "triton"]
         assert all(r["interpreter"] and "not a speed figure" in r["note"] for r in triton_rows)
 
