@@ -1,7 +1,7 @@
 """Whole-model benchmark: our EfficientDet against effdet's on the same machine, in the same run.
 
     python bench/model.py [--model efficientdet_d0] [--device cpu|cuda] [--precision fp32|fp16|bf16]
-                          [--memory-format nhwc|nchw] [--peer-memory-format nhwc|nchw|same]
+                          [--memory-format nhwc|nchw] [--peer-memory-format nhwc|nchw|same|both]
                           [--backend auto|torch|triton] [--infer-batch 1,8] [--infer-size 512]
                           [--train-batch 16,8] [--train-size 128,256] [--opt adamw,sgd] [--compile]
                           [--malloc tuned|default] [--warmup N] [--iters N] [--threads N] [--op-breakdown]
@@ -16,7 +16,8 @@ Workloads, each for ours and for the peer (effdet 0.4.1, when it imports; ``--no
   sides use the same ``torch.optim`` optimizer in its fused implementation (what train.py builds).
 
 By default ours is channels-last and so is effdet (``--peer-memory-format nhwc``): what a careful effdet user
-runs. ``--compile`` runs ours through ``torch.compile`` (inductor; for predict with ``freezing``) and reports the
+runs. ``--peer-memory-format both`` times effdet in both layouts in the same interleaved rounds (a second
+effdet model in NCHW, ``effdet-nchw``, built with the same seed), and gives our rows a ratio against each. ``--compile`` runs ours through ``torch.compile`` (inductor; for predict with ``freezing``) and reports the
 compile time of each workload. ``--op-breakdown`` (CPU) then profiles three more calls of each side and splits their
 wall time into convolutions (forward and backward, SiLU fused into the conv included), batch norm, SiLU and
 the rest, and gives our rows the ceilings that this work puts on the speed-up (``add_op_breakdown``: both sides
@@ -58,7 +59,7 @@ import torch  # noqa: E402
 from bench.harness import (REPO_ROOT, append_jsonl, autocast_context, device_name, device_slug,  # noqa: E402,F401
                            git_commit, quantile, summarize, triton_version)
 
-OURS, PEER = "ours", "effdet"
+OURS, PEER, PEER_NCHW = "ours", "effdet", "effdet-nchw"
 QUICK = dict(infer_batch="1", infer_size=128, train_batch="2", train_size="128", opt="sgd", warmup=1, iters=2)
 FULL = dict(infer_batch="1,8", infer_size=512, train_batch="16,8", train_size="128,256", opt="adamw,sgd", warmup=2,
             iters=10)
@@ -77,8 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--memory-format", choices=("nchw", "nhwc"), default="nhwc",
                    help="for ours (default channels-last, as train.py's small-data recipe runs on CPUs)")
-    p.add_argument("--peer-memory-format", choices=("same", "nchw", "nhwc"), default="nhwc",
-                   help="for effdet (default: channels-last, effdet's fastest on CPUs; same = as ours)")
+    p.add_argument("--peer-memory-format", choices=("same", "nchw", "nhwc", "both"), default="nhwc",
+                   help="for effdet (default: channels-last, effdet's fastest on CPUs; same = as ours; both = "
+                        "effdet channels-last and effdet NCHW, interleaved in the same rounds)")
     p.add_argument("--no-fuse", action="store_true",
                    help="predict with the unfused training model (default: BN folded, detector.fuse)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
@@ -239,7 +241,14 @@ def effdet_available() -> Optional[str]:
     return None
 
 
-def build_peer(args, size: int, device: torch.device):
+def peer_formats(args) -> dict[str, str]:
+    """The effdet sides to time: name -> memory format (``PEER`` first; ``PEER_NCHW`` too with ``both``)."""
+    if args.peer_memory_format == "both":
+        return {PEER: "nhwc", PEER_NCHW: "nchw"}
+    return {PEER: args.peer_memory_format}
+
+
+def build_peer(args, size: int, device: torch.device, fmt: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import effdet
@@ -247,10 +256,11 @@ def build_peer(args, size: int, device: torch.device):
         torch.manual_seed(args.seed)
         model = effdet.create_model(args.model, pretrained=False, pretrained_backbone=False,
                                     image_size=(size, size), num_classes=args.num_classes)
-    return model.to(device).to(memory_format=memory_format(args.peer_memory_format))
+    return model.to(device).to(memory_format=memory_format(fmt))
 
 
-def predict_fns(args, batch: int, size: int, device: torch.device, ours, peer) -> dict:
+def predict_fns(args, batch: int, size: int, device: torch.device, ours, peers: dict) -> dict:
+    """``peers``: effdet side name -> its model (``peer_formats`` gives each one's memory format)."""
     import detector
 
     fns = {}
@@ -272,16 +282,17 @@ def predict_fns(args, batch: int, size: int, device: torch.device, ours, peer) -
             with torch.inference_mode(), amp():
                 return detector.predict(ours, x, backend=args.backend)
         fns[OURS] = run_ours
-    if peer is not None:
+    formats = peer_formats(args)
+    for name, peer in peers.items():
         import effdet
 
-        xp = random_images(batch, size, device, memory_format(args.peer_memory_format), args.seed)
+        xp = random_images(batch, size, device, memory_format(formats[name]), args.seed)
         peer_bench = effdet.DetBenchPredict(peer.eval()).eval()  # model + effdet's post-processing
 
-        def run_peer():
+        def run_peer(peer_bench=peer_bench, xp=xp):
             with torch.inference_mode(), amp():
                 return peer_bench(xp)
-        fns[PEER] = run_peer
+        fns[name] = run_peer
     return fns
 
 
@@ -307,7 +318,9 @@ def make_optimizer(name: str, params):
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kw(params))
 
 
-def train_fns(args, batch: int, size: int, device: torch.device, ours_model, peer_model, opt_name="sgd") -> dict:
+def train_fns(args, batch: int, size: int, device: torch.device, ours_model, peer_models: dict,
+              opt_name="sgd") -> dict:
+    """``peer_models``: effdet side name -> its model (``peer_formats`` gives each one's memory format)."""
     import detector
 
     fns = {}
@@ -326,19 +339,20 @@ def train_fns(args, batch: int, size: int, device: torch.device, ours_model, pee
             with amp():
                 return detector.compute_loss(net, x, boxes, labels, backend=args.backend)["loss"]
         fns[OURS] = lambda: _train_step(loss_ours, opt, scaler)
-    if peer_model is not None:
+    formats = peer_formats(args)
+    for name, peer_model in peer_models.items():
         import effdet
 
         bench = effdet.DetBenchTrain(peer_model).to(device).train()
-        xp = random_images(batch, size, device, memory_format(args.peer_memory_format), args.seed)
+        xp = random_images(batch, size, device, memory_format(formats[name]), args.seed)
         target = {k: v.to(device) for k, v in effdet_target(boxes, labels).items()}
         opt_p = make_optimizer(opt_name, peer_model.parameters())
         scaler_p = torch.amp.GradScaler("cuda") if use_scaler else None
 
-        def loss_peer():
+        def loss_peer(bench=bench, xp=xp, target=target):
             with amp():
                 return bench(xp, target)["loss"]
-        fns[PEER] = lambda: _train_step(loss_peer, opt_p, scaler_p)
+        fns[name] = lambda loss_peer=loss_peer, opt_p=opt_p, scaler_p=scaler_p: _train_step(loss_peer, opt_p, scaler_p)
     return fns
 
 
@@ -452,12 +466,15 @@ def make_rows(workload: str, batch: int, size: int, times: dict, errors: dict, i
                 row["cpu_median_ms"] = statistics.median(cpu_times[impl])
         rows.append(row)
     by = {r["impl"]: r for r in rows}
-    if OURS in by and PEER in by and by[OURS]["median_ms"] and by[PEER]["median_ms"]:
-        by[OURS]["speedup_vs_peer"] = by[PEER]["median_ms"] / by[OURS]["median_ms"]
-        by[PEER]["speedup_vs_peer"] = 1.0
-        if by[OURS]["cpu_median_ms"] and by[PEER]["cpu_median_ms"]:
-            by[OURS]["cpu_speedup_vs_peer"] = by[PEER]["cpu_median_ms"] / by[OURS]["cpu_median_ms"]
-            by[PEER]["cpu_speedup_vs_peer"] = 1.0
+    # every row's ratio against effdet (PEER, the first layout) and, when timed, against effdet NCHW
+    for peer, key in ((PEER, "speedup_vs_peer"), (PEER_NCHW, "speedup_vs_peer_nchw")):
+        if peer not in by:
+            continue
+        for row in rows:
+            if row["median_ms"] and by[peer]["median_ms"]:
+                row[key] = by[peer]["median_ms"] / row["median_ms"]
+            if row["cpu_median_ms"] and by[peer]["cpu_median_ms"]:
+                row["cpu_" + key] = by[peer]["cpu_median_ms"] / row["cpu_median_ms"]
     return rows
 
 
@@ -484,17 +501,21 @@ def print_table(rows: list[dict], meta: dict, console=None) -> None:
         for r in rows:
             print(r)
         return
-    console = console or Console(width=160)
+    console = console or Console(width=180)
     table = Table(title=title, title_justify="left")
-    for col in ("workload", "impl", "batch", "size", "opt", "median ms", "p20 ms", "p80 ms", "img/s",
-                "x effdet", "CPU ms", "x effdet (CPU)", "compile s", "error"):
+    nchw = any(r.get("speedup_vs_peer_nchw") is not None for r in rows)  # --peer-memory-format both
+    ratios = ["x effdet", "x effdet (CPU)"] + (["x effdet-nchw", "x effdet-nchw (CPU)"] if nchw else [])
+    for col in ("workload", "impl", "batch", "size", "opt", "median ms", "p20 ms", "p80 ms", "img/s", "CPU ms",
+                *ratios, "compile s", "error"):
         table.add_column(col, justify="left" if col in ("workload", "impl", "error") else "right",
                          overflow="fold")
     for r in rows:
+        cells = [_fmt(r.get(k), ".2f") for k in ("speedup_vs_peer", "cpu_speedup_vs_peer")
+                 + (("speedup_vs_peer_nchw", "cpu_speedup_vs_peer_nchw") if nchw else ())]
         table.add_row(r["workload"], r["impl"], str(r["batch"]), str(r["size"]), r.get("opt") or "-",
                       _fmt(r["median_ms"], ".1f"), _fmt(r["p20_ms"], ".1f"), _fmt(r["p80_ms"], ".1f"),
-                      _fmt(r["img_per_s"], ".2f"), _fmt(r["speedup_vs_peer"], ".2f"), _fmt(r["cpu_median_ms"], ".0f"),
-                      _fmt(r["cpu_speedup_vs_peer"], ".2f"), _fmt(r.get("compile_s"), ".0f"), r["error"] or "")
+                      _fmt(r["img_per_s"], ".2f"), _fmt(r["cpu_median_ms"], ".0f"), *cells,
+                      _fmt(r.get("compile_s"), ".0f"), r["error"] or "")
     console.print(table)
 
 
@@ -541,7 +562,8 @@ def run(args) -> list[dict]:
     with_peer = peer_reason is None
     if not with_peer:
         print(f"[bench/model] effdet not measured: {peer_reason}", file=sys.stderr)
-    impls = [OURS] + ([PEER] if with_peer else [])
+    formats = peer_formats(args) if with_peer else {}
+    impls = [OURS, *formats]
 
     meta = {"bench": "model", "model": args.model, "num_classes": args.num_classes, "device": device_name(device),
             "device_type": device.type, "device_slug": device_slug(device), "cpu_threads": torch.get_num_threads(),
@@ -559,19 +581,20 @@ def run(args) -> list[dict]:
 
     def models_for(size):
         if size not in models:
-            models[size] = (build_ours(args, size, device), build_peer(args, size, device) if with_peer else None)
+            models[size] = (build_ours(args, size, device),
+                            {name: build_peer(args, size, device, fmt) for name, fmt in formats.items()})
         return models[size]
 
     if not args.no_infer:
         for batch in args.infer_batches:
-            ours, peer = models_for(args.infer_size)
-            fns = predict_fns(args, batch, args.infer_size, device, ours, peer)
+            ours, peers = models_for(args.infer_size)
+            fns = predict_fns(args, batch, args.infer_size, device, ours, peers)
             extra = {OURS: {"compile_s": compile_seconds(fns, args)}}
             rows += measure("predict", batch, args.infer_size, fns, impls, extra, args, device)
     if not args.no_train:
         for size, batch, opt_name in args.train_runs:
-            ours, peer = models_for(size)
-            fns = train_fns(args, batch, size, device, ours, peer, opt_name)
+            ours, peers = models_for(size)
+            fns = train_fns(args, batch, size, device, ours, peers, opt_name)
             extra = {impl: {"opt": opt_name} for impl in impls}
             extra[OURS]["compile_s"] = compile_seconds(fns, args)
             rows += measure("train_step", batch, size, fns, impls, extra, args, device)

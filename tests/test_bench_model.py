@@ -169,6 +169,28 @@ def test_model_quick_subprocess(tmp_path):
         assert all(r["speedup_vs_peer"] > 0 for r in ours)
 
 
+def test_both_peer_layouts_in_one_interleaved_run(tmp_path, capsys):
+    """--peer-memory-format both: effdet channels-last and effdet NCHW timed in the same rounds as ours, each
+    row with a ratio against each layout (the issue's table, one run)."""
+    args = bm.parse_args(["--peer-memory-format", "both"])
+    assert bm.peer_formats(args) == {"effdet": "nhwc", "effdet-nchw": "nchw"}
+    assert bm.peer_formats(bm.parse_args([])) == {"effdet": "nhwc"}
+    rows = bm.make_rows("predict", 1, 64, {"ours": [10.0], "effdet": [15.0], "effdet-nchw": [20.0]}, {},
+                        ["ours", "effdet", "effdet-nchw"])
+    ours, peer, nchw = rows
+    assert ours["speedup_vs_peer"] == pytest.approx(1.5) and ours["speedup_vs_peer_nchw"] == pytest.approx(2.0)
+    assert peer["speedup_vs_peer_nchw"] == pytest.approx(20 / 15) and nchw["speedup_vs_peer"] == pytest.approx(0.75)
+    if not _effdet_importable():
+        pytest.skip("effdet is not importable: the run itself needs it")
+    assert bm.main(["--quick", "--no-train", "--peer-memory-format", "both", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "x effdet-nchw" in out and "effdet both" in out
+    rows = [json.loads(line) for line in (tmp_path / "model-cpu.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["ours", "effdet", "effdet-nchw"] and all(r["error"] is None for r in rows)
+    assert all(r["peer_memory_format"] == "both" and r["samples"] == 2 for r in rows)
+    assert rows[0]["speedup_vs_peer"] > 0 and rows[0]["speedup_vs_peer_nchw"] > 0
+
+
 def test_write_results_appends(tmp_path):
     meta = {"device_slug": "cpu", "device": "CPU x", "git_commit": "abc"}
     rows = bm.make_rows("predict", 2, 64, {"ours": [10.0]}, {}, ["ours"])
