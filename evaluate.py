@@ -11,7 +11,8 @@ import numbers
 import os
 import sys
 
-from training.config import check_flag_ranges, check_image_flags, eval_data_paths, eval_parser, fill_color, infra_lines, size_pair
+from training.config import (ann_flag, check_flag_ranges, check_image_flags, eval_data_paths, eval_parser, fill_color,
+                             infra_lines, size_pair)
 from training.errors import UserError, from_flag, naming, run
 
 
@@ -27,7 +28,8 @@ def _main(argv):
     from training.host import check_kernel_backend, default_workers, uses_cuda
 
     use_cuda = uses_cuda(args.device)
-    check_kernel_backend(args.kernel_backend, use_cuda)
+    if not args.detections:  # scoring a detections file runs no kernel
+        check_kernel_backend(args.kernel_backend, use_cuda)
     if args.workers is None:
         args.workers = default_workers(cuda=use_cuda)
     if args.batch_size < 1:
@@ -67,7 +69,7 @@ def _main(argv):
     for line in infra_lines(args, parser.parse_args([])):
         console.print(f"[yellow]{line}[/]")
     make_output_folder(args.output)
-    with from_flag("--val-ann"):
+    with from_flag(ann_flag(args, "val")):
         gt = D.load_coco_json(ann)
     scored = not args.inference and "test" not in args.anno  # test sets carry no boxes: detections only
     if scored and not gt["annotations"]:  # found before inference, not after it
@@ -101,7 +103,7 @@ def _main(argv):
     amp, note = resolve_amp(args.amp, use_cuda)
     if note:
         console.print(f"[yellow]{note}[/]")
-    with from_flag("--val-ann"):
+    with from_flag(ann_flag(args, "val")):
         dataset = D.CocoDetection(ann, images, skip_bad_images=args.skip_bad_images)
     path, state = checkpoint()
     trained = trained_for(state)

@@ -154,14 +154,15 @@ def load_coco_json(ann_file) -> dict:
         if not isinstance(data[key], list):
             raise AnnotationError(ann_file, f"field {key!r} must be a list, got {type(data[key]).__name__}", field=key)
     if not data["images"]:
-        raise AnnotationError(ann_file, f"the annotation file contains no images ('images' is empty)")
+        raise AnnotationError(ann_file, f"the annotation file contains no images ('images' is empty)", field="images")
     if not data["categories"]:
-        raise AnnotationError(ann_file, f"the annotation file defines no categories ('categories' is empty)")
+        raise AnnotationError(ann_file, f"the annotation file defines no categories ('categories' is empty)",
+                              field="categories")
     for kind, key, fields in (("image", "images", _REQUIRED_IMAGE), ("annotation", "annotations", _REQUIRED_ANN),
                               ("category", "categories", _REQUIRED_CAT)):
         for i, entry in enumerate(data[key]):
             if not isinstance(entry, dict):
-                raise AnnotationError(ann_file, f"{kind} #{i} in {key!r} is not an object")
+                raise AnnotationError(ann_file, f"{kind} #{i} in {key!r} is not an object", field=f"{key}[{i}]")
             for field in fields:
                 if field not in entry:
                     raise AnnotationError(ann_file, f"{_entry_name(kind, entry, i)} (#{i} in {key!r}) "
@@ -175,7 +176,8 @@ def load_coco_json(ann_file) -> dict:
                     raise AnnotationError(ann_file, f"{_entry_name(kind, entry, i)}: field {field!r} does not fit "
                                      f"in 64 bits ({entry[field]})", field=f"{key}[{i}].{field}")
             if kind == "image" and not isinstance(entry["file_name"], str):
-                raise AnnotationError(ann_file, f"image id {entry['id']!r}: field 'file_name' must be a string")
+                raise AnnotationError(ann_file, f"image id {entry['id']!r}: field 'file_name' must be a string",
+                                      field=f"images[{i}].file_name")
             if kind == "annotation":
                 bb = entry["bbox"]
                 if not (isinstance(bb, (list, tuple)) and len(bb) == 4
@@ -204,7 +206,7 @@ def _check_relative(ann_file: str, image: dict) -> str:
     if (not name or posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts
             or ".." in win.parts):
         raise AnnotationError(ann_file, f"image id {image['id']!r}: file_name {name!r} escapes the image "
-                         f"folder (absolute paths and '..' are not allowed)")
+                         f"folder (absolute paths and '..' are not allowed)", field=f"image id {image['id']}: file_name")
     return name
 
 
@@ -313,8 +315,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self._count("image_file_repeated", sum(paths[p] - 1 for p in twice), lambda: twice[0],
                     "image files listed under more than one image id (each entry is used)")
         if not self._entries:
-            raise AnnotationError(self.ann_file, f"no usable images (all {len(images)} image files are missing "
-                             f"under {self.image_dir})")
+            raise MissingFileError(self.image_dir, f"no usable images: all {len(images)} image files listed in "
+                                   f"{os.path.basename(self.ann_file)} are missing from this folder",
+                                   field="image folder", todo="pass the folder that holds the images (--train-images / "
+                                   "--val-images, or the data root)")
         self.image_ids = [e[0] for e in self._entries]
         decoded_bytes = sum(3 * h * w for _, _, (h, w), _, _ in self._entries)
         self._cache: dict[int, np.ndarray] | None = {} if decoded_bytes <= cache_bytes else None

@@ -266,7 +266,9 @@ def load(model: EfficientDet, source, use_ema: bool = False, reset_class_head: b
     if remove:  # --remove-weights NAME ...: those layers (only those) keep their fresh initialization
         removed = removed_keys(own, remove)
         if not removed:
-            raise CheckpointError(f"--remove-weights {remove} matches no parameter of {model.config.name}")
+            raise CheckpointError(f"--remove-weights {remove} matches no parameter of {model.config.name}",
+                                  f"--remove-weights {remove} matches no parameter of {model.config.name}", where,
+                                  None, "pass layer names of the model, e.g. class_net box_net")
         drop |= removed
         fresh += [p for p in remove if removed_keys(own, [p])]  # the names that matched a layer
     sd = {k: v for k, v in sd.items() if k not in drop}

@@ -536,7 +536,7 @@ _MAX_TRITON_BOXES = 2**29  # 4 * position must fit the kernels' int32 offsets
 def _unsupported(boxes: torch.Tensor) -> Optional[str]:
     """Why the Triton path cannot take these boxes (``"auto"`` then runs the reference), or None."""
     n = boxes.shape[0]
-    return f"{n} boxes (it takes fewer than 2**29)" if n >= _MAX_TRITON_BOXES else None
+    return f"{n} boxes (it takes fewer than {_MAX_TRITON_BOXES})" if n >= _MAX_TRITON_BOXES else None
 
 
 def _triton_path(boxes, scores, classes, iou_threshold, batch_index, band_words=0):

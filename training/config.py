@@ -774,7 +774,8 @@ def check_flag_ranges(args) -> None:
             flag = "--" + dest.replace("_", "-")
             raise UserError(f"{flag} must be {say}, got {v:g}", None, flag, f"pass {flag} {say.split(' (')[0]}")
     model = getattr(args, "model", None)
-    if model:  # an unknown name: before the data is read and the recipe printed
+    if model and not getattr(args, "detections", None):  # an unknown name, before the data is read (a
+        # detections file is scored without a model, so its --model is not checked)
         from detector.configs import ConfigError, get_config
 
         try:
@@ -825,6 +826,17 @@ def eval_data_paths(flags):
     if flags.data:
         return coco_anno_paths(flags.data, flags.anno)
     return synthetic_paths("val")
+
+
+def ann_flag(flags, split: str) -> str | None:
+    """The flag that named ``split``'s annotation file, for error lines (``training.errors.from_flag``):
+    ``--waymo-{split}-annotation``, ``--{split}-ann``, ``data`` (the positional data root), or None for the
+    built-in set."""
+    if getattr(flags, "waymo", False):
+        return f"--waymo-{split}-annotation"
+    if getattr(flags, f"{split}_ann", None):
+        return f"--{split}-ann"
+    return "data" if getattr(flags, "data", None) else None
 
 
 def synthetic_paths(split: str):

@@ -64,13 +64,14 @@ def naming(path):
 
 
 @contextmanager
-def from_flag(flag: str, missing_todo: str | None = None):
+def from_flag(flag: str | None, missing_todo: str | None = None):
     """A user error raised inside that names no field of its file (the file missing, a folder, not readable as a
-    whole) names ``flag``, the flag that gave the path; ``missing_todo`` replaces the advice for a missing file."""
+    whole) names ``flag``, the flag that gave the path (None: no flag did, nothing is named); ``missing_todo``
+    replaces the advice for a missing file."""
     try:
         yield
     except user_error_types() as e:
-        if getattr(e, "field", None) is None:
+        if flag is not None and getattr(e, "field", None) is None:
             e.field = flag
             if missing_todo and "not found" in (getattr(e, "what", None) or ""):
                 e.todo = missing_todo

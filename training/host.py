@@ -58,11 +58,13 @@ def check_kernel_backend(backend: str, cuda: bool) -> None:
 
     from .errors import UserError
 
-    try:
-        from_env = _dispatch.default_backend()
-    except ValueError as e:
-        raise UserError(str(e), None, _dispatch.ENV_VAR, "set it to auto, triton or torch, or unset it") from None
-    chosen, field = (backend, "--kernel-backend") if backend != "auto" else (from_env, _dispatch.ENV_VAR)
+    if backend != "auto":  # the flag wins over the environment variable, as backend= does in kernels
+        chosen, field = backend, "--kernel-backend"
+    else:
+        try:
+            chosen, field = _dispatch.default_backend(), _dispatch.ENV_VAR
+        except ValueError as e:
+            raise UserError(str(e), None, _dispatch.ENV_VAR, "set it to auto, triton or torch, or unset it") from None
     if chosen != "triton":
         return
     if not _dispatch.triton_available():

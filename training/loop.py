@@ -22,7 +22,7 @@ from detector.layers import convert_sync_batchnorm
 from detector.pipeline import compute_loss
 
 from . import distributed as dist
-from .config import TrainConfig, train_data_paths, uses_builtin_data
+from .config import TrainConfig, ann_flag, train_data_paths, uses_builtin_data
 from .errors import UserError, from_flag, naming
 from .evaluation import autocast, evaluate_model, save_pictures, waymo_iou_by_class
 from .models import build_model, freeze, load_backbone, to_memory_format, training_overrides
@@ -216,9 +216,9 @@ def load_data(args):
     if "train" not in paths:
         raise UserError("no training data", None, "--train-ann",
                         "give a data root, --train-ann, or nothing for the built-in synthetic set")
-    with from_flag("--train-ann"):
+    with from_flag(ann_flag(args, "train")):
         train_set = D.CocoDetection(*paths["train"], skip_bad_images=args.skip_bad_images)
-    with from_flag("--val-ann"):
+    with from_flag(ann_flag(args, "val")):
         val_set = D.CocoDetection(*paths["val"], skip_bad_images=args.skip_bad_images) if "val" in paths else None
     if val_set is not None and len(val_set) == 0:
         raise UserError("the validation set is empty", paths["val"][0], "images",
@@ -253,9 +253,11 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
         if info.is_main:
             console.print(f"pretrained weights: {msg}")
     if cfg.initial_checkpoint:
-        with from_flag("--initial-checkpoint"):
-            msg = ckpt.load(model, cfg.initial_checkpoint, reset_class_head=cfg.remove_weights == [],  # no names
-                            remove=cfg.remove_weights or None)
+        with from_flag("--initial-checkpoint"):  # the file itself; what fits the model is load's to say
+            state = ckpt.read(cfg.initial_checkpoint)
+        with from_flag("--remove-weights" if cfg.remove_weights else None):
+            msg = ckpt.load(model, state, reset_class_head=cfg.remove_weights == [],  # [] = no names
+                            remove=cfg.remove_weights or None, where=cfg.initial_checkpoint)
         if info.is_main:
             console.print(f"initial checkpoint: {msg}")
     freeze(model, cfg.freeze_layers)

@@ -120,9 +120,10 @@ def test_repeated_updates_use_cached_plan_and_rebuild_on_new_storage():
 
 
 def test_list_items_replaced_or_resized_at_the_same_address_rebuild_the_plan():
-    """The cached plan is keyed by layout as well as address: a list item swapped for a view at the same
-    address, a tensor resized in place, or another dtype at the same address must not reuse the old sizes
-    (the kernel would write past the new tensor's end) or dtype."""
+    """The cached plan is checked against the tensor objects and element counts as well as addresses: a list
+    item swapped for a view at the same address, the same tensor object given fewer elements at the same
+    address (``.data = base[:4]``), or another dtype at the same address must not reuse the old sizes (the
+    kernel would write past the new tensor's end) or dtype."""
     ema_mod._PLANS.clear()
     ema_mod._BY_ID.clear()
     a, b = torch.zeros(10), torch.ones(10)
@@ -131,10 +132,12 @@ def test_list_items_replaced_or_resized_at_the_same_address_rebuild_the_plan():
     ema[0], model[0] = a[:5], b[:5]                  # the same list objects, the same addresses, 5 elements
     ema_update(ema, model, 0.5, backend="triton")
     assert a[:5].tolist() == [0.75] * 5 and a[5:].tolist() == [0.5] * 5, a
-    a.resize_(3)                                     # in place: same object, same address, 3 elements
-    ema[0], model[0] = a, b[:3]
-    ema_update(ema, model, 0.0, backend="triton")
-    assert a.tolist() == [1.0] * 3
+    base, src = torch.zeros(10), torch.ones(10)
+    ema, model = [base[:10]], [src[:10]]
+    ema_update(ema, model, 0.5, backend="triton")
+    ema[0].data, model[0].data = base[:4], src[:4]  # the same objects, the same addresses, 4 elements
+    ema_update(ema, model, 0.5, backend="triton")
+    assert base[:4].tolist() == [0.75] * 4 and base[4:].tolist() == [0.5] * 6, base  # nothing past the end
     c, d = torch.zeros(4, dtype=torch.float32), torch.ones(4, dtype=torch.float32)
     ema, model = [c], [d]
     ema_update(ema, model, 0.5, backend="triton")

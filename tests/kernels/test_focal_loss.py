@@ -345,15 +345,17 @@ def test_input_validation():
                 focal_loss(x, torch.zeros(2, 3, dtype=torch.int64), 1.0, label_smoothing=s, backend=backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
-def test_ignore_index_outside_the_targets_dtype_matches_no_anchor(dtype):
-    """-200 cannot be an int8 target: no anchor is ignored (torch's comparison would wrap it to class 56)."""
+@pytest.mark.parametrize("dtype,bits", [(torch.int8, 8), (torch.int16, 16), (torch.int32, 32)])
+def test_ignore_index_outside_the_targets_dtype_matches_no_anchor(dtype, bits):
+    """An ignore_index no target of that dtype can hold (56 - 2**bits: -200 for int8) ignores no anchor; a
+    comparison in the targets' dtype would wrap it to class 56 and ignore those anchors."""
     g = torch.Generator().manual_seed(12)
     x = torch.randn(2, 9, 60, generator=g) * 3
     t = torch.randint(-1, 60, (2, 9), generator=g).to(dtype)
     t[0, :3] = 56
-    lt, gt = check(x, t, torch.tensor(4.0), ignore_index=-200)
-    lr = focal_loss_reference(x, t.long(), torch.tensor(4.0), ignore_index=-200)
+    ignore = 56 - 2**bits
+    lt, gt = check(x, t, torch.tensor(4.0), ignore_index=ignore)
+    lr = focal_loss_reference(x, t.long(), torch.tensor(4.0), ignore_index=ignore)
     assert_close(lt, lr, *tolerance(torch.float32, x.numel()), "as int64 targets")
     assert (gt[0, :3] != 0).any()  # the class-56 anchors count
 

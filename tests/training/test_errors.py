@@ -289,6 +289,47 @@ def test_training_files_not_found_name_their_flag(tiny, tmp_path, capsys, flag):
         assert "backbone weights" in line and "last.pth" not in line, line
 
 
+def test_fields_name_the_flag_the_user_gave_or_the_entry(tiny, ckpt_dir, tmp_path, capsys, monkeypatch):
+    """The field of a one-line error is the flag that really gave the value (a data root is ``data``, not an
+    annotation flag the user never passed; --remove-weights, not the checkpoint it applies to) or the entry
+    inside the file (an empty 'images'), and an image folder without the listed images names that folder."""
+    train_args = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                  "--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu", "--max-steps", "1", "-b", "2"]
+    rc = train.main(train_args + ["--initial-checkpoint", str(ckpt_dir / "good.pth"), "--remove-weights", "nosuch"])
+    line, m = one_error_line(capsys, rc)
+    assert "matches no parameter" in line and m["field"] == "--remove-weights", line
+    (tmp_path / "root").mkdir()
+    line, m = one_error_line(capsys, evaluate.main([str(tmp_path / "root"), "--output", str(tmp_path / "o"),
+                                                    "--device", "cpu", "--checkpoint", str(ckpt_dir / "good.pth")]))
+    assert "annotation file not found" in line and m["field"] == "data", line
+    empty = json.loads(open(tiny["val"]["ann_file"]).read())
+    empty["images"] = []
+    (tmp_path / "empty.json").write_text(json.dumps(empty))
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"),
+                                                            ann=tmp_path / "empty.json")))
+    assert "contains no images" in line and m["field"] == "images", line
+    (tmp_path / "no_images").mkdir()
+    line, m = one_error_line(capsys, evaluate.main(val_args(tiny, tmp_path, "--checkpoint", str(ckpt_dir / "good.pth"),
+                                                            "--skip-bad-images", images=tmp_path / "no_images")))
+    assert "no usable images" in line and m["file"] == str(tmp_path / "no_images"), line
+    assert m["field"] == "image folder" and "--val-images" in line, line
+
+
+def test_values_that_do_not_matter_to_the_run_are_not_refused(tiny, tmp_path, capsys, monkeypatch):
+    """A detections file is scored without a model or kernels: its --model and the kernel environment are not
+    checked; an explicit --kernel-backend wins over a stale EFFDET_KERNEL_BACKEND, as backend= does."""
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    dets = [{"image_id": gt["images"][0]["id"], "category_id": gt["categories"][0]["id"], "bbox": [1, 2, 10, 10],
+             "score": 0.9}]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    monkeypatch.setenv("EFFDET_KERNEL_BACKEND", "bogus")
+    args = val_args(tiny, tmp_path, "--detections", str(tmp_path / "dets.json"), "--model", "foo")
+    assert evaluate.main([a for a in args if a not in ("--kernel-backend", "torch")]) == 0, capsys.readouterr().err
+    from training.host import check_kernel_backend
+
+    check_kernel_backend("torch", cuda=False)  # the flag given: the environment variable is not read
+
+
 def test_skipped_images_are_counted_in_the_evaluation(tiny, ckpt_dir, tmp_path, capsys):
     images = tmp_path / "images"
     shutil.copytree(tiny["val"]["image_dir"], images)
