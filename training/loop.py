@@ -226,6 +226,15 @@ def load_data(args):
     if val_set is not None and not val_set.coco.dataset["annotations"]:  # found now, not after an epoch
         raise UserError("the validation set has no annotations: AP is undefined", paths["val"][0], "annotations",
                         "pass a --val-ann with boxes, or leave validation out")
+    if val_set is not None and val_set.cat_ids != train_set.cat_ids:
+        # the model's class i is the training file's i-th category: another list would score (and draw) the
+        # detections under the wrong category ids
+        only_train = sorted(set(train_set.cat_ids) - set(val_set.cat_ids))
+        only_val = sorted(set(val_set.cat_ids) - set(train_set.cat_ids))
+        raise UserError(f"the validation file's categories differ from the training file's (ids only in the "
+                        f"training file: {only_train[:5]}, only in the validation file: {only_val[:5]})",
+                        paths["val"][0], "categories",
+                        "give both files the same 'categories' list (a category without boxes may stay listed)")
     return train_set, val_set
 
 

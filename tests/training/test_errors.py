@@ -381,6 +381,22 @@ def test_training_set_without_boxes(tiny, tmp_path, capsys):
     assert "no boxes" in line and m["file"].endswith("empty.json") and m["field"] == "annotations"
 
 
+def test_validation_categories_other_than_the_training_ones(tiny, tmp_path, capsys):
+    """The model's class i is the training file's i-th category: a validation file listing other categories was
+    scored (and drawn) under its own mapping, AP 0 for a perfect model. Refused at start, naming both sides."""
+    gt = json.loads(open(tiny["val"]["ann_file"]).read())
+    dropped = gt["categories"][0]["id"]
+    gt["categories"] = gt["categories"][1:]
+    gt["annotations"] = [a for a in gt["annotations"] if a["category_id"] != dropped]
+    (tmp_path / "val.json").write_text(json.dumps(gt))
+    rc = train.main(["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+                     "--val-ann", str(tmp_path / "val.json"), "--val-images", tiny["val"]["image_dir"],
+                     "--output", str(tmp_path / "out"), "--workers", "0", "--device", "cpu", "-b", "2"])
+    line, m = one_error_line(capsys, rc)
+    assert "categories differ" in line and f"only in the training file: [{dropped}]" in line, line
+    assert m["file"].endswith("val.json") and m["field"] == "categories", line
+
+
 def test_data_root_and_annotation_flags_together(tiny, tmp_path, capsys):
     rc = train.main([str(tmp_path), "--train-ann", tiny["train"]["ann_file"], "--train-images",
                      tiny["train"]["image_dir"], "--output", str(tmp_path / "out"), "--device", "cpu"])
