@@ -105,7 +105,9 @@ class EvalTransform:
         h, w = image.shape[:2]
         th, tw = self.target_size
         s = min(th / h, tw / w)
-        rh, rw = min(th, max(1, round(h * s))), min(tw, max(1, round(w * s)))
+        # truncated, as effdet's and NVIDIA's ResizePad size it (int(h * s)): rounding gave another input
+        # size, and other detections, for e.g. 427 x 640 at 256 px
+        rh, rw = min(th, max(1, int(h * s))), min(tw, max(1, int(w * s)))
         resized = resize_image(image, (rh, rw), interpolation=self.interpolation)
         boxes = sample["boxes"].reshape(-1, 4) * np.array([rw / w, rh / h, rw / w, rh / h], dtype=np.float32)
         boxes, labels = clip_and_filter_boxes(boxes, sample["labels"], rh, rw)

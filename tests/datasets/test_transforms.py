@@ -145,3 +145,22 @@ def test_empty_boxes_and_build_transform():
     assert isinstance(build_transform(False, 32), EvalTransform)
     with pytest.raises(ValueError):
         TrainTransform(32, scale_range=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("h,w,target", [(427, 640, 256), (511, 257, 256), (97, 143, 256), (480, 640, 512),
+                                        (333, 500, 128), (640, 427, 512), (10, 900, 128)])
+def test_eval_transform_is_effdets_resize_pad(h, w, target):
+    """The evaluation input equals effdet's ``ResizePad`` (which NVIDIA's pipeline uses too), pixel for pixel,
+    for sizes where rounding and truncating the resized side differ (427 x 640 at 256 px: 170.8 -> 170)."""
+    effdet_transforms = pytest.importorskip("effdet.data.transforms")
+    from PIL import Image
+
+    from datasets.transforms import IMAGENET_MEAN_PIXEL
+
+    rng = np.random.default_rng(h * w)
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    ours = EvalTransform(target)({"image": img, "boxes": np.zeros((0, 4), np.float32),
+                                  "labels": np.zeros((0,), np.int64)})
+    theirs, anno = effdet_transforms.ResizePad(target, "bilinear", IMAGENET_MEAN_PIXEL)(Image.fromarray(img), {})
+    assert np.array_equal(ours["image"], np.asarray(theirs)), (h, w, target)
+    assert ours["scale"] == pytest.approx(1.0 / anno["img_scale"], rel=1e-12)
