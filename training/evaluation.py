@@ -116,14 +116,15 @@ def evaluate_model(model, loader, info: dist.DistInfo, amp=None, soft_nms=None, 
         model, loader, info.device, amp=amp, soft_nms=soft_nms, channels_last=channels_last, backend=backend,
         show_progress=info.is_main, keep_images=keep_images)
     gathered = dist.all_gather_objects(results)
-    image_ids = sorted({i for part in dist.all_gather_objects(timing["image_ids"]) for i in part})
-    seen, merged = set(), []
-    for part in gathered:  # a distributed sampler may repeat a few images to even out the shards
-        for r in part:
-            key = (r["image_id"], r["category_id"], tuple(round(v, 3) for v in r["bbox"]), round(r["score"], 6))
-            if key not in seen:
-                seen.add(key)
-                merged.append(r)
+    ids_per_rank = dist.all_gather_objects(timing["image_ids"])
+    image_ids = sorted({i for part in ids_per_rank for i in part})
+    claimed, merged = set(), []
+    # an image run on several ranks (the distributed sampler repeats a few to even out the shards; a corrupt
+    # image's replacement may be another rank's image) is scored with the first rank's detections, all of
+    # them; within a rank run_inference already kept one copy per image
+    for part, ids in zip(gathered, ids_per_rank):
+        merged += [r for r in part if r["image_id"] not in claimed]
+        claimed.update(ids)
     stats = D.evaluate_detections(loader.dataset.coco.dataset, merged, iou_by_class=iou_by_class, image_ids=image_ids)
     return stats, merged, timing, pictures
 

@@ -94,3 +94,32 @@ def test_no_host_copy_per_batch(setup, monkeypatch):
             run_inference(model, loader, torch.device("cpu"), backend="torch", show_progress=False)
         got[bs] = dict(counts)
     assert got[1] == got[5] and got[1].get("cpu") == 1, got
+
+
+def test_ranks_results_merged_per_image(monkeypatch):
+    """evaluate_model keeps, for each image, every detection of the first rank that ran it: another rank's
+    copy of that image (the sampler's padding, or a corrupt image's replacement) is dropped even where its
+    boxes differ in the last digits, and identical rows of one image (e.g. two boxes clipped to the same
+    border line) are all kept. It matched rows by rounded values instead, which did neither."""
+    import training.evaluation as E
+
+    def row(image_id, x, score):
+        return {"image_id": image_id, "category_id": 1, "bbox": [x, 0.0, 5.0, 5.0], "score": score}
+
+    ranks = [([row(1, 0.0, 0.9), row(1, 0.0, 0.9), row(2, 1.0, 0.8)], [1, 2]),
+             ([row(2, 1.0004, 0.8000001), row(3, 2.0, 0.7)], [2, 3])]
+    parts = iter([[r for r, _ in ranks], [ids for _, ids in ranks]])
+    monkeypatch.setattr(E.dist, "all_gather_objects", lambda obj: next(parts))
+    monkeypatch.setattr(E, "run_inference", lambda *a, **k: ([], {"image_ids": []}, []))
+    scored = {}
+    monkeypatch.setattr(E.D, "evaluate_detections",
+                        lambda gt, dets, iou_by_class=None, image_ids=None: scored.update(dets=dets, ids=image_ids))
+
+    class Loader:
+        class dataset:
+            class coco:
+                dataset = {}
+    info = type("Info", (), {"device": torch.device("cpu"), "is_main": True})()
+    E.evaluate_model(None, Loader, info)
+    assert scored["ids"] == [1, 2, 3]
+    assert [(r["image_id"], r["bbox"][0]) for r in scored["dets"]] == [(1, 0.0), (1, 0.0), (2, 1.0), (3, 2.0)]
