@@ -15,12 +15,13 @@ class TimeBudget:
 
     Training gets what is left of the budget after set-up, minus a reserve for the final evaluation (1.2x the
     last evaluation's duration plus 10 s; before the first evaluation, a guess from the validation set's size
-    and the training speed). ``fraction()`` is the share of that window used so far, plus ``offset`` (the
-    fraction a resumed run had reached); training stops at 1.
+    and the training speed). ``fraction()`` is the training time so far over that window; training stops at 1.
+    A resumed run counts the training seconds of the runs before it (``spent``, saved in the checkpoint):
+    resumed with the same budget it trains only what the budget has left, with a larger one for longer.
     """
 
-    def __init__(self, minutes: float, t0: float, offset: float = 0.0):
-        self.seconds, self.t0, self.offset = 60.0 * minutes, t0, offset
+    def __init__(self, minutes: float, t0: float, spent: float = 0.0):
+        self.seconds, self.t0, self.spent = 60.0 * minutes, t0, spent
         self.t_train: float | None = None
         self.reserve = 10.0
         self.measured = False
@@ -38,10 +39,13 @@ class TimeBudget:
     def evaluated(self, seconds: float) -> None:
         self.reserve, self.measured = min(10.0 + 1.2 * seconds, self.seconds / 3), True
 
+    def train_seconds(self) -> float:
+        """Training seconds of this run and of the runs it resumes."""
+        return self.spent + (time.perf_counter() - self.t_train if self.t_train is not None else 0.0)
+
     def fraction(self) -> float:
-        if self.t_train is None:
-            return self.offset
-        window = self.seconds - (self.t_train - self.t0) - self.reserve
+        start = self.t_train if self.t_train is not None else time.perf_counter()
+        window = self.seconds - (start - self.t0) - self.reserve
         if window <= 0:
             return 1.0
-        return self.offset + (time.perf_counter() - self.t_train) / window * (1.0 - self.offset)
+        return self.train_seconds() / window

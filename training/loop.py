@@ -75,6 +75,7 @@ class Run:
     bn_before: list = field(default_factory=list)
     budget: TimeBudget | None = None  # --time-budget
     budget_fraction: float = 0.0  # the budget's fraction at the last check (budget_spent), agreed by all workers
+    stopped_in_epoch: int | None = None  # batches of its last epoch a budget-stopped run trained (None: all)
     pictures: list = field(default_factory=list)  # (image id, detections) of the final evaluation
     bn_frozen: bool = False  # --freeze-bn-after reached: BN layers use their running statistics
     bn_frozen_saved: bool | None = None  # bn_frozen as the resumed checkpoint recorded it (None: fresh, or older)
@@ -152,6 +153,14 @@ def setup(args, info: dist.DistInfo) -> Run:
     if val_set is not None:
         val_set.transform = D.EvalTransform(size, fill=cfg.fill_color, interpolation=cfg.eval_interpolation)
     make_output_folder(cfg.output)
+    log_path = os.path.join(cfg.output, "log.jsonl")
+    resuming = bool(cfg.resume) and (cfg.resume != "auto" or os.path.exists(os.path.join(cfg.output, "last.pth")))
+    if info.is_main and not resuming and os.path.exists(log_path):  # a fresh run: its own log (appending drew
+        n = 1                                                          # two runs as one curve)
+        while os.path.exists(f"{log_path}.{n}"):
+            n += 1
+        os.replace(log_path, f"{log_path}.{n}")
+        console.print(f"{log_path} of an earlier run kept as {log_path}.{n}")
     jlog = JsonLog(os.path.join(cfg.output, "log.jsonl") if info.is_main else None,
                    dllogger=cfg.dllogger_file if info.is_main else None)
     jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),
@@ -182,6 +191,12 @@ def setup(args, info: dist.DistInfo) -> Run:
         raise UserError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}{each}",
                         train_set.ann_file, "--batch-size", "pass a smaller --batch-size"
                         f"{', fewer --nproc' if info.distributed else ''} or more images")
+    bn_batch = cfg.batch_size * (info.world_size if cfg.sync_bn else 1)  # what one BN layer normalizes over
+    smallest = min(model.config.image_size) // 2 ** model.config.max_level  # side of the coarsest map
+    if bn_batch * smallest * smallest < 2:  # BN in training needs two values per channel (it was a traceback)
+        raise UserError(f"batch {cfg.batch_size} at {min(model.config.image_size)} px leaves BN one value per "
+                        f"channel on the {smallest}x{smallest} P{model.config.max_level} map", None, "--batch-size",
+                        "pass -b 2 or more (with --nproc, or --sync-bn), or a larger --input_size")
     optimizer = build_optimizer(cfg, model)
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
     budget = TimeBudget(cfg.time_budget, t0) if cfg.time_budget else None
@@ -276,8 +291,12 @@ def load_initial_weights(cfg: TrainConfig, model, info: dist.DistInfo) -> None:
 def fit(run: Run) -> dict | None:
     interrupt = InterruptFlag()
     for epoch in range(run.start_epoch, run.last_epoch):
-        if epoch == run.start_epoch and budget_spent(run):
-            break  # a resumed run whose budget was already spent
+        if epoch == run.start_epoch and budget_spent(run):  # a resumed run whose budget was already spent
+            if run.info.is_main:
+                console.print(f"[yellow]time budget: the runs this one resumes trained {run.budget.spent / 60:.2f} "
+                              f"min, all that --time-budget {run.cfg.time_budget:g} leaves for training: nothing "
+                              "more is trained (pass a larger --time-budget to train on)[/]")
+            break
         if not train_one_epoch(run, epoch, interrupt):
             report_bad_images(run)
             return None  # interrupted or --max-steps; the state is saved
@@ -287,7 +306,7 @@ def fit(run: Run) -> dict | None:
         if not run.out_of_time:
             budget_spent(run)  # the budget ran out at the epoch's last step: this epoch is the last
         improved = maybe_evaluate(run, epoch)
-        save_state(run, epoch, None, improved)
+        save_state(run, epoch, run.stopped_in_epoch, improved)
         dist.barrier()
         if run.out_of_time:
             break
@@ -390,6 +409,7 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
         for i, batch in enumerate(prefetch, start=skip):
             if run.budget is not None and stop_for_budget(run, epoch, i, steps_done=i - skip,
                                                           img_per_s=seen / max(time.perf_counter() - t_epoch, 1e-9)):
+                run.stopped_in_epoch = i if i > 0 else None  # saved: a resume finishes this epoch first
                 break  # checked before the step, so none starts once the budget is spent
             freeze_bn_if_due(run)
             t0 = time.perf_counter()
@@ -561,6 +581,7 @@ def save_state(run: Run, epoch: int, batch_in_epoch: int | None, improved: bool)
              "scaler": run.scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": run.step,
              "best": run.best, "rng": rngs if run.info.distributed else rngs[0], "args": run.cfg.to_dict(),
              "budget_fraction": run.budget.fraction() if run.budget is not None else None,
+             "budget_train_seconds": run.budget.train_seconds() if run.budget is not None else None,
              "bn_frozen": run.bn_frozen,
              "config": run.model.config.to_dict(), "class_names": run.train_set.class_names,
              "label_to_cat_id": run.train_set.label_to_cat_id}
@@ -589,6 +610,8 @@ def resume(run: Run, path: str) -> None:
         ckpt.load(run.model, state)
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
+    elif run.ema is not None:  # EMA turned on at this resume: it starts from the resumed weights, not the
+        run.ema.restart(run.model)  # initial ones it was built from
     if not run.cfg.no_resume_opt:
         try:
             load_optimizer_state(run.optimizer, state["optimizer"])
@@ -599,8 +622,10 @@ def resume(run: Run, path: str) -> None:
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
     run.start_epoch, run.step, run.best = state["epoch"] + 1, state["step"], state.get("best", -1.0)
-    if run.budget is not None and state.get("budget_fraction") is not None:
-        run.budget.offset = min(1.0, state["budget_fraction"])  # the budget continues where it stopped
+    if run.budget is not None and state.get("budget_train_seconds") is not None:  # the budget continues
+        run.budget.spent = float(state["budget_train_seconds"])
+    elif run.budget is not None and state.get("budget_fraction") is not None:  # saved before the seconds were
+        run.budget.spent = min(1.0, state["budget_fraction"]) * run.budget.seconds  # (about: set-up not known)
     if state.get("bn_frozen") is not None and not run.cfg.benchmark:  # recorded since the EMA restarts at
         run.bn_frozen = run.bn_frozen_saved = bool(state["bn_frozen"])  # the freeze; --benchmark starts unfrozen
     if state.get("batch_in_epoch"):  # interrupted inside an epoch: finish that epoch first

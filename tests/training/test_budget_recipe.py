@@ -118,14 +118,21 @@ def test_budget_fraction_follows_the_clock(monkeypatch):
     assert tb.fraction() >= 1.0  # 40 of 34 s: training must stop
 
 
-def test_resumed_budget_continues_from_its_fraction(monkeypatch):
+def test_resumed_budget_counts_the_earlier_training_time(monkeypatch):
+    """A resumed run trains what its budget has left after the earlier runs' training seconds, not a whole new
+    window (it did: the fraction was rescaled to reach 1 only at the window's end, whatever the offset)."""
     clock = Clock()
     monkeypatch.setattr(budget.time, "perf_counter", clock)
-    tb = budget.TimeBudget(1.0, t0=100.0, offset=0.5)
-    assert tb.fraction() == 0.5
-    tb.start()
-    clock.now = 120.0  # window 50 s, 20 s used -> 0.5 + 0.4 * 0.5
-    assert tb.fraction() == pytest.approx(0.7)
+    tb = budget.TimeBudget(1.0, t0=100.0, spent=25.0)
+    tb.start()  # no set-up: window = 60 - 10 (reserve) = 50 s, of which 25 s were trained before
+    assert tb.fraction() == pytest.approx(0.5) and tb.train_seconds() == 25.0
+    clock.now = 120.0
+    assert tb.fraction() == pytest.approx(0.9)
+    clock.now = 125.0
+    assert tb.fraction() >= 1.0  # 25 s left, 25 s trained: stop (the whole 50 s window before)
+    longer = budget.TimeBudget(2.0, t0=125.0, spent=45.0)  # the same run resumed with a 2-minute budget
+    longer.start()
+    assert longer.fraction() == pytest.approx(45 / 110)
 
 
 @pytest.fixture(scope="module")
@@ -312,3 +319,35 @@ def test_budgeted_freeze_reuses_the_stop_checks_fraction(monkeypatch):
     assert not loop.budget_spent(run)  # the stop check before step 8
     loop.freeze_bn_if_due(run)
     assert run.bn_frozen and not bn.training and len(reduces) == 1
+
+
+def test_fresh_run_keeps_the_earlier_log_and_resumed_ema_starts_from_the_resumed_weights(tiny, tmp_path):
+    """A fresh run into a used --output writes its own log.jsonl (the earlier one kept as log.jsonl.1; appending
+    drew both runs as one curve), a resumed run appends; EMA turned on at a resume starts from the resumed
+    weights (it kept the initial ones it was built from)."""
+    import torch
+
+    out = tmp_path / "out"
+    flags = ("--epochs", "2", "--eval-interval", "0", "--pictures", "0")
+    train_tiny(tiny, out, *flags, "--stop-after", "1", "--no-model-ema")
+    first = (out / "log.jsonl").read_text()
+    log = train_tiny(tiny, out, *flags, "--resume", "--model-ema", "--max-steps", "1")
+    assert (out / "log.jsonl").read_text().startswith(first) and not (out / "log.jsonl.1").exists()
+    state = torch.load(out / "last.pth", weights_only=False)
+    ema, model = state["ema"]["module"], state["model"]
+    assert state["ema"]["updates"] == 1
+    far = max((ema[k].float() - v.float()).abs().max().item() for k, v in model.items() if v.is_floating_point())
+    assert far < 0.05, far  # one warm-up update after a restart from the resumed weights: close to them
+    train_tiny(tiny, out, "--epochs", "1", "--eval-interval", "0", "--pictures", "0")
+    assert (out / "log.jsonl.1").read_text().startswith(first)
+    events = [json.loads(x)["event"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events.count("start") == 1
+
+
+def test_batch_of_one_at_128_px_is_one_line(tiny, tmp_path, capsys):
+    """BN in training needs two values per channel: batch 1 at 128 px has a 1x1 P7 map (it was a traceback)."""
+    argv = ["--train-ann", tiny["train"]["ann_file"], "--train-images", tiny["train"]["image_dir"],
+            "--output", str(tmp_path), "--input_size", "128", "-b", "1", "--workers", "0", "--device", "cpu"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one value per channel" in err and "--batch-size" in err, err
