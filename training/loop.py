@@ -612,6 +612,12 @@ def resume(run: Run, path: str) -> None:
         run.ema.load_state_dict(state["ema"])
     elif run.ema is not None:  # EMA turned on at this resume: it starts from the resumed weights, not the
         run.ema.restart(run.model)  # initial ones it was built from
+    saved_args = state["args"] if isinstance(state.get("args"), dict) else {}
+    kept = [f"{flag} {saved_args[key]:g}" for flag, key in (("--lr", "lr"), ("--weight-decay", "weight_decay"))
+            if isinstance(saved_args.get(key), (int, float)) and saved_args[key] != getattr(run.cfg, key)]
+    if kept and not run.cfg.no_resume_opt and run.info.is_main:  # the optimizer's state holds both
+        console.print(f"[yellow]--resume: the resumed optimizer keeps the run's {', '.join(kept)} (this run's values "
+                      "do not apply; --no-resume-opt starts a fresh optimizer with them)[/]")
     if not run.cfg.no_resume_opt:
         try:
             load_optimizer_state(run.optimizer, state["optimizer"])

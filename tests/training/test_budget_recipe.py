@@ -351,3 +351,14 @@ def test_batch_of_one_at_128_px_is_one_line(tiny, tmp_path, capsys):
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "one value per channel" in err and "--batch-size" in err, err
+
+
+def test_resume_says_the_optimizer_keeps_its_learning_rate(tiny, tmp_path, capsys):
+    """--lr / --weight-decay given at a resume do not reach the resumed optimizer (its state holds them): said."""
+    out = tmp_path / "out"
+    flags = ("--epochs", "2", "--eval-interval", "0", "--pictures", "0", "--lr", "0.001")
+    train_tiny(tiny, out, *flags, "--stop-after", "1")
+    capsys.readouterr()
+    train_tiny(tiny, out, *flags[:-1], "0.01", "--resume")
+    said = " ".join(capsys.readouterr().out.split())
+    assert "keeps the run's --lr 0.001" in said, said
