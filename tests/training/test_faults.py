@@ -185,8 +185,8 @@ def test_failing_worker_of_a_distributed_run_exits_at_once_with_its_error_once(t
     bad = sorted(images.iterdir())[3]
     bad.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     t0 = time.time()
-    p = subprocess.Popen(train_cmd(tiny, tmp_path / "out", "--epochs", "2", "--nproc", "2", "-b", "1",
-                                   train_images=images),
+    p = subprocess.Popen(train_cmd(tiny, tmp_path / "out", "--epochs", "2", "--nproc", "2", "-b", "1", "--sync-bn",
+                                   train_images=images),  # BN over both ranks' images: batch 1 each at 128 px
                          cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
