@@ -7,6 +7,7 @@ GPUs, gloo on the CPU.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -140,8 +141,6 @@ def spawn(nproc: int, fn, args) -> None:
     import torch.multiprocessing as mp
 
     from .errors import WorkerFailed
-
-    import signal
 
     ctx = mp.get_context("spawn")
     port = free_port()

@@ -153,15 +153,19 @@ def setup(args, info: dist.DistInfo) -> Run:
     if val_set is not None:
         val_set.transform = D.EvalTransform(size, fill=cfg.fill_color, interpolation=cfg.eval_interpolation)
     make_output_folder(cfg.output)
+    resume_from = os.path.join(cfg.output, "last.pth") if cfg.resume == "auto" else cfg.resume
+    if resume_from == os.path.join(cfg.output, "last.pth") and not os.path.exists(resume_from):
+        if info.is_main:  # NVIDIA's scripts always pass --resume: the first run starts fresh
+            console.print(f"--resume: no {resume_from} yet, starting fresh")
+        resume_from = None
     log_path = os.path.join(cfg.output, "log.jsonl")
-    resuming = bool(cfg.resume) and (cfg.resume != "auto" or os.path.exists(os.path.join(cfg.output, "last.pth")))
-    if info.is_main and not resuming and os.path.exists(log_path):  # a fresh run: its own log (appending drew
-        n = 1                                                          # two runs as one curve)
+    if info.is_main and not resume_from and os.path.exists(log_path):  # a fresh run: its own log (appending
+        n = 1                                                          # drew two runs as one curve)
         while os.path.exists(f"{log_path}.{n}"):
             n += 1
         os.replace(log_path, f"{log_path}.{n}")
         console.print(f"{log_path} of an earlier run kept as {log_path}.{n}")
-    jlog = JsonLog(os.path.join(cfg.output, "log.jsonl") if info.is_main else None,
+    jlog = JsonLog(log_path if info.is_main else None,
                    dllogger=cfg.dllogger_file if info.is_main else None)
     jlog.write(event="start", step=0, epoch=0, args=cfg.to_dict(), config=model.config.to_dict(),
                world_size=info.world_size, device=str(info.device), train_images=len(train_set),
@@ -192,10 +196,10 @@ def setup(args, info: dist.DistInfo) -> Run:
                         train_set.ann_file, "--batch-size", "pass a smaller --batch-size"
                         f"{', fewer --nproc' if info.distributed else ''} or more images")
     bn_batch = cfg.batch_size * (info.world_size if cfg.sync_bn else 1)  # what one BN layer normalizes over
-    smallest = min(model.config.image_size) // 2 ** model.config.max_level  # side of the coarsest map
-    if bn_batch * smallest * smallest < 2:  # BN in training needs two values per channel (it was a traceback)
-        raise UserError(f"batch {cfg.batch_size} at {min(model.config.image_size)} px leaves BN one value per "
-                        f"channel on the {smallest}x{smallest} P{model.config.max_level} map", None, "--batch-size",
+    (h, w), level = model.config.image_size, model.config.max_level
+    if bn_batch * (h >> level) * (w >> level) < 2:  # BN in training needs two values per channel (a traceback)
+        raise UserError(f"batch {cfg.batch_size} at {h}x{w} px leaves BN one value per channel on the "
+                        f"{h >> level}x{w >> level} P{level} map", None, "--batch-size",
                         "pass -b 2 or more (with --nproc, or --sync-bn), or a larger --input_size")
     optimizer = build_optimizer(cfg, model)
     use_scaler = bool(cfg.amp) and cfg.amp != "bf16" and info.device.type == "cuda"
@@ -205,11 +209,6 @@ def setup(args, info: dist.DistInfo) -> Run:
               scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), train_set=train_set, val_set=val_set,
               train_loader=train_loader, val_loader=val_loader, jlog=jlog, t0=t0,
               start_epoch=cfg.start_epoch or 0, steps_per_epoch=len(train_loader))
-    resume_from = os.path.join(cfg.output, "last.pth") if cfg.resume == "auto" else cfg.resume
-    if resume_from == os.path.join(cfg.output, "last.pth") and not os.path.exists(resume_from):
-        if info.is_main:  # NVIDIA's scripts always pass --resume: the first run starts fresh
-            console.print(f"--resume: no {resume_from} yet, starting fresh")
-        resume_from = None
     if resume_from:
         resume(run, resume_from)
     elif cfg.start_epoch:
