@@ -426,7 +426,9 @@ def train_one_epoch(run: Run, epoch: int, interrupt: "InterruptFlag") -> bool:
                                  step_time=time.perf_counter() - t0)
                 bar.update(task, info=f"loss {event['loss']:.4f} lr {event['lr']:.2e} {event['img_per_s']:.1f} img/s")
             bar.update(task, advance=1)
-            step_limit = cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps
+            # --max-steps on the run's very last step: the run ends as scheduled (evaluated), not as interrupted
+            step_limit = (cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps
+                          and not (epoch == run.last_epoch - 1 and i == run.steps_per_epoch - 1))
             if cfg.benchmark and (len(run.bench_times) >= benchmark_phases(cfg) * cfg.benchmark_steps or step_limit):
                 break
             if parts[3] > 0 or step_limit:  # Ctrl-C / SIGTERM on any rank, or --max-steps: save and stop

@@ -362,3 +362,11 @@ def test_resume_says_the_optimizer_keeps_its_learning_rate(tiny, tmp_path, capsy
     train_tiny(tiny, out, *flags[:-1], "0.01", "--resume")
     said = " ".join(capsys.readouterr().out.split())
     assert "keeps the run's --lr 0.001" in said, said
+
+
+def test_max_steps_on_the_last_scheduled_step_ends_the_run_as_scheduled(tiny, tmp_path):
+    """--max-steps reached on the run's last step: evaluated and ended, not saved as an interrupted run."""
+    log = train_tiny(tiny, tmp_path / "out", "--epochs", "1", "--max-steps", "3", "--pictures", "0")  # 3 steps/epoch
+    events = [e["event"] for e in log]
+    assert "eval" in events and events[-1] == "end" and "interrupted" not in events, events
+    assert (tmp_path / "out" / "best.pth").exists()
