@@ -17,7 +17,8 @@ Workloads, each for ours and for the peer (effdet 0.4.1, when it imports; ``--no
 
 By default ours is channels-last and so is effdet (``--peer-memory-format nhwc``): what a careful effdet user
 runs. ``--peer-memory-format both`` times effdet in both layouts in the same interleaved rounds (a second
-effdet model in NCHW, ``effdet-nchw``, built with the same seed), and gives our rows a ratio against each. ``--compile`` runs ours through ``torch.compile`` (inductor; for predict with ``freezing``) and reports the
+effdet model in NCHW, ``effdet-nchw``, built with the same seed), and gives our rows a ratio against each.
+``--compile`` runs ours through ``torch.compile`` (inductor; for predict with ``freezing``) and reports the
 compile time of each workload. ``--op-breakdown`` (CPU) then profiles three more calls of each side and splits their
 wall time into convolutions (forward and backward, SiLU fused into the conv included), batch norm, SiLU and
 the rest, and gives our rows the ceilings that this work puts on the speed-up (``add_op_breakdown``: both sides

@@ -206,7 +206,8 @@ def _check_relative(ann_file: str, image: dict) -> str:
     if (not name or posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts
             or ".." in win.parts):
         raise AnnotationError(ann_file, f"image id {image['id']!r}: file_name {name!r} escapes the image "
-                         f"folder (absolute paths and '..' are not allowed)", field=f"image id {image['id']}: file_name")
+                         f"folder (absolute paths and '..' are not allowed)",
+                          field=f"image id {image['id']}: file_name")
     return name
 
 

@@ -19,8 +19,8 @@ call recomputes those, checks that the cached plan holds the very same tensor ob
 table copy, no per-tensor validation. A tensor moved to new storage (``.to()``, ``.data = ...``), resized or
 sliced at the same address (``resize_``, ``.data = p.data[:k]``), or replaced in the list by another tensor
 (even a view at the same address) rebuilds the plan. Not noticed: the same tensor object given another
-dtype or strides at the same address and size through ``.data = ...``. The plan keeps its tensors alive, so their addresses cannot be reused
-by other tensors while it is cached.
+dtype or strides at the same address and size through ``.data = ...``. The plan keeps its tensors alive, so
+their addresses cannot be reused by other tensors while it is cached.
 
 One launch per (ema dtype, model dtype, aligned) group, normally exactly one. Pairs must be dense
 (contiguous, channels-last or any non-overlapping dense layout) with identical strides so that element

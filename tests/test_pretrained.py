@@ -94,7 +94,8 @@ def test_unknown_name_and_cli(tmp_path, capsys):
     assert P.main(["tf_efficientdet_d0", "--cache-dir", str(cache)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert re.match(r"^error: weights file has SHA-256 .* \(.*tf_efficientdet_d0_34-f153e0cf\.pth, model\): delete it", err), err
+    line = r"^error: weights file has SHA-256 .* \(.*tf_efficientdet_d0_34-f153e0cf\.pth, model\): delete it"
+    assert re.match(line, err), err
 
 
 @pytest.fixture
